@@ -1,0 +1,29 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both build the virtual environment
+# on first use (torch 2.13.0 CPU wheel first, so nothing pulls a CUDA build) and are safe to re-run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.leanformer-installed
+
+.PHONY: env demo test bench clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+demo: env
+	$(VENV)/bin/leanformer inspect minilm --out runs/demo --overwrite
+
+test: env
+	$(PY) -m pytest -q
+
+bench: env
+	@for b in benchmarks/*_bench.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs
