@@ -1,0 +1,46 @@
+"""LoRA (Hu et al. 2021): ΔW = (α/r)·B A, A (r×in) random, B (out×r) zero; the base W stays frozen."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LowRankConfig, AdapterModule, register
+
+
+def _dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+class LoRAModule(AdapterModule):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's default init, so runs compare
+        self.scaling = alpha / rank
+        self.drop = _dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(self.drop(x), self.lora_A), self.lora_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(lora_A, lora_B, rank) of an equivalent standard LoRA with the same α: what export writes."""
+        return self.lora_A.detach(), self.lora_B.detach(), self.lora_A.shape[0]
+
+
+@register
+@dataclass
+class LoRA(LowRankConfig):
+    """Low-rank update ΔW = (alpha/rank)·B A on each targeted Linear."""
+    method = "lora"
+
+    def build(self, base: nn.Linear, name: str) -> LoRAModule:
+        self.check_rank(base, name)
+        return LoRAModule(base.in_features, base.out_features, self.rank, self.alpha, self.dropout)

@@ -1,0 +1,43 @@
+"""RTN: round-to-nearest, asymmetric min-max per group of `group_size` consecutive input weights.
+
+Stored per layer: b-bit codes (packed), and per group a float16 scale and float16 minimum.
+Honest size: bits + 32 / group_size bits per weight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import QuantConfig, check_group_size, fp16, pack_bits, unpack_bits
+
+
+@dataclass
+class RTN(QuantConfig):
+    bits: int = 4
+    group_size: int | None = 128  # None = one group per output row
+
+    method: ClassVar[str] = "rtn"
+    SUPPORTED_BITS: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8)
+
+    def quantize_weight(self, weight: torch.Tensor, name: str):
+        out_f, in_f = weight.shape
+        g = check_group_size(self.group_size, in_f, name)
+        w = weight.reshape(-1, g)
+        lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
+        qmax = 2 ** self.bits - 1
+        # round the metadata first, then quantize against the rounded values (what dequantize sees)
+        scale = fp16(((hi - lo) / qmax).clamp_min(1e-8))
+        zero = fp16(lo)
+        codes = ((w - zero.float()) / scale.float()).round().clamp(0, qmax)
+        tensors = {"packed": pack_bits(codes, self.bits), "scale": scale.reshape(-1), "zero": zero.reshape(-1)}
+        return tensors, {"group_size": g}
+
+
+def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
+    out_f, in_f = header["shape"]
+    g = header["group_size"]
+    codes = unpack_bits(tensors["packed"], header["bits"], out_f * in_f).view(-1, g).float()
+    w = codes * tensors["scale"].float()[:, None] + tensors["zero"].float()[:, None]
+    return w.view(out_f, in_f)

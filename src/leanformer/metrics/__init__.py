@@ -1,0 +1,9 @@
+"""Layer-geometry metrics (methods.md §1): pure functions on (n, d) tensors, plus streaming accumulators."""
+from .anisotropy import anisotropy
+from .linearity import linearity, linearity_wo_residual
+from .similarity import angular_distance, block_influence, mlp_sparsity
+from .streaming import GeometryAccumulator, Reservoir
+from .twonn import intrinsic_dimension
+
+__all__ = ["linearity", "linearity_wo_residual", "anisotropy", "intrinsic_dimension", "block_influence",
+           "angular_distance", "mlp_sparsity", "GeometryAccumulator", "Reservoir"]

@@ -1,0 +1,123 @@
+"""Streaming accumulators: every metric of `inspect` from running sums, so memory is O(L·d²)
+whatever the number of tokens (design.md §2).
+
+Per layer i: Σh, ΣhᵀH (float64). Per transition i→i+1: Σ h_iᵀh_{i+1}, Σcos, the last-token angular
+sum. Linearity (with and without residual), anisotropy and block influence follow exactly from
+these. Intrinsic dimension needs points: a seeded reservoir sample of at most `sample_size` token
+positions, the same positions for every layer.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .anisotropy import anisotropy_from_covariance
+from .linearity import linearity_from_moments
+from .twonn import intrinsic_dimension
+
+
+class Reservoir:
+    """Uniform sample of up to k rows from a stream (Algorithm R), several aligned streams at once."""
+
+    def __init__(self, k: int, seed: int = 0):
+        self.k, self.seen, self.rng = k, 0, np.random.default_rng(seed)
+        self.rows: list[torch.Tensor] | None = None
+
+    def update(self, streams: list[torch.Tensor]) -> None:
+        n = streams[0].shape[0]
+        if self.rows is None:
+            self.rows = [torch.empty(self.k, s.shape[1], dtype=torch.float32) for s in streams]
+        positions = np.arange(self.seen, self.seen + n)
+        slots = np.where(positions < self.k, positions, self.rng.integers(0, positions + 1))
+        take = np.nonzero(slots < self.k)[0]
+        # Later rows win a contested slot, as in the sequential algorithm.
+        _, last = np.unique(slots[take][::-1], return_index=True)
+        take = take[::-1][last]
+        src, dst = torch.from_numpy(take.copy()), torch.from_numpy(slots[take].copy())
+        for buf, s in zip(self.rows, streams):
+            buf[dst] = s[src].detach().float().cpu()
+        self.seen += n
+
+    def sample(self) -> list[torch.Tensor]:
+        n = min(self.k, self.seen)
+        return [] if self.rows is None else [r[:n] for r in self.rows]
+
+
+class GeometryAccumulator:
+    def __init__(self, sample_size: int = 4096, seed: int = 0, sparsity_eps: float = 1e-2):
+        self.n_tokens = 0
+        self.n_sequences = 0
+        self.sparsity_eps = sparsity_eps
+        self.reservoir = Reservoir(sample_size, seed)
+        self._sum: list[torch.Tensor] = []
+        self._gram: list[torch.Tensor] = []
+        self._cross: list[torch.Tensor] = []
+        self._cos_sum: list[float] = []
+        self._angle_sum: list[float] = []
+        self._sparse: list[list[float]] | None = None
+
+    def update(self, states: list[torch.Tensor], last_token: torch.Tensor,
+               mlp_activations: list[torch.Tensor] | None = None) -> None:
+        """states: h_0…h_L, each (n_valid_tokens, d); last_token: row indices of each sequence's
+        last valid token; mlp_activations: per block (n_valid_tokens, d_ff) or None."""
+        h = [s.to(torch.float64) for s in states]
+        if not self._sum:
+            d = h[0].shape[1]
+            self._sum = [torch.zeros(d, dtype=torch.float64, device=h[0].device) for _ in h]
+            self._gram = [torch.zeros(d, d, dtype=torch.float64, device=h[0].device) for _ in h]
+            self._cross = [torch.zeros(d, d, dtype=torch.float64, device=h[0].device) for _ in h[1:]]
+            self._cos_sum = [0.0] * (len(h) - 1)
+            self._angle_sum = [0.0] * (len(h) - 1)
+        for i, x in enumerate(h):
+            self._sum[i] += x.sum(dim=0)
+            self._gram[i] += x.T @ x
+        for i in range(len(h) - 1):
+            self._cross[i] += h[i].T @ h[i + 1]
+            cos = torch.nn.functional.cosine_similarity(h[i], h[i + 1], dim=1)
+            self._cos_sum[i] += float(cos.sum())
+            last = cos[last_token].clamp(-1, 1)
+            self._angle_sum[i] += float((torch.arccos(last) / torch.pi).sum())
+        if mlp_activations is not None:
+            if self._sparse is None:
+                self._sparse = [[0.0, 0.0] for _ in mlp_activations]
+            for acc, a in zip(self._sparse, mlp_activations):
+                acc[0] += float((a.abs() <= self.sparsity_eps).sum())
+                acc[1] += a.numel()
+        self.reservoir.update(states)
+        self.n_tokens += h[0].shape[0]
+        self.n_sequences += len(last_token)
+
+    def _centred(self, i: int) -> torch.Tensor:
+        mu = self._sum[i] / self.n_tokens
+        return self._gram[i] - self.n_tokens * torch.outer(mu, mu)
+
+    def _centred_cross(self, i: int) -> torch.Tensor:
+        return self._cross[i] - self.n_tokens * torch.outer(self._sum[i] / self.n_tokens, self._sum[i + 1] / self.n_tokens)
+
+    def layer_metrics(self, twonn_keep: float = 0.9) -> list[dict]:
+        sample = self.reservoir.sample()
+        out = []
+        for i in range(len(self._sum)):
+            sparsity = None
+            if self._sparse is not None and 1 <= i <= len(self._sparse):
+                zeros, count = self._sparse[i - 1]  # layer i is the output of block i-1
+                sparsity = zeros / count if count else None
+            out.append({"index": i, "anisotropy": anisotropy_from_covariance(self._centred(i)),
+                        "intrinsic_dim": intrinsic_dimension(sample[i], keep=twonn_keep),
+                        "mlp_sparsity": sparsity})
+        return out
+
+    def transition_metrics(self) -> list[dict]:
+        out = []
+        for i in range(len(self._cross)):
+            Cxx, Cyy = self._centred(i), self._centred(i + 1)
+            Cxy = self._centred_cross(i)
+            # Residual removed: moments of (Y − X) from those of X and Y.
+            Crx = Cxy - Cxx
+            Crr_trace = torch.trace(Cyy) - 2 * torch.trace(Cxy) + torch.trace(Cxx)
+            out.append({"from": i, "to": i + 1,
+                        "linearity": linearity_from_moments(Cxx, Cxy, float(torch.trace(Cyy))),
+                        "linearity_wo_residual": linearity_from_moments(Cxx, Crx, float(Crr_trace)),
+                        "block_influence": 1.0 - self._cos_sum[i] / self.n_tokens,
+                        "angular_distance": self._angle_sum[i] / max(self.n_sequences, 1)})
+        return out
