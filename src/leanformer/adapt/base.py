@@ -196,6 +196,8 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.
     if any(isinstance(m, AdaptedLinear) and m.merged for m in model.modules()):
         raise LeanformerError("an adapter is merged into this model; unmerge(model) before adding another")
     chosen = resolve_targets(model, config.targets)
+    if hasattr(config, "prepare"):
+        config.prepare(model)
     built = []
     for n in chosen:  # build all first, so a bad rank for one layer leaves the model untouched
         module = model.get_submodule(n)
