@@ -6,3 +6,4 @@ from .dylora import DyLoRA
 from .krona import KronA
 from .lora import LoRA
 from .lora_xs import LoRAXS
+from .io import export_peft, fingerprint, load_adapter, save_adapter

@@ -205,11 +205,12 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.
         built.append((n, module, config.build(base, n)))
     for n, module, adapter in built:
         if not isinstance(module, AdaptedLinear):
-            wrapper = AdaptedLinear(module)
+            wrapper = AdaptedLinear(module).train(module.training)
             parent_name, _, attr = n.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapper)
             module = wrapper
         adapter.to(device=module.base_layer.weight.device)
+        adapter.train(module.base_layer.training)  # new modules start in train mode; follow the model
         module.adapters[name] = adapter
     registry[name] = config
     if hasattr(config, "on_adapt"):
