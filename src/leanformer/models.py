@@ -17,7 +17,9 @@ ALIASES = ("minilm", "stories260k")
 
 # Directories written by leanformer carry leanformer.json {"kind": ...}; each kind names its loader
 # (module:function) here, so only these known functions are ever called for a saved artifact.
-ARTIFACT_LOADERS: dict[str, str] = {}
+ARTIFACT_LOADERS: dict[str, str] = {
+    "adapter": "leanformer.adapt.io:load_adapter_dir",
+}
 
 HEADS = ("auto", "base", "causal-lm", "sequence-classification")
 
