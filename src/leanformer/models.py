@@ -94,7 +94,9 @@ def load(name_or_path: str | os.PathLike, head: str = "auto", num_labels: int | 
     "sequence-classification" (then num_labels; 1 means regression).
     """
     from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # weight loading is instant for our sizes; keep output readable
     if head not in HEADS:
         raise LeanformerError(f"unknown head {head!r}; choose from {HEADS}")
     source = resolve(name_or_path)

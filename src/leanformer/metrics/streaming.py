@@ -1,7 +1,10 @@
 """Streaming accumulators: every metric of `inspect` from running sums, so memory is O(L·d²)
 whatever the number of tokens (design.md §2).
 
-Per layer i: Σh, ΣhᵀH (float64). Per transition i→i+1: Σ h_iᵀh_{i+1}, Σcos, the last-token angular
+Per layer i: Σh, ΣhᵀH, accumulated in float64 from float32 batch products of shifted states
+(h − shift, the shift being the first batch's mean): centred moments are unchanged by a shift, and
+removing the bulk of the mean first avoids the cancellation that large-mean ("massive activation")
+dimensions would otherwise cause in Gram − n·μμᵀ, without paying for float64 matrix products. Per transition i→i+1: Σ h_iᵀh_{i+1}, Σcos, the last-token angular
 sum. Linearity (with and without residual), anisotropy and block influence follow exactly from
 these. Intrinsic dimension needs points: a seeded reservoir sample of at most `sample_size` token
 positions, the same positions for every layer.
@@ -60,7 +63,9 @@ class GeometryAccumulator:
                mlp_activations: list[torch.Tensor] | None = None) -> None:
         """states: h_0…h_L, each (n_valid_tokens, d); last_token: row indices of each sequence's
         last valid token; mlp_activations: per block (n_valid_tokens, d_ff) or None."""
-        h = [s.to(torch.float64) for s in states]
+        if not self._sum:
+            self._shift = [s.mean(dim=0).float() for s in states]
+        h = [s.float() - m for s, m in zip(states, self._shift)]
         if not self._sum:
             d = h[0].shape[1]
             self._sum = [torch.zeros(d, dtype=torch.float64, device=h[0].device) for _ in h]
@@ -69,11 +74,11 @@ class GeometryAccumulator:
             self._cos_sum = [0.0] * (len(h) - 1)
             self._angle_sum = [0.0] * (len(h) - 1)
         for i, x in enumerate(h):
-            self._sum[i] += x.sum(dim=0)
-            self._gram[i] += x.T @ x
+            self._sum[i] += x.sum(dim=0, dtype=torch.float64)
+            self._gram[i] += (x.T @ x).double()
         for i in range(len(h) - 1):
-            self._cross[i] += h[i].T @ h[i + 1]
-            cos = torch.nn.functional.cosine_similarity(h[i], h[i + 1], dim=1)
+            self._cross[i] += (h[i].T @ h[i + 1]).double()
+            cos = torch.nn.functional.cosine_similarity(states[i], states[i + 1], dim=1).double()
             self._cos_sum[i] += float(cos.sum())
             last = cos[last_token].clamp(-1, 1)
             self._angle_sum[i] += float((torch.arccos(last) / torch.pi).sum())

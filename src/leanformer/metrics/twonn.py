@@ -2,7 +2,9 @@
 
 Points are centred and scaled by the mean row norm (as in the paper; the ratios μ are invariant to
 it). μ = r2/r1 from each point's two nearest neighbours (one vectorised distance computation, in
-row blocks so memory stays O(block·n)); duplicates (r1 < eps or μ ≤ 1 + eps) are dropped. The
+row blocks so memory stays O(block·n)); duplicates (r1 < eps or μ ≤ 1 + eps) are dropped — eps is
+relative to the mean norm, and must sit above the ~1e-8 round-off of the Gram-form distances so that
+exact duplicates (e.g. every sequence's [CLS] embedding) do not pass as huge ratios. The
 estimator fits −log(1 − k/N) = d·log μ through the origin on the `keep` smallest fraction of μ:
 keep=0.9 is scikit-dimension's TwoNN (discard the largest 10 %, the default here); keep=0.2 is
 the "Shape of Learning" reference (smallest N//5).
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 
 
-def two_nn_ratios(X: torch.Tensor, eps: float = 1e-10, block: int = 1024) -> torch.Tensor:
+def two_nn_ratios(X: torch.Tensor, eps: float = 1e-6, block: int = 1024) -> torch.Tensor:
     X = X.to(torch.float64)
     X = X - X.mean(dim=0, keepdim=True)
     X = X / X.norm(dim=1).mean().clamp_min(torch.finfo(torch.float64).tiny)
@@ -29,7 +31,7 @@ def two_nn_ratios(X: torch.Tensor, eps: float = 1e-10, block: int = 1024) -> tor
     return mu[mu > 1 + eps]
 
 
-def intrinsic_dimension(X: torch.Tensor, keep: float = 0.9, eps: float = 1e-10) -> float:
+def intrinsic_dimension(X: torch.Tensor, keep: float = 0.9, eps: float = 1e-6) -> float:
     """TwoNN estimate for the (n, d) points X (see module docstring for `keep`)."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
