@@ -19,6 +19,8 @@ ALIASES = ("minilm", "stories260k")
 # (module:function) here, so only these known functions are ever called for a saved artifact.
 ARTIFACT_LOADERS: dict[str, str] = {
     "adapter": "leanformer.adapt.io:load_adapter_dir",
+    "pruned": "leanformer.compress.prune:load_pruned",
+    "quantized": "leanformer.compress.io:load_quantized",
 }
 
 HEADS = ("auto", "base", "causal-lm", "sequence-classification")
