@@ -1,11 +1,12 @@
 """Streaming accumulators: every metric of `inspect` from running sums, so memory is O(L·d²)
 whatever the number of tokens (design.md §2).
 
-Per layer i: Σh, ΣhᵀH, accumulated in float64 from float32 batch products of shifted states
+Per layer i: Σh, Σhᵀh; per transition: the block's own output r = h_{i+1} − h_i through Σh_iᵀr,
+Σr and Σ‖r‖² (so the without-residual score never subtracts two nearly equal moment matrices:
+adjacent states are often ≥0.9999 alike). Products are accumulated in float64 from float32 batch products of shifted states
 (h − shift, the shift being the first batch's mean): centred moments are unchanged by a shift, and
 removing the bulk of the mean first avoids the cancellation that large-mean ("massive activation")
-dimensions would otherwise cause in Gram − n·μμᵀ, without paying for float64 matrix products. Per transition i→i+1: Σ h_iᵀh_{i+1}, Σcos, the last-token angular
-sum. Linearity (with and without residual), anisotropy and block influence follow exactly from
+dimensions would otherwise cause in Gram − n·μμᵀ, without paying for float64 matrix products. Also per transition: Σcos and the last-token angular sum. Linearity (with and without residual), anisotropy and block influence follow exactly from
 these. Intrinsic dimension needs points: a seeded reservoir sample of at most `sample_size` token
 positions, the same positions for every layer.
 """
@@ -54,7 +55,9 @@ class GeometryAccumulator:
         self.reservoir = Reservoir(sample_size, seed)
         self._sum: list[torch.Tensor] = []
         self._gram: list[torch.Tensor] = []
-        self._cross: list[torch.Tensor] = []
+        self._cross: list[torch.Tensor] = []  # Σ h_iᵀ r_i
+        self._rsum: list[torch.Tensor] = []
+        self._rsq: list[float] = []
         self._cos_sum: list[float] = []
         self._angle_sum: list[float] = []
         self._sparse: list[list[float]] | None = None
@@ -71,13 +74,18 @@ class GeometryAccumulator:
             self._sum = [torch.zeros(d, dtype=torch.float64, device=h[0].device) for _ in h]
             self._gram = [torch.zeros(d, d, dtype=torch.float64, device=h[0].device) for _ in h]
             self._cross = [torch.zeros(d, d, dtype=torch.float64, device=h[0].device) for _ in h[1:]]
+            self._rsum = [torch.zeros(d, dtype=torch.float64, device=h[0].device) for _ in h[1:]]
+            self._rsq = [0.0] * (len(h) - 1)
             self._cos_sum = [0.0] * (len(h) - 1)
             self._angle_sum = [0.0] * (len(h) - 1)
         for i, x in enumerate(h):
             self._sum[i] += x.sum(dim=0, dtype=torch.float64)
             self._gram[i] += (x.T @ x).double()
         for i in range(len(h) - 1):
-            self._cross[i] += (h[i].T @ h[i + 1]).double()
+            r = h[i + 1] - h[i]
+            self._cross[i] += (h[i].T @ r).double()
+            self._rsum[i] += r.sum(dim=0, dtype=torch.float64)
+            self._rsq[i] += float(r.double().pow(2).sum())
             cos = torch.nn.functional.cosine_similarity(states[i], states[i + 1], dim=1).double()
             self._cos_sum[i] += float(cos.sum())
             last = cos[last_token].clamp(-1, 1)
@@ -97,7 +105,8 @@ class GeometryAccumulator:
         return self._gram[i] - self.n_tokens * torch.outer(mu, mu)
 
     def _centred_cross(self, i: int) -> torch.Tensor:
-        return self._cross[i] - self.n_tokens * torch.outer(self._sum[i] / self.n_tokens, self._sum[i + 1] / self.n_tokens)
+        """Centred Σ h_iᵀ r_i."""
+        return self._cross[i] - self.n_tokens * torch.outer(self._sum[i] / self.n_tokens, self._rsum[i] / self.n_tokens)
 
     def layer_metrics(self, twonn_keep: float = 0.9) -> list[dict]:
         sample = self.reservoir.sample()
@@ -116,10 +125,10 @@ class GeometryAccumulator:
         out = []
         for i in range(len(self._cross)):
             Cxx, Cyy = self._centred(i), self._centred(i + 1)
-            Cxy = self._centred_cross(i)
-            # Residual removed: moments of (Y − X) from those of X and Y.
-            Crx = Cxy - Cxx
-            Crr_trace = torch.trace(Cyy) - 2 * torch.trace(Cxy) + torch.trace(Cxx)
+            Crx = self._centred_cross(i)
+            Cxy = Cxx + Crx  # Y = X + R
+            mu_r = self._rsum[i] / self.n_tokens
+            Crr_trace = self._rsq[i] - self.n_tokens * float(mu_r @ mu_r)
             out.append({"from": i, "to": i + 1,
                         "linearity": linearity_from_moments(Cxx, Cxy, float(torch.trace(Cyy))),
                         "linearity_wo_residual": linearity_from_moments(Cxx, Crx, float(Crr_trace)),
