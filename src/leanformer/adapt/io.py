@@ -74,7 +74,16 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write every adapter on `model` (and its modules_to_save) to the directory `path`."""
+    """Write every adapter on `model` (and its modules_to_save) to the new directory `path`."""
+    if not getattr(model, "leanformer_adapters", None):
+        raise LeanformerError("this model has no leanformer adapters to save; call lf.adapt first")
+    with output_dir(path, overwrite=overwrite) as tmp:
+        write_adapter(model, tmp)
+    return Path(path)
+
+
+def write_adapter(model: nn.Module, directory: Path) -> None:
+    """The files of a saved adapter, written (atomically, each) into an existing directory."""
     registry = getattr(model, "leanformer_adapters", None)
     if not registry:
         raise LeanformerError("this model has no leanformer adapters to save; call lf.adapt first")
@@ -92,10 +101,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fa
             "num_labels": int(getattr(model.config, "num_labels", 0) or 0) if hasattr(model, "config") else 0,
             "fingerprint": fingerprint(model),
             "adapters": {n: c.to_dict() for n, c in registry.items()}, "active": active_adapter(model)}
-    with output_dir(path, overwrite=overwrite) as tmp:
-        save_tensors(tmp / "adapter.safetensors", tensors)
-        save_json(tmp / "leanformer.json", meta)
-    return Path(path)
+    save_tensors(Path(directory) / "adapter.safetensors", tensors)
+    save_json(Path(directory) / "leanformer.json", meta)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> nn.Module:

@@ -17,10 +17,8 @@ import hashlib
 import json
 import math
 import random
-import resource
 import signal
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from tqdm.auto import tqdm
 from ..data import Task
 from ..errors import LeanformerError
 from ..io import load_json, load_tensors, output_dir, save_json, save_tensors
+from ..runtime import peak_rss_mb, set_seed
 
 CHECKPOINT = "checkpoint"
 
@@ -52,23 +51,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
+    # Batch examples of similar length (HF's --group_by_length): far less padding, same examples.
+    group_by_length: bool = True
     seed: int = 0
     checkpoint_dir: str | None = None
     save_steps: int = 200
     progress: bool = True
     evaluate: bool = True
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MB)."""
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
 def _train_indices(task: Task, cfg: TrainConfig) -> list[int]:
@@ -82,6 +71,24 @@ def _train_indices(task: Task, cfg: TrainConfig) -> list[int]:
             g = torch.Generator().manual_seed(0)
             return sorted(torch.randperm(n, generator=g)[: cfg.max_train_samples].tolist())
     return list(range(n))
+
+
+def _example_lengths(tokenizer, task: Task, indices: list[int], max_length: int) -> dict[int, int]:
+    split = task.train
+    a = [split.text_a[i] for i in indices]
+    b = [split.text_b[i] for i in indices] if split.text_b is not None else None
+    ids = tokenizer(a, b, truncation=True, max_length=max_length)["input_ids"]
+    return {i: len(x) for i, x in zip(indices, ids)}
+
+
+def _group_by_length(order: list[int], lengths: dict[int, int], batch_size: int) -> list[int]:
+    """Within shuffled mega-batches of 50 batches, sort by length, so each batch pads little while
+    the epoch's order stays random at the mega-batch scale (as transformers' LengthGroupedSampler)."""
+    mega = 50 * batch_size
+    out: list[int] = []
+    for i in range(0, len(order), mega):
+        out += sorted(order[i:i + mega], key=lambda j: -lengths[j])
+    return out
 
 
 def _collate(tokenizer, task: Task, max_length: int):
@@ -159,7 +166,7 @@ def train_classifier(model: nn.Module, tokenizer, task: Task, cfg: TrainConfig |
     if n_labels is not None and n_labels != task.num_labels:
         raise LeanformerError(f"the model's head has {n_labels} outputs but task {task.name} has "
                               f"{task.num_labels} label(s) {task.label_names or '(regression)'}")
-    seed_everything(cfg.seed)
+    set_seed(cfg.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available() or next(model.parameters()).device.type == "cpu")
     indices = _train_indices(task, cfg)
     steps_per_epoch = math.ceil(len(indices) / (cfg.per_device_train_batch_size * accelerator.num_processes))
@@ -177,6 +184,7 @@ def train_classifier(model: nn.Module, tokenizer, task: Task, cfg: TrainConfig |
                               num_training_steps=total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     collate = _collate(tokenizer, task, cfg.max_seq_length)
+    lengths = _example_lengths(tokenizer, task, indices, cfg.max_seq_length) if cfg.group_by_length else None
 
     run_id = _fingerprint(cfg, model, len(indices))
     ckpt = Path(cfg.checkpoint_dir) / CHECKPOINT if cfg.checkpoint_dir else None
@@ -209,6 +217,8 @@ def train_classifier(model: nn.Module, tokenizer, task: Task, cfg: TrainConfig |
             epoch, done_in_epoch = divmod(step, steps_per_epoch)
             g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
             order = [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
+            if lengths is not None:
+                order = _group_by_length(order, lengths, cfg.per_device_train_batch_size)
             loader = torch.utils.data.DataLoader(order, batch_size=cfg.per_device_train_batch_size,
                                                  shuffle=False, collate_fn=collate)
             loader = accelerator.prepare(loader)
