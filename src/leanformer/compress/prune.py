@@ -1,0 +1,308 @@
+"""Layer pruning and linear replacement guided by layer geometry (methods.md §1.4, §3.2).
+
+A run of n consecutive blocks ℓ…ℓ+n−1 is either dropped (h_{ℓ+n} := h_ℓ) or replaced by one affine
+map h_{ℓ+n} ≈ h_ℓ A + b fitted by least squares on calibration hidden states (ReplaceMe's idea,
+without its folding into a neighbour's weights, which only pre-norm decoders allow exactly).
+
+Which run: each criterion scores every run from the same calibration pass over the unpruned model,
+comparing the run's input h_ℓ with its output h_{ℓ+n}:
+  linearity        higher = more removable; 1 − linearity is exactly the normalised residual of
+                   the least-squares map, so it predicts what linear replacement loses
+  block_influence  ShortGPT's 1 − mean cos(h_ℓ, h_{ℓ+n}); lower = more removable
+  angular          Gromov et al.'s arccos(cos)/π on each sequence's last token; lower = more removable
+  index            no scoring: the run starting at `start` (default: the n blocks before the last)
+
+Saving: the kept blocks are written as an ordinary Hugging Face checkpoint of the same architecture
+with n fewer layers (plain `from_pretrained` loads it, without the maps, i.e. as plain dropping);
+the fitted maps go beside it as safetensors + JSON, and `lf.load(dir)` puts them back.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import LeanformerError
+
+CRITERIA = ("linearity", "block_influence", "angular", "index")
+REPLACEMENTS = ("none", "linear")
+# Sign that turns each criterion's score into predicted damage (higher = worse to remove).
+DAMAGE_SIGN = {"linearity": -1.0, "block_influence": 1.0, "angular": 1.0}
+ARTIFACT_KIND = "pruned"
+MAPS_FILE = "pruned_maps.safetensors"
+
+
+class LinearReplacement(nn.Module):
+    """Stands in for a run of blocks inside the block list: h ↦ h A + b, same call shape as a block."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, replaces: Sequence[int] = (),
+                 returns_tuple: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(weight.float())  # (d, d), applied as h @ weight
+        self.bias = nn.Parameter(bias.float())
+        self.replaces = list(replaces)
+        self.returns_tuple = returns_tuple  # some architectures' blocks return (hidden_states, ...)
+        self.attention_type = "full_attention"  # read by models that pick a mask per layer
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states @ self.weight.to(hidden_states.dtype) + self.bias.to(hidden_states.dtype)
+        return (out,) if self.returns_tuple else out
+
+    def extra_repr(self) -> str:
+        return f"d={self.weight.shape[0]}, replaces blocks {self.replaces}"
+
+
+@dataclass
+class Calibration:
+    """Hidden states h_0…h_L of the unpruned model on calibration text (padding removed)."""
+    states: list[torch.Tensor]  # each (n_tokens, d), float32
+    last_token: torch.Tensor  # row of each sequence's last token
+    returns_tuple: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        return self.states[0].shape[0]
+
+
+@dataclass
+class PruneResult:
+    removed: list[int]  # original indices of the removed blocks
+    start: int
+    n: int
+    by: str
+    replace: str
+    scores: dict[str, list[float]] = field(default_factory=dict)  # criterion → score of run starting at ℓ
+    n_layers_before: int = 0
+    n_layers_after: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration and scores
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], tokens: int = 8192, max_length: int = 256,
+              batch_size: int = 8) -> Calibration:
+    """Run the model over up to `tokens` calibration tokens and keep every layer's hidden states."""
+    from ..capture import capture, find_blocks
+    from ..data import batches, token_chunks
+
+    blocks, _ = find_blocks(model)
+    d = model.config.hidden_size
+    chunks = token_chunks(tokenizer, texts, max_length=max_length, tokens=tokens)
+    n = sum(len(c) for c in chunks)
+    need = 2 * (d + 1)
+    if n < need:
+        raise LeanformerError(
+            f"calibration text gives {n} tokens; fitting and scoring a {d}-dimensional hidden state needs at "
+            f"least {need} (2 × (hidden size + 1)) — pass a longer --calibration text or raise --tokens")
+    returns_tuple = []
+    probe = blocks[0].register_forward_hook(lambda _m, _a, out: returns_tuple.append(isinstance(out, tuple)))
+    states: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
+    lasts, offset = [], 0
+    try:
+        for batch in tqdm(batches(tokenizer, chunks, batch_size), total=-(-len(chunks) // batch_size),
+                          desc="calibrate", leave=False):
+            hs, last, _ = capture(model, batch)
+            for i, h in enumerate(hs):
+                states[i].append(h.cpu())
+            lasts.append(last.cpu() + offset)
+            offset += hs[0].shape[0]
+    finally:
+        probe.remove()
+    return Calibration([torch.cat(s) for s in states], torch.cat(lasts), bool(returns_tuple and returns_tuple[0]))
+
+
+def score_runs(calib: Calibration, n: int) -> dict[str, list[float]]:
+    """Each criterion's score for every run of n blocks, indexed by its first block ℓ."""
+    from ..metrics import angular_distance, block_influence, linearity
+
+    L = len(calib.states) - 1
+    scores: dict[str, list[float]] = {"linearity": [], "block_influence": [], "angular": []}
+    for s in range(L - n + 1):
+        X, Y = calib.states[s], calib.states[s + n]
+        scores["linearity"].append(linearity(X, Y))
+        scores["block_influence"].append(block_influence(X, Y))
+        scores["angular"].append(angular_distance(X[calib.last_token], Y[calib.last_token]))
+    return scores
+
+
+def fit_linear_map(X: torch.Tensor, Y: torch.Tensor, ridge: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine least squares Y ≈ X A + b in float64, with a small ridge pulling A toward the identity
+    (the residual stream's own map) so near-null directions of X stay well-posed."""
+    X, Y = X.double(), Y.double()
+    mx, my = X.mean(0), Y.mean(0)
+    Xc, Yc = X - mx, Y - my
+    G = Xc.T @ Xc
+    lam = ridge * G.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(G.shape[0], dtype=G.dtype)
+    A = torch.linalg.solve(G + lam * eye, Xc.T @ Yc + lam * eye)
+    return A.float(), (my - mx @ A).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Pruning
+
+
+def _check(model: nn.Module, n: int, by: str, replace: str) -> tuple[nn.ModuleList, int]:
+    from ..capture import find_blocks
+
+    if by not in CRITERIA:
+        raise LeanformerError(f"unknown criterion by={by!r}; choose from {', '.join(CRITERIA)}")
+    if replace not in REPLACEMENTS:
+        raise LeanformerError(f"unknown replacement {replace!r}; choose from {', '.join(REPLACEMENTS)}")
+    blocks, _ = find_blocks(model)
+    L = len(blocks)
+    if any(isinstance(b, LinearReplacement) for b in blocks):
+        raise LeanformerError("this model is already pruned with linear replacements; prune the original model")
+    if not isinstance(n, int) or n < 1 or n >= L:
+        raise LeanformerError(f"cannot remove {n} of {L} blocks: choose 1..{L - 1} (at least one block must stay)")
+    return blocks, L
+
+
+def prune_layers(model: nn.Module, n: int, by: str = "linearity", replace: str = "none", *, tokenizer=None,
+                 texts: Sequence[str] | None = None, calibration: Calibration | None = None, start: int | None = None,
+                 tokens: int = 8192, max_length: int = 256, batch_size: int = 8, ridge: float = 1e-4) -> PruneResult:
+    """Remove (or linearly replace) the run of n consecutive blocks the criterion finds most removable.
+
+    In place. Calibration hidden states come from `calibration`, else from `texts` (default: the
+    built-in corpus) through `tokenizer`; by="index" with replace="none" needs neither."""
+    blocks, L = _check(model, n, by, replace)
+    if by == "index":
+        start = L - n - 1 if start is None else start
+        if not 0 <= start <= L - n:
+            raise LeanformerError(f"start={start} with n={n}: the run must lie in blocks 0..{L - 1}, so start in 0..{L - n}")
+    elif start is not None:
+        raise LeanformerError(f"start= is only for by='index' (by={by!r} chooses the run itself)")
+    if calibration is None and (by != "index" or replace == "linear"):
+        if tokenizer is None:
+            raise LeanformerError(f"by={by!r}, replace={replace!r} needs calibration text: pass tokenizer= (and texts=)")
+        if texts is None:
+            from ..data import default_corpus
+
+            texts = default_corpus()
+        calibration = calibrate(model, tokenizer, texts, tokens, max_length, batch_size)
+    scores = score_runs(calibration, n) if calibration is not None else {}
+    if by != "index":
+        s = scores[by]
+        start = (max if by == "linearity" else min)(range(len(s)), key=s.__getitem__)
+    removed = list(range(start, start + n))
+    new_blocks = list(blocks[:start])
+    if replace == "linear":
+        A, b = fit_linear_map(calibration.states[start], calibration.states[start + n], ridge)
+        device = next(model.parameters()).device
+        new_blocks.append(LinearReplacement(A, b, removed, calibration.returns_tuple).to(device))
+    new_blocks += list(blocks[start + n:])
+    _set_blocks(model, new_blocks)
+    result = PruneResult(removed, start, n, by, replace, scores, L, L - n)
+    model.leanformer_prune = result
+    return result
+
+
+def _set_blocks(model: nn.Module, new_blocks: list[nn.Module]) -> None:
+    """Swap the block list's contents and keep the config and per-layer indices consistent."""
+    from ..capture import find_blocks
+
+    blocks, _ = find_blocks(model)
+    kept_old = [i for i, b in enumerate(blocks) if any(b is nb for nb in new_blocks)]
+    del blocks[:]
+    blocks.extend(new_blocks)
+    cfg = model.config
+    # Some models loop over layers[:config.num_hidden_layers]: the in-memory list (maps included) must all run.
+    cfg.num_hidden_layers = len(new_blocks)
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        old_types = cfg.layer_types
+        types, it = [], iter(kept_old)
+        for b in new_blocks:
+            types.append(old_types[next(it)] if not isinstance(b, LinearReplacement) else old_types[0])
+        cfg.layer_types = types
+    # KV caches are indexed by layer_idx: renumber real blocks 0,1,… in order.
+    k = 0
+    for b in new_blocks:
+        if isinstance(b, LinearReplacement):
+            continue
+        for m in b.modules():
+            if hasattr(m, "layer_idx") and isinstance(m.layer_idx, int):
+                m.layer_idx = k
+        k += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Save / load
+
+
+def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False,
+                extra: dict | None = None) -> Path:
+    """Ordinary HF checkpoint of the kept blocks + the fitted maps + leanformer.json {"kind": "pruned"}."""
+    from ..capture import find_blocks
+    from ..io import output_dir, save_json, save_tensors
+
+    blocks, _ = find_blocks(model)
+    all_blocks = list(blocks)
+    maps = [(pos, b) for pos, b in enumerate(all_blocks) if isinstance(b, LinearReplacement)]
+    result = getattr(model, "leanformer_prune", None)
+    with output_dir(out, overwrite=overwrite) as stage:
+        plain = [b for b in all_blocks if not isinstance(b, LinearReplacement)]
+        try:
+            _set_blocks(model, plain)  # only real blocks in the HF checkpoint
+            model.save_pretrained(stage, safe_serialization=True)
+        finally:
+            _set_blocks(model, all_blocks)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+        tensors = {}
+        entries = []
+        for pos, b in maps:
+            tensors[f"map{pos}.weight"], tensors[f"map{pos}.bias"] = b.weight, b.bias
+            entries.append({"position": pos, "replaces": b.replaces, "returns_tuple": b.returns_tuple})
+        if tensors:
+            save_tensors(stage / MAPS_FILE, tensors)
+        save_json(stage / "leanformer.json", {
+            "kind": ARTIFACT_KIND, "maps": entries, "prune": result.to_json() if result else None, **(extra or {})})
+    return Path(out)
+
+
+def load_pruned(path: str | os.PathLike, device: str = "cpu"):
+    """`lf.load` for a pruned directory: the plain HF model, then the fitted maps put back in place."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..capture import find_blocks
+    from ..io import load_json, load_tensors
+    from ..models import _model_class
+
+    path = Path(path)
+    meta = load_json(path / "leanformer.json")
+    config = AutoConfig.from_pretrained(path)
+    model = _model_class(config, "auto").from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if meta.get("maps"):
+        tensors = load_tensors(path / MAPS_FILE)
+        blocks = list(find_blocks(model)[0])
+        for e in sorted(meta["maps"], key=lambda e: e["position"]):
+            pos = e["position"]
+            blocks.insert(pos, LinearReplacement(tensors[f"map{pos}.weight"], tensors[f"map{pos}.bias"],
+                                                 e["replaces"], e["returns_tuple"]))
+        _set_blocks(model, blocks)
+    if meta.get("prune"):
+        model.leanformer_prune = PruneResult(**meta["prune"])
+    model.name_or_path = str(path)
+    return model.to(device).eval(), tokenizer
+
+
+def pruned_copy(model: nn.Module, n: int, start: int, replace: str, calibration: Calibration | None = None,
+                ridge: float = 1e-4) -> nn.Module:
+    """A pruned deep copy (the benchmark's way to try every run without reloading)."""
+    m = copy.deepcopy(model)
+    prune_layers(m, n, by="index", replace=replace, start=start, calibration=calibration, ridge=ridge)
+    return m

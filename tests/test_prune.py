@@ -1,0 +1,194 @@
+"""Layer pruning / linear replacement: mechanics on tiny random models, save/load, errors, CLI."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import leanformer as lf
+from leanformer.capture import capture, find_blocks
+from leanformer.compress.prune import (Calibration, LinearReplacement, calibrate, fit_linear_map, prune_layers,
+                                       pruned_copy, save_pruned, score_runs)
+from leanformer.convert import build_tokenizer
+from leanformer.data import data_root, pad_batch
+from leanformer.errors import LeanformerError
+
+ROOT = data_root()
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    # The llama2.c-style byte-fallback tokenizer over a toy vocabulary (3 specials + 256 bytes + pieces).
+    pieces = [(b"<unk>", 0.0), (b"\n<s>\n", 0.0), (b"\n</s>\n", 0.0)] + [(f"<0x{i:02X}>".encode(), 0.0) for i in range(256)]
+    chars = [bytes([c]) for c in b" etaoinshrdlucmfwypvbgkqjxz.,ETAOIS"]
+    pieces += [(c, -float(i)) for i, c in enumerate(chars)][: VOCAB - len(pieces) - 6]
+    pieces += [(p, -50.0 - i) for i, p in enumerate([b" t", b"he", b" the", b"in", b" a", b"an"])]
+    assert len(pieces) == VOCAB
+    return build_tokenizer(pieces)
+
+
+def tiny_llama(layers=4, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(layers=3, seed=0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=VOCAB)
+    return BertModel(cfg).eval()
+
+
+TEXTS = [f"the {w} sat on a mat and then the {v} ran in a hat." for w in ("cat", "dog", "owl", "fox", "hen")
+         for v in ("ant", "bee", "eel", "yak", "elk", "emu")] * 2
+
+
+def make_identity(model, i):
+    """Zero the writes of block i into the residual stream: the block becomes exactly h ↦ h."""
+    block = find_blocks(model)[0][i]
+    for name in ("o_proj", "down_proj"):
+        for m in block.modules():
+            if hasattr(m, name):
+                nn.init.zeros_(getattr(m, name).weight)
+    return model
+
+
+class IdentityBlock(nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def batch(tokenizer, texts=TEXTS[:6]):
+    return pad_batch(tokenizer, [tokenizer(t)["input_ids"] for t in texts])
+
+
+def test_fit_linear_map_recovers_affine():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(500, 16, generator=g)
+    A, b = torch.randn(16, 16, generator=g), torch.randn(16, generator=g)
+    A_hat, b_hat = fit_linear_map(X, X @ A + b, ridge=1e-9)
+    torch.testing.assert_close(A_hat, A, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b_hat, b, atol=1e-4, rtol=1e-4)
+
+
+def test_drop_equals_identity_block(tokenizer):
+    model = tiny_llama()
+    reference = make_identity(copy.deepcopy(model), 1)  # same weights, block 1 made a no-op
+    prune_layers(model, 1, by="index", start=1)
+    assert len(find_blocks(model)[0]) == 3 and model.config.num_hidden_layers == 3
+    b = batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**b).logits, reference(**b).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_bert])
+def test_criteria_find_the_identity_block(tokenizer, factory):
+    model = factory()
+    find_blocks(model)[0][1] = IdentityBlock()  # post-norm blocks cannot be zeroed into a no-op
+    calib = calibrate(model, tokenizer, TEXTS, tokens=2000, max_length=32)
+    scores = score_runs(calib, 1)
+    assert scores["linearity"][1] == pytest.approx(1.0, abs=1e-6)
+    assert scores["block_influence"][1] == pytest.approx(0.0, abs=1e-6)
+    assert scores["angular"][1] == pytest.approx(0.0, abs=1e-3)
+    for by in ("linearity", "block_influence", "angular"):
+        assert prune_layers(copy.deepcopy(model), 1, by=by, calibration=calib).removed == [1]
+    # runs of two blocks are scored from h_s to h_{s+2}
+    assert len(score_runs(calib, 2)["linearity"]) == len(find_blocks(model)[0]) - 1
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_bert])
+def test_linear_replacement_beats_drop_at_the_cut(tokenizer, factory):
+    model = factory()
+    calib = calibrate(model, tokenizer, TEXTS, tokens=2000, max_length=32)
+    b = batch(tokenizer, TEXTS[-8:])
+    target = capture(model, b)[0][3]  # h_3 = output of blocks 1..2 of the original
+    errors = {}
+    for replace in ("none", "linear"):
+        m = pruned_copy(model, 2, 1, replace, calib)
+        # dropping hands h_1 straight on; the map's output is the pruned model's h_2
+        h = capture(m, b)[0][1 if replace == "none" else 2]
+        if replace == "linear":
+            assert isinstance(find_blocks(m)[0][1], LinearReplacement)
+        errors[replace] = float((h - target).pow(2).mean())
+    assert errors["linear"] < 0.5 * errors["none"], errors
+
+
+def test_save_load_roundtrip_and_plain_transformers(tokenizer, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = tiny_llama(layers=5)
+    calib = calibrate(model, tokenizer, TEXTS, tokens=2000, max_length=32)
+    dropped = pruned_copy(model, 2, 2, "none")
+    prune_layers(model, 2, by="index", start=2, replace="linear", calibration=calib)
+    save_pruned(model, tokenizer, tmp_path / "p")
+    assert AutoConfig.from_pretrained(tmp_path / "p").num_hidden_layers == 3
+    loaded, tok = lf.load(tmp_path / "p")
+    assert [type(b).__name__ for b in find_blocks(loaded)[0]] == ["LlamaDecoderLayer"] * 2 + ["LinearReplacement", "LlamaDecoderLayer"]
+    assert loaded.leanformer_prune.removed == [2, 3]
+    b = batch(tok)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()  # without the map = plain dropping
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**b).logits, model(**b).logits)
+        torch.testing.assert_close(plain(**b).logits, dropped(**b).logits, atol=1e-5, rtol=1e-5)
+    # KV-cached generation through the map matches uncached greedy decoding.
+    ids = tok("the cat", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        cached = loaded.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=2)
+        seq = ids
+        for _ in range(8):
+            seq = torch.cat([seq, loaded(seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert cached.tolist() == seq.tolist()
+
+
+def test_errors(tokenizer):
+    model = tiny_llama(layers=3)
+    with pytest.raises(LeanformerError, match=r"cannot remove 3 of 3 blocks: choose 1\.\.2"):
+        prune_layers(model, 3, by="index")
+    with pytest.raises(LeanformerError, match="linearity, block_influence, angular, index"):
+        prune_layers(model, 1, by="cosine")
+    with pytest.raises(LeanformerError, match="none, linear"):
+        prune_layers(model, 1, by="index", replace="mlp")
+    with pytest.raises(LeanformerError, match=r"start in 0\.\.2"):
+        prune_layers(model, 1, by="index", start=3)
+    with pytest.raises(LeanformerError, match="needs at least 66"):
+        prune_layers(model, 1, by="linearity", tokenizer=tokenizer, texts=["the cat"])
+    with pytest.raises(LeanformerError, match="needs calibration text"):
+        prune_layers(model, 1, by="linearity")
+
+    class NoBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = model.config
+            self.body = nn.Sequential(nn.Linear(4, 4))
+
+    with pytest.raises(LeanformerError, match="looked for model.layers"):
+        prune_layers(NoBlocks(), 1, by="index")
+
+
+@pytest.mark.skipif(ROOT is None, reason="shared data (../shared/data or LEANFORMER_DATA) not found")
+def test_cli_prune_stories260k(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from leanformer.cli import main
+
+    monkeypatch.setenv("LEANFORMER_CACHE", str(tmp_path / "cache"))
+    text = ROOT / "text/tinystories.valid.txt"
+    assert main(["prune", "stories260k", "--layers", "1", "--by", "linearity", "--replace", "linear",
+                 "--calibration", str(text), "--tokens", "2048", "--out", str(tmp_path / "p")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "p").config.num_hidden_layers == 4
+    model, tok = lf.load(tmp_path / "p")
+    assert sum(isinstance(b, LinearReplacement) for b in find_blocks(model)[0]) == 1
+    from leanformer.cli.generate import generate
+
+    assert generate(model, tok, "Once upon a time", max_new_tokens=20).startswith("Once upon a time")
+    assert main(["prune", "stories260k", "--layers", "5", "--out", str(tmp_path / "q")]) == 2
