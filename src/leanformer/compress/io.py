@@ -6,6 +6,7 @@ Layout of a saved directory:
                        "tied": {dropped key: kept key}}
   config.json         the Hugging Face model config (architecture)
   model.safetensors   the model's state dict: quantized layers as <layer>.packed / .codebook / .scale …
+  size.json           size_report(model): honest bits per weight per layer and in total
   tokenizer files
 `lf.load(dir)` (models.ARTIFACT_LOADERS["quantized"]) rebuilds the architecture from config.json,
 puts QuantizedLinear layers where the header says, and loads the tensors: outputs are bit-identical.
@@ -21,6 +22,7 @@ from torch import nn
 from ..errors import LeanformerError
 from ..io import load_json, load_tensors, output_dir, save_json, save_tensors
 from .base import QuantizedLinear, _set_module, method_module, packed_nbytes
+from .size import size_report
 
 FORMAT = 1
 WEIGHTS = "model.safetensors"
@@ -60,6 +62,7 @@ def save_quantized(model: nn.Module, tokenizer, path: str | os.PathLike, overwri
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         save_tensors(staging / WEIGHTS, state, metadata={"format": "pt"})
+        save_json(staging / "size.json", size_report(model).to_json())
         save_json(staging / "leanformer.json", header)
     return Path(path)
 
