@@ -12,5 +12,7 @@ from .compress.io import load_quantized, save_quantized
 from .adapt import (DyLoRA, KronA, LoRA, LoRAXS, adapt, export_peft, load_adapter, merge, print_trainable_parameters, save_adapter, set_adapter, set_rank, trainable_parameters, unmerge)
 from .convert import convert_llama2c
 from .compress.prune import LinearReplacement, load_pruned, prune_layers, save_pruned
+from .train.regularizers import CosineRegularizer
+from .train.pretrain import PretrainConfig, pretrain
 
 __version__ = "0.1.0"

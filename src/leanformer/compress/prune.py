@@ -225,6 +225,9 @@ def _set_blocks(model: nn.Module, new_blocks: list[nn.Module]) -> None:
         for b in new_blocks:
             types.append(old_types[next(it)] if not isinstance(b, LinearReplacement) else old_types[0])
         cfg.layer_types = types
+    for b in new_blocks:
+        if isinstance(b, LinearReplacement):
+            _record_hidden_states(b)
     # KV caches are indexed by layer_idx: renumber real blocks 0,1,… in order.
     k = 0
     for b in new_blocks:
@@ -234,6 +237,19 @@ def _set_blocks(model: nn.Module, new_blocks: list[nn.Module]) -> None:
             if hasattr(m, "layer_idx") and isinstance(m.layer_idx, int):
                 m.layer_idx = k
         k += 1
+
+
+def _record_hidden_states(block: LinearReplacement) -> None:
+    """transformers records `output_hidden_states` with hooks on its own block classes; give a map the
+    same hook so it reports its output like the blocks it replaced (once per module)."""
+    if getattr(block, "_lf_records_hidden_states", False):
+        return
+    try:
+        from transformers.utils.output_capturing import install_output_capuring_hook
+    except ImportError:  # older transformers collect hidden states in the layer loop: nothing to do
+        return
+    install_output_capuring_hook(block, "hidden_states", 0, True)
+    block._lf_records_hidden_states = True
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+"""Training-time regularisers on the residual stream.
+
+CosineRegularizer ("Your Transformer is Secretly Linear", methods.md §3.2): λ Σ_i (1 − cos(h_i, h_{i−1}))
+over the block transitions i = 1…L, each term the mean over valid (non-padding) tokens. The paper uses
+it in pretraining with λ = 0.5 to lower layer linearity. The states are the residual stream captured
+with block hooks (h_0 = input of block 0, h_i = output of block i−1), i.e. before any final norm,
+the same states the linearity metric is measured on.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import LeanformerError
+
+
+@contextlib.contextmanager
+def residual_stream(model: nn.Module) -> Iterator[list]:
+    """Within the block, every forward fills the yielded list with [h_0, …, h_L] (autograd kept)."""
+    from ..capture import _first_tensor, find_blocks
+
+    blocks, _ = find_blocks(model)
+    states: list = [None] * (len(blocks) + 1)
+
+    def grab_input(_module, args, kwargs):
+        states[0] = args[0] if args else kwargs["hidden_states"]
+
+    handles = [blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_hook(lambda _m, _a, out, i=i: states.__setitem__(i + 1, _first_tensor(out))))
+    try:
+        yield states
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class CosineRegularizer:
+    lam: float = 0.5
+
+    def __post_init__(self):
+        if self.lam < 0:
+            raise LeanformerError(f"regulariser weight λ must be ≥ 0, got {self.lam}")
+
+    def per_layer(self, states: list[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(L,) tensor: mean over valid tokens of 1 − cos(h_i, h_{i−1}) for i = 1…L (unweighted)."""
+        if any(s is None for s in states):
+            raise LeanformerError("residual states missing: run the model's forward inside residual_stream(model)")
+        terms = []
+        for prev, cur in zip(states[:-1], states[1:]):
+            d = 1 - torch.nn.functional.cosine_similarity(cur.float(), prev.float(), dim=-1)  # (batch, seq)
+            if attention_mask is not None:
+                m = attention_mask.to(d.dtype)
+                terms.append((d * m).sum() / m.sum().clamp_min(1))
+            else:
+                terms.append(d.mean())
+        return torch.stack(terms)
+
+    def __call__(self, states: list[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lam * self.per_layer(states, attention_mask).sum()
