@@ -49,28 +49,26 @@ def _base_name(n: str) -> str:
     return n.replace(".base_layer.", ".")
 
 
-def fingerprint(model: nn.Module) -> str:
-    """sha256 over the frozen base weights (names and bytes), adapters and trained heads excluded.
-    Merged adapters are subtracted first, so the value describes the base the adapter was trained on."""
-    merged = [(layer, layer.merged) for _, layer in adapted_layers(model) if layer.merged]
-    for layer, _ in merged:
-        layer.unmerge()
-    try:
-        skip = set(_saved_module_params(model))
-        h = hashlib.sha256()
-        for n, p in sorted(model.state_dict().items()):
-            if ".adapters." in n or not torch.is_tensor(p):
-                continue
-            n = _base_name(n)
-            if n in skip or n.split(".")[0] in HEAD_NAMES and n.split(".")[0] != "lm_head":
-                continue  # heads are created at load time (random) and saved with the adapter
-            h.update(n.encode())
-            h.update(str(p.dtype).encode())
+def fingerprint(model: nn.Module, adapted: list[str] | None = None) -> str:
+    """sha256 over the base weights (names, dtypes and bytes), adapters and trained heads excluded.
+
+    The weights of adapted layers enter by name and shape only: merging and unmerging an adapter
+    changes them by fp32 rounding, and the fingerprint must not depend on whether one was merged.
+    Everything else (embeddings, norms, biases, other layers) tells one checkpoint from another."""
+    skip = set(_saved_module_params(model))
+    names = adapted if adapted is not None else [n for n, _ in adapted_layers(model)]
+    adapted_weights = {f"{n}.weight" for n in names}
+    h = hashlib.sha256()
+    for n, p in sorted(model.state_dict().items()):
+        if ".adapters." in n or not torch.is_tensor(p):
+            continue
+        key = _base_name(n)
+        if key in skip or key.split(".")[0] in HEAD_NAMES and key.split(".")[0] != "lm_head":
+            continue  # heads are created at load time (random) and saved with the adapter
+        h.update(f"{key}:{p.dtype}:{tuple(p.shape)}".encode())
+        if key not in adapted_weights:
             h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:32]
-    finally:
-        for layer, name in merged:
-            layer.merge(name)
+    return h.hexdigest()[:32]
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -99,7 +97,7 @@ def write_adapter(model: nn.Module, directory: Path) -> None:
         base = str(Path(base).expanduser().resolve())
     meta = {"kind": "adapter", "format": FORMAT, "base_model": base, "head": _head_kind(model),
             "num_labels": int(getattr(model.config, "num_labels", 0) or 0) if hasattr(model, "config") else 0,
-            "fingerprint": fingerprint(model),
+            "fingerprint": fingerprint(model), "adapted_layers": [n for n, _ in adapted_layers(model)],
             "adapters": {n: c.to_dict() for n, c in registry.items()}, "active": active_adapter(model)}
     save_tensors(Path(directory) / "adapter.safetensors", tensors)
     save_json(Path(directory) / "leanformer.json", meta)
@@ -118,7 +116,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     if clash:
         raise LeanformerError(f"model already has adapter(s) {sorted(clash)}; load onto a fresh base")
     if check_base and not existing:
-        fp = fingerprint(model)
+        fp = fingerprint(model, meta.get("adapted_layers", []))
         if fp != meta["fingerprint"]:
             raise LeanformerError(
                 f"{path} was trained on a different base model ({meta.get('base_model') or 'unknown'}, weights "

@@ -1,0 +1,299 @@
+"""Adapters: mechanics on a tiny random BERT, exactness of merge / save / peft export, clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import leanformer as lf
+from leanformer.adapt import AdaptedLinear
+from leanformer.adapt.krona import kron_apply
+from leanformer.errors import LeanformerError
+
+CONFIGS = {
+    "lora": lambda: lf.LoRA(rank=4, modules_to_save=["classifier"]),
+    "lora_xs": lambda: lf.LoRAXS(rank=4, targets="all-linear"),
+    "dylora": lambda: lf.DyLoRA(rank=4),
+    "krona": lambda: lf.KronA(targets=["query", "value", "intermediate.dense"]),
+}
+
+
+def tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=100, num_labels=2)
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(1))
+
+
+def randomize_trainable(model, seed=2):
+    """Adapters start as ΔW = 0; give them values so that equalities below are not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_starts_as_identity_and_freezes_base(method, ids):
+    model = tiny()
+    ref = model(ids).logits
+    lf.adapt(model, CONFIGS[method]())
+    torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=0)  # ΔW ≈ 0 at init (LoRA-XS: R ~ 1e-5)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".adapters." in n or n.startswith("classifier") for n in trainable)
+    counts = lf.trainable_parameters(model)
+    assert counts["trainable"] == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_parameter_counts_match_the_formulas():
+    m = tiny()
+    lf.adapt(m, lf.LoRA(rank=4, targets=["query", "value"]))
+    assert lf.trainable_parameters(m)["trainable"] == 2 * 2 * 4 * (32 + 32)
+    m = tiny()
+    lf.adapt(m, lf.LoRAXS(rank=4, targets=["query", "value"]))
+    assert lf.trainable_parameters(m)["trainable"] == 2 * 2 * 4 * 4  # r² per module, width-independent
+    m = tiny()
+    lf.adapt(m, lf.KronA(targets=["intermediate.dense"]))  # 64×32: A 8×4 (near-square), B 8×8
+    a = m.bert.encoder.layer[0].intermediate.dense.adapters["default"]
+    assert tuple(a.kron_A.shape) == (8, 4) and tuple(a.kron_B.shape) == (8, 8)
+    assert lf.trainable_parameters(m)["trainable"] == 2 * (32 + 64)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_merge_unmerge_exact(method, ids):
+    model = tiny()
+    base_w = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lf.adapt(model, CONFIGS[method]())
+    randomize_trainable(model)
+    y = model(ids).logits
+    lf.merge(model)
+    assert all(isinstance(m, AdaptedLinear) and m.merged for m in model.modules() if isinstance(m, AdaptedLinear))
+    torch.testing.assert_close(model(ids).logits, y, atol=1e-5, rtol=1e-5)
+    lf.unmerge(model)
+    torch.testing.assert_close(model(ids).logits, y, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        key = n.replace(".base_layer.", ".")
+        if key in base_w and not n.startswith("classifier"):
+            torch.testing.assert_close(p, base_w[key], atol=1e-6, rtol=0)
+
+
+def test_krona_never_materialises_but_equals_kron():
+    g = torch.Generator().manual_seed(0)
+    a, b, x = torch.randn(3, 5, generator=g), torch.randn(4, 2, generator=g), torch.randn(7, 6, 10, generator=g)
+    torch.testing.assert_close(kron_apply(a, b, x), x @ torch.kron(a, b).T, atol=1e-5, rtol=1e-5)
+
+
+def test_krona_given_shapes_and_errors():
+    m = tiny()
+    lf.adapt(m, lf.KronA(targets=["query"], a_shape=(2, 8)))
+    a = m.bert.encoder.layer[0].attention.self.query.adapters["default"]
+    assert tuple(a.kron_B.shape) == (16, 4)
+    with pytest.raises(LeanformerError, match="do not multiply out|a1·b1"):
+        lf.adapt(tiny(), lf.KronA(targets=["query"], a_shape=(2, 8), b_shape=(4, 4)))
+    with pytest.raises(LeanformerError, match="does not divide"):
+        lf.adapt(tiny(), lf.KronA(targets=["query"], a_shape=(5, 8)))
+
+
+def test_krona_block_variants(ids):
+    model = tiny()
+    ref = model(ids).logits
+    lf.adapt(model, lf.KronA(targets=r".*layer\.\d+\.output\.dense", variant="block_res"))
+    layer = model.bert.encoder.layer[0].output.dense
+    assert tuple(layer.adapters["default"].kron_A.shape)[1] * tuple(layer.adapters["default"].kron_B.shape)[1] == 32
+    torch.testing.assert_close(model(ids).logits, ref)  # A = 0 and s_res = 0 at init
+    randomize_trainable(model)
+    assert not torch.allclose(model(ids).logits, ref)
+    # The block adapter reads the FFN input: check one layer by hand.
+    captured = {}
+    enc = model.bert.encoder.layer[0]
+    h = enc.intermediate.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+    h2 = enc.output.dense.register_forward_hook(lambda m, a, o: captured.setdefault("y", o))
+    model(ids)
+    h.remove()
+    h2.remove()
+    ad = enc.output.dense.adapters["default"]
+    x = captured["x"]
+    expect = enc.output.dense.base_layer(enc.intermediate(x)) + x @ torch.kron(ad.kron_A, ad.kron_B).T * ad.scaling \
+        + ad.res_scale * x
+    torch.testing.assert_close(captured["y"], expect, atol=1e-5, rtol=1e-5)
+    with pytest.raises(LeanformerError, match="cannot be merged"):
+        lf.merge(model)
+
+
+def test_dylora_rank_sampling_and_set_rank(ids):
+    model = tiny()
+    lf.adapt(model, lf.DyLoRA(rank=4))
+    randomize_trainable(model)
+    q = model.bert.encoder.layer[0].attention.self.query.adapters["default"]
+    model.train()
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(30):
+        model(ids)
+        seen.add(q.train_rank)
+        assert all(m.adapters["default"].train_rank == q.train_rank for m in model.modules()
+                   if isinstance(m, AdaptedLinear))  # one rank per step for all layers
+    assert seen == {1, 2, 3, 4}
+    model.eval()
+    outs = {}
+    for r in (1, 2, 4):
+        lf.set_rank(model, r)
+        outs[r] = model(ids).logits
+        expected = (q.lora_B[:, :r] @ q.lora_A[:r]) * (16.0 / r)
+        torch.testing.assert_close(q.delta_weight(), expected)
+    assert not torch.allclose(outs[1], outs[4])
+    with pytest.raises(LeanformerError, match="1..4"):
+        lf.set_rank(model, 5)
+
+
+def test_dylora_frozen_mode_trains_only_component_b(ids):
+    model = tiny()
+    lf.adapt(model, lf.DyLoRA(rank=4, frozen=True))
+    randomize_trainable(model)
+    model.train()
+    q = model.bert.encoder.layer[0].attention.self.query.adapters["default"]
+    for m in model.modules():
+        if isinstance(m, AdaptedLinear):
+            m.adapters["default"].train_rank = 3
+    q.train_rank = 3
+    q.lora_A.grad = None
+    # Call the layer directly (the model's pre-hook would resample the rank).
+    x = torch.randn(5, 32)
+    q(x).sum().backward()
+    grad = q.lora_A.grad
+    assert grad[:2].abs().sum() == 0 and grad[2].abs().sum() > 0 and grad[3].abs().sum() == 0
+
+
+def test_named_adapters_switch(ids):
+    model = tiny()
+    ref = model(ids).logits
+    lf.adapt(model, lf.LoRA(rank=2), name="a")
+    randomize_trainable(model, 3)
+    ya = model(ids).logits
+    lf.adapt(model, lf.LoRA(rank=4, targets=["key"]), name="b")
+    randomize_trainable(model, 4)
+    yb = model(ids).logits
+    assert not torch.allclose(ya, yb)
+    lf.set_adapter(model, "a")
+    torch.testing.assert_close(model(ids).logits, ya)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.a." in n for n in trainable)
+    lf.set_adapter(model, None)
+    torch.testing.assert_close(model(ids).logits, ref)
+    with pytest.raises(LeanformerError, match="no adapter named 'c'"):
+        lf.set_adapter(model, "c")
+    with pytest.raises(LeanformerError, match="already exists"):
+        lf.adapt(model, lf.LoRA(), name="a")
+
+
+@pytest.mark.parametrize("method", list(CONFIGS) + ["krona_block"])
+def test_save_load_roundtrip(method, ids, tmp_path):
+    model = tiny()
+    cfg = CONFIGS[method]() if method != "krona_block" else lf.KronA(targets=r".*layer\.\d+\.output\.dense",
+                                                                      variant="block")
+    lf.adapt(model, cfg)
+    randomize_trainable(model)
+    if method == "dylora":
+        lf.set_rank(model, 3)
+    y = model(ids).logits
+    lf.save_adapter(model, tmp_path / "ad")
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter.safetensors", "leanformer.json"]
+    fresh = lf.load_adapter(tiny(), tmp_path / "ad")
+    torch.testing.assert_close(fresh(ids).logits, y, atol=0, rtol=0)
+    # A base with other weights is refused with a clear message.
+    with pytest.raises(LeanformerError, match="different base model"):
+        lf.load_adapter(tiny(seed=7), tmp_path / "ad")
+
+
+def test_merged_model_saves_the_same_fingerprint(ids, tmp_path):
+    model = tiny()
+    lf.adapt(model, lf.LoRA(rank=2))
+    randomize_trainable(model)
+    lf.merge(model)
+    lf.save_adapter(model, tmp_path / "ad")
+    lf.load_adapter(tiny(), tmp_path / "ad")  # fingerprint taken with the adapter subtracted
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_xs", "dylora", "krona"])
+def test_export_to_peft_loads_and_matches(method, ids, tmp_path):
+    from peft import PeftModel
+
+    model = tiny()
+    lf.adapt(model, CONFIGS[method]())
+    randomize_trainable(model)
+    kwargs = {}
+    if method == "dylora":
+        lf.set_rank(model, 2)
+        y = model(ids).logits
+        lf.set_rank(model, 4)
+        kwargs = {"rank": 2}
+    else:
+        y = model(ids).logits
+    lf.export_peft(model, tmp_path / "peft", **kwargs)
+    loaded = PeftModel.from_pretrained(tiny(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, y, atol=1e-5, rtol=1e-5)
+
+
+def test_export_krona_errors_when_lokr_cannot_express_shapes(tmp_path):
+    model = tiny()
+    lf.adapt(model, lf.KronA(targets=["query"], a_shape=(2, 8)))  # out split 2×16, in split 8×4: no one factor
+    with pytest.raises(LeanformerError, match="peft LoKr"):
+        lf.export_peft(model, tmp_path / "x")
+    model = tiny()
+    lf.adapt(model, lf.KronA(targets=r".*layer\.\d+\.output\.dense", variant="block"))
+    with pytest.raises(LeanformerError, match="no equivalent"):
+        lf.export_peft(model, tmp_path / "y")
+
+
+def test_targets_errors_name_the_linear_modules():
+    with pytest.raises(LeanformerError) as e:
+        lf.adapt(tiny(), lf.LoRA(targets=["q_proj", "v_proj"]))
+    msg = str(e.value)
+    assert "attention.self.query" in msg and "intermediate.dense" in msg
+    with pytest.raises(LeanformerError, match="not nn.Linear"):
+        lf.adapt(tiny(), lf.LoRA(targets=["attention"]))
+    with pytest.raises(LeanformerError, match="regex"):
+        lf.adapt(tiny(), lf.LoRA(targets="(["))
+
+
+def test_regex_and_all_linear_targets():
+    m = tiny()
+    lf.adapt(m, lf.LoRA(rank=2, targets=r".*layer\.0\.attention\.self\.(query|key)"))
+    assert sorted(n for n, x in m.named_modules() if isinstance(x, AdaptedLinear)) == [
+        "bert.encoder.layer.0.attention.self.key", "bert.encoder.layer.0.attention.self.query"]
+    m = tiny()
+    lf.adapt(m, lf.LoRA(rank=2, targets="all-linear"))
+    wrapped = [n for n, x in m.named_modules() if isinstance(x, AdaptedLinear)]
+    assert len(wrapped) == 2 * 6 + 1 and "classifier" not in wrapped  # the head is not adapted
+
+
+@pytest.mark.parametrize("rank", [0, -1, 33])
+def test_bad_ranks(rank):
+    for cls in (lf.LoRA, lf.LoRAXS, lf.DyLoRA):
+        with pytest.raises(LeanformerError, match="rank"):
+            lf.adapt(tiny(), cls(rank=rank))
+
+
+def test_lora_xs_factors_come_from_the_svd():
+    model = tiny()
+    w = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    lf.adapt(model, lf.LoRAXS(rank=32, targets=["query"]))
+    a = model.bert.encoder.layer[0].attention.self.query.adapters["default"]
+    torch.testing.assert_close(a.xs_B @ a.xs_A, w, atol=1e-5, rtol=1e-5)  # full rank: B A = W
+    torch.testing.assert_close(a.xs_B.T @ a.xs_B, torch.eye(32), atol=1e-5, rtol=0)
+
+
+def test_randomized_svd_close_to_exact():
+    from leanformer.adapt.lora_xs import truncated_svd
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 40, generator=g) @ torch.randn(40, 200, generator=g)  # rank 40
+    u, s, v = truncated_svd(w, 8, randomized=True)
+    u2, s2, v2 = truncated_svd(w, 8, randomized=False)
+    torch.testing.assert_close(s, s2, rtol=1e-3, atol=1e-3)
