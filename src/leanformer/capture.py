@@ -60,16 +60,24 @@ def _first_tensor(output):
 
 
 @torch.no_grad()
-def capture(model: nn.Module, batch: dict[str, torch.Tensor], mlp: bool = False):
-    """One padded batch → (states, last_token, mlp_activations).
+def capture(model: nn.Module, batch: dict[str, torch.Tensor], mlp_eps: float | None = None):
+    """One padded batch → (states, last_token, mlp_near_zero).
 
     states: [h_0, …, h_L], each (n_valid_tokens, d) float32 with padded positions removed;
     last_token: row index (into the flattened valid tokens) of each sequence's last token;
-    mlp_activations: per block (n_valid_tokens, d_ff), or None when not requested / not found."""
+    mlp_near_zero: with `mlp_eps`, per block (count of valid MLP activations with |a| ≤ mlp_eps,
+    count of valid activations), reduced inside the hook so the (tokens × d_ff) activations are
+    never kept; None when not requested or no activation module is found."""
     blocks, _ = find_blocks(model)
     outputs: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
-    acts: list[torch.Tensor | None] = [None] * len(blocks)
+    counts: list[tuple[int, int] | None] = [None] * len(blocks)
+    device = next(model.parameters()).device
+    mask = batch["attention_mask"].to(device).bool()
     handles = []
+
+    def count_near_zero(i, out):
+        valid = out[mask]
+        counts[i] = (int((valid.abs() <= mlp_eps).sum()), valid.numel())
 
     def grab_input(_module, args, kwargs):
         outputs[0] = args[0] if args else kwargs["hidden_states"]
@@ -77,11 +85,9 @@ def capture(model: nn.Module, batch: dict[str, torch.Tensor], mlp: bool = False)
     handles.append(blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True))
     for i, block in enumerate(blocks):
         handles.append(block.register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i + 1, _first_tensor(out))))
-        act = find_mlp_activation(block) if mlp else None
+        act = find_mlp_activation(block) if mlp_eps is not None else None
         if act is not None:
-            handles.append(act.register_forward_hook(lambda _m, _a, out, i=i: acts.__setitem__(i, out)))
-    device = next(model.parameters()).device
-    mask = batch["attention_mask"].to(device).bool()
+            handles.append(act.register_forward_hook(lambda _m, _a, out, i=i: count_near_zero(i, out)))
     try:
         getattr(model, "base_model", model)(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
     finally:
@@ -93,10 +99,7 @@ def capture(model: nn.Module, batch: dict[str, torch.Tensor], mlp: bool = False)
     states = [o.reshape(-1, o.shape[-1])[flat].float() for o in outputs]
     lengths = mask.sum(dim=1)
     last_token = torch.cumsum(lengths, 0) - 1
-    mlp_out = None
-    if mlp and all(a is not None for a in acts):
-        mlp_out = [a.reshape(-1, a.shape[-1])[flat].float() for a in acts]
-    return states, last_token, mlp_out
+    return states, last_token, (counts if all(c is not None for c in counts) else None)
 
 
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -105,6 +108,6 @@ def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torc
 
 
 def iter_hidden_states(model: nn.Module, tokenizer, chunks: Sequence[Sequence[int]], batch_size: int = 16,
-                       mlp: bool = False) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor] | None]]:
+                       mlp_eps: float | None = None) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, list | None]]:
     for batch in batches(tokenizer, chunks, batch_size):
-        yield capture(model, batch, mlp=mlp)
+        yield capture(model, batch, mlp_eps=mlp_eps)

@@ -20,6 +20,7 @@ from .models import model_label
 
 LAYER_METRICS = ("anisotropy", "intrinsic_dim", "mlp_sparsity")
 TRANSITION_METRICS = ("linearity", "linearity_wo_residual", "block_influence", "angular_distance")
+MLP_SPARSITY_EPS = 1e-2  # |a| ≤ this counts as (near-)zero; see metrics.mlp_sparsity
 
 
 @dataclass
@@ -73,8 +74,9 @@ def inspect(model, tokenizer, texts: Sequence[str], tokens: int = 16384, max_len
     started = time.perf_counter()
     acc = GeometryAccumulator(sample_size=sample_size, seed=seed)
     with tqdm(total=n_tokens, unit="tok", desc="inspect", disable=not progress) as bar:
-        for states, last, acts in iter_hidden_states(model, tokenizer, chunks, batch_size=batch_size, mlp=True):
-            acc.update(states, last, acts)
+        for states, last, near_zero in iter_hidden_states(model, tokenizer, chunks, batch_size=batch_size,
+                                                          mlp_eps=MLP_SPARSITY_EPS):
+            acc.update(states, last, near_zero)
             bar.update(states[0].shape[0])
     capture_seconds = time.perf_counter() - started
     layers = acc.layer_metrics(twonn_keep=twonn_keep)
@@ -88,7 +90,7 @@ def inspect(model, tokenizer, texts: Sequence[str], tokens: int = 16384, max_len
                                    f"{min(sample_size, n_tokens)} sampled tokens",
         "hidden_states": "h_0 = block-0 input (embeddings), h_i = output of block i-1"
                          + ("; h_L is the residual stream before the final norm" if is_decoder else ""),
-        "mlp_sparsity": "fraction of MLP activations with |a| <= 0.01 (layer i: block i-1's MLP)",
+        "mlp_sparsity": f"fraction of MLP activations with |a| <= {MLP_SPARSITY_EPS} (layer i: block i-1's MLP)",
         "capture_and_accumulate_seconds": capture_seconds,
         "metrics_seconds": time.perf_counter() - started - capture_seconds,
     }

@@ -48,10 +48,9 @@ class Reservoir:
 
 
 class GeometryAccumulator:
-    def __init__(self, sample_size: int = 4096, seed: int = 0, sparsity_eps: float = 1e-2):
+    def __init__(self, sample_size: int = 4096, seed: int = 0):
         self.n_tokens = 0
         self.n_sequences = 0
-        self.sparsity_eps = sparsity_eps
         self.reservoir = Reservoir(sample_size, seed)
         self._sum: list[torch.Tensor] = []
         self._gram: list[torch.Tensor] = []
@@ -63,9 +62,9 @@ class GeometryAccumulator:
         self._sparse: list[list[float]] | None = None
 
     def update(self, states: list[torch.Tensor], last_token: torch.Tensor,
-               mlp_activations: list[torch.Tensor] | None = None) -> None:
+               mlp_near_zero: list[tuple[int, int]] | None = None) -> None:
         """states: h_0…h_L, each (n_valid_tokens, d); last_token: row indices of each sequence's
-        last valid token; mlp_activations: per block (n_valid_tokens, d_ff) or None."""
+        last valid token; mlp_near_zero: per block (near-zero activations, all activations) or None."""
         if not self._sum:
             self._shift = [s.mean(dim=0).float() for s in states]
         h = [s.float() - m for s, m in zip(states, self._shift)]
@@ -90,12 +89,12 @@ class GeometryAccumulator:
             self._cos_sum[i] += float(cos.sum())
             last = cos[last_token].clamp(-1, 1)
             self._angle_sum[i] += float((torch.arccos(last) / torch.pi).sum())
-        if mlp_activations is not None:
+        if mlp_near_zero is not None:
             if self._sparse is None:
-                self._sparse = [[0.0, 0.0] for _ in mlp_activations]
-            for acc, a in zip(self._sparse, mlp_activations):
-                acc[0] += float((a.abs() <= self.sparsity_eps).sum())
-                acc[1] += a.numel()
+                self._sparse = [[0, 0] for _ in mlp_near_zero]
+            for acc, (zeros, count) in zip(self._sparse, mlp_near_zero):
+                acc[0] += zeros
+                acc[1] += count
         self.reservoir.update(states)
         self.n_tokens += h[0].shape[0]
         self.n_sequences += len(last_token)
