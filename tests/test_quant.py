@@ -185,8 +185,9 @@ def test_size_report_counts_every_stored_byte():
     lf.quantize(model, lf.Kashin(bits=4, group_size=16), progress=False)
     for r in lf.size_report(model).layers:
         n, rows = r["n_weights"], r["n_weights"] // 16
-        # indices + 4 fp16 step sizes per vector + 4 domain bits per vector + the int64 seed
-        expect = math.ceil(n * 4 / 8) + rows * 4 * 2 + math.ceil(rows * 4 / 8) + 8
+        # indices + 4 fp16 step sizes and 4 domain bits per vector + an fp16 scale per input column + the seed
+        in_f = model.get_submodule(r["name"]).in_features
+        expect = math.ceil(n * 4 / 8) + rows * 4 * 2 + math.ceil(rows * 4 / 8) + 2 * in_f + 8
         assert r["bytes"] == expect and r["breakdown"]["steps"] == rows * 8
 
 

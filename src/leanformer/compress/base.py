@@ -101,7 +101,7 @@ def check_group_size(group_size: int | None, width: int, name: str) -> int:
     if group_size is None:
         return width
     if group_size <= 0 or width % group_size:
-        divisors = [d for d in range(8, width + 1, 8) if width % d == 0]
+        divisors = [d for d in range(1, width + 1) if width % d == 0]
         near = sorted(divisors, key=lambda d: abs(d - group_size))[:4]
         raise LeanformerError(f"group size {group_size} does not divide the input width {width} of layer "
                               f"{name}; nearest group sizes that do: {', '.join(map(str, sorted(near)))}")

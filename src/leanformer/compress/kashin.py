@@ -19,6 +19,10 @@ Two ways to quantize the factors (`codebook`):
   vector refit by least squares. form="matrix" is the reference's matrix form X ≈ U + Q1 V Q2ᵀ
   (Q1, Q2 sign-randomised DCT or random orthogonal, whole-layer, float32 norm), for comparison.
 
+In the vector form the input columns are first divided by their RMS (`col_scale`, one float16 per
+input column, stored): the decomposition spreads error evenly along a row, and this keeps columns
+of small weights (often the ones reading outlier activation features) from losing all precision.
+
 Both check that the layer's Kashin decomposition converges (alternating greedy to `tol` within
 `max_iter` steps); a layer that does not raises NotConverged and stays in full precision.
 """
@@ -222,6 +226,7 @@ class Kashin(QuantConfig):
     form: str = "vector"        # "vector" (per row / group) or "matrix" (U + Q1 V Q2ᵀ per layer; kmeans only)
     group_size: int | None = None  # vector length (must divide the input width); None = whole rows
     sweeps: int = 4             # closed form: refinement rounds over the sign vectors
+    col_scale: bool = True      # vector form: divide input columns by their RMS first (fp16, stored)
     tol: float = 1e-3           # convergence: ‖residual‖ / ‖x‖ < tol ...
     max_iter: int = 200         # ... within this many greedy iterations
     kmeans_iters: int = 30
@@ -249,6 +254,11 @@ class Kashin(QuantConfig):
         if self.form == "matrix":
             return self._matrix(weight, name, seed)
         g = check_group_size(self.group_size, in_f, name)
+        col = fp16(weight.pow(2).mean(0).sqrt().clamp_min(1e-8)) if self.col_scale else None
+        if col is not None:
+            # Input columns of very different size (features that carry outlier activations tend to have
+            # them) get the same relative precision: the decomposition spreads error evenly over a row.
+            weight = weight / col.float()
         x = weight.reshape(-1, g)
         # unit-RMS vectors: one tolerance and one codebook fit every row of the layer
         rms = (x.norm(dim=1, keepdim=True) / math.sqrt(g)).clamp_min(1e-12)
@@ -260,12 +270,13 @@ class Kashin(QuantConfig):
         header = {"form": "vector", "codebook": self.codebook, "transform": self.transform, "group_size": g,
                   "iterations": it, "kashin_level": max(u.abs().max().item(), v.abs().max().item())}
         seed_t = torch.tensor([seed], dtype=torch.int64)
+        extra = {"col_scale": col} if col is not None else {}
         if self.codebook == "closed":
             signs, doms, coef = closed_form(x, P, self.bits, self.sweeps)
             bitsw = (signs > 0).long()  # (k, rows, N): bit j of each weight's index = sign of step j
             idx = (bitsw << torch.arange(self.bits)[:, None, None]).sum(0)
             tensors = {"packed": pack_bits(idx, self.bits), "steps": fp16(coef),
-                       "domains": pack_bits(doms.T.long(), 1), "seed": seed_t}
+                       "domains": pack_bits(doms.T.long(), 1), "seed": seed_t, **extra}
             return tensors, header
         cent, lab = self._codebook(u, v, seed)
         c = cent.float()
@@ -274,7 +285,7 @@ class Kashin(QuantConfig):
         energy = (xh * xh).sum(1, keepdim=True)
         scale = torch.where(energy > 0, (x * xh).sum(1, keepdim=True) / energy.clamp_min(1e-30), rms)
         tensors = {"packed": pack_bits(lab, self.bits), "codebook": cent, "scale": fp16(scale.reshape(-1)),
-                   "seed": seed_t}
+                   "seed": seed_t, **extra}
         return tensors, header
 
     def _codebook(self, u, v, seed):
@@ -312,11 +323,12 @@ def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
         xh = c[lab, 0].view(out_f, in_f) + q1 @ c[lab, 1].view(out_f, in_f) @ q2.T
         return xh * tensors["scale"].float()
     g = header["group_size"]
+    col = tensors["col_scale"].float() if "col_scale" in tensors else 1.0
     P = Transform(header["transform"], g, seed)
     if header["codebook"] == "kmeans":
         c = tensors["codebook"].float()
         xh = c[lab, 0].view(-1, g) + P.apply(c[lab, 1].view(-1, g))
-        return (xh * tensors["scale"].float()[:, None]).view(out_f, in_f)
+        return (xh * tensors["scale"].float()[:, None]).view(out_f, in_f) * col
     rows = out_f * in_f // g
     steps = tensors["steps"].float()                                        # (rows, k)
     doms = unpack_bits(tensors["domains"], 1, rows * bits).view(rows, bits).float()
@@ -324,4 +336,4 @@ def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
     # Σ_j c_j s_j split by domain, so P is applied once: W = A + P B
     a = torch.einsum("krg,rk->rg", signs, steps * (1 - doms))
     b = torch.einsum("krg,rk->rg", signs, steps * doms)
-    return (a + P.apply(b)).view(out_f, in_f)
+    return (a + P.apply(b)).view(out_f, in_f) * col
