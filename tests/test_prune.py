@@ -192,3 +192,14 @@ def test_cli_prune_stories260k(tmp_path, monkeypatch):
 
     assert generate(model, tok, "Once upon a time", max_new_tokens=20).startswith("Once upon a time")
     assert main(["prune", "stories260k", "--layers", "5", "--out", str(tmp_path / "q")]) == 2
+
+
+def test_output_hidden_states_include_the_map(tokenizer):
+    model = tiny_bert(layers=3)
+    calib = calibrate(model, tokenizer, TEXTS, tokens=2000, max_length=32)
+    prune_layers(model, 1, by="index", start=2, replace="linear", calibration=calib)  # the last block
+    b = batch(tokenizer)
+    with torch.no_grad():
+        out = model(**b, output_hidden_states=True)
+    assert len(out.hidden_states) == 4  # h_0, blocks 0 and 1, the map
+    torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
