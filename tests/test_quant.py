@@ -149,6 +149,21 @@ def test_kashin_closed_form_beats_rtn_on_heavy_tailed_rows():
     assert errs["kashin"] < errs["rtn"]
 
 
+def test_hqq_wrapper_matches_the_hqq_package():
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    layer = nn.Sequential(nn.Linear(128, 48))
+    ours = copy.deepcopy(layer)
+    lf.quantize(ours, lf.HQQ(bits=4, group_size=64, targets=["0"]), progress=False)
+    theirs = HQQLinear(copy.deepcopy(layer[0]), BaseQuantizeConfig(nbits=4, group_size=64),
+                       compute_dtype=torch.float32, device="cpu")
+    w_ours, w_theirs = ours[0].dequantize(), theirs.dequantize().float()
+    w = layer[0].weight.detach()
+    # the same up to our float16 storage of scale and zero (codes re-rounded against it), and as accurate
+    assert (w_ours - w_theirs).norm() / w.norm() < 1e-2
+    assert (w_ours - w).norm() < 1.02 * (w_theirs - w).norm()
+
+
 def test_cache_gives_identical_outputs():
     base = tiny_bert()
     a, b = copy.deepcopy(base), copy.deepcopy(base)

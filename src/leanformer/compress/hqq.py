@@ -1,8 +1,9 @@
 """HQQ (Badri & Shaji 2023): half-quadratic optimisation of the per-group zero and scale, no
 calibration data. The codes, scales and zeros come from the `hqq` package's own
-`Quantizer.quantize` (optimize=True, its defaults: axis=1, zero rounded at 4 bits); storage and the
-on-the-fly dequantisation are ours (hqq's HQQLinear targets CUDA backends), so saving, reloading
-and size accounting work the same as for every other method.
+`Quantizer.quantize` (optimize=True, its defaults: axis=1, zero rounded at 4 bits). hqq's own
+HQQLinear does run on CPU (float32 compute, checked with hqq 0.2.8.post1), but it has its own
+packing and serialisation; storing the codes in our QuantizedLinear makes packing, save/reload and
+the size accounting identical for every method, so the comparison is like for like.
 
 Stored per layer: b-bit codes (packed), per group a float16 scale and float16 zero.
 Honest size: bits + 32 / group_size bits per weight.
