@@ -46,12 +46,12 @@ def pack_bits(idx: torch.Tensor, bits: int) -> torch.Tensor:
     idx = idx.reshape(-1).to(torch.int64)
     if bits == 8:
         return idx.to(torch.uint8)
-    shifts = torch.arange(bits, dtype=torch.int64)
+    shifts = torch.arange(bits, dtype=torch.int64, device=idx.device)
     bitstream = ((idx[:, None] >> shifts) & 1).reshape(-1)
     pad = (-bitstream.numel()) % 8
     if pad:
         bitstream = torch.cat([bitstream, bitstream.new_zeros(pad)])
-    return (bitstream.view(-1, 8) << torch.arange(8, dtype=torch.int64)).sum(1).to(torch.uint8)
+    return (bitstream.view(-1, 8) << torch.arange(8, dtype=torch.int64, device=idx.device)).sum(1).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -61,9 +61,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
                               f"{bits} bits need {packed_nbytes(n, bits)}")
     if bits == 8:
         return packed.to(torch.int64)
-    bitstream = ((packed.to(torch.int64)[:, None] >> torch.arange(8, dtype=torch.int64)) & 1).reshape(-1)
+    dev = packed.device
+    bitstream = ((packed.to(torch.int64)[:, None] >> torch.arange(8, dtype=torch.int64, device=dev)) & 1).reshape(-1)
     bitstream = bitstream[: n * bits].view(n, bits)
-    return (bitstream << torch.arange(bits, dtype=torch.int64)).sum(1)
+    return (bitstream << torch.arange(bits, dtype=torch.int64, device=dev)).sum(1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,14 +56,14 @@ def _twiddle(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dct(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
-    w, scale = _twiddle(n)
+    w, scale = (t.to(x.device) for t in _twiddle(n))
     v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
     return (torch.fft.fft(v, dim=-1) * w).real * scale
 
 
 def idct(y: torch.Tensor) -> torch.Tensor:
     n = y.shape[-1]
-    w, scale = _twiddle(n)
+    w, scale = (t.to(y.device) for t in _twiddle(n))
     # v real ⇒ V_{N−k} = conj(V_k), which gives e^{−iπk/2N} V_k = Y_k − i Y_{N−k} (Y_N := 0)
     yk = y / scale
     yrev = torch.cat([torch.zeros_like(yk[..., :1]), yk[..., 1:].flip(-1)], dim=-1)
@@ -104,10 +104,10 @@ class Transform:
             self.q = _random_orthogonal(n, seed)
 
     def apply(self, z):
-        return idct(self.eps * dct(z)) if self.kind == "dct" else z @ self.q.T
+        return idct(self.eps.to(z.device) * dct(z)) if self.kind == "dct" else z @ self.q.to(z.device).T
 
     def applyT(self, z):
-        return idct(self.eps * dct(z)) if self.kind == "dct" else z @ self.q
+        return idct(self.eps.to(z.device) * dct(z)) if self.kind == "dct" else z @ self.q.to(z.device)
 
 
 def _matrix(kind: str, n: int, seed: int) -> torch.Tensor:
@@ -319,7 +319,7 @@ def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
     lab = unpack_bits(tensors["packed"], bits, out_f * in_f)
     if header["form"] == "matrix":
         c = tensors["codebook"].float()
-        q1, q2 = _matrix(header["transform"], out_f, seed), _matrix(header["transform"], in_f, seed + 1)
+        q1, q2 = (_matrix(header["transform"], n, s).to(c.device) for n, s in ((out_f, seed), (in_f, seed + 1)))
         xh = c[lab, 0].view(out_f, in_f) + q1 @ c[lab, 1].view(out_f, in_f) @ q2.T
         return xh * tensors["scale"].float()
     g = header["group_size"]
@@ -332,7 +332,8 @@ def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
     rows = out_f * in_f // g
     steps = tensors["steps"].float()                                        # (rows, k)
     doms = unpack_bits(tensors["domains"], 1, rows * bits).view(rows, bits).float()
-    signs = ((lab.view(rows, g)[None] >> torch.arange(bits)[:, None, None]) & 1).float() * 2 - 1  # (k, rows, g)
+    shifts = torch.arange(bits, device=lab.device)[:, None, None]
+    signs = ((lab.view(rows, g)[None] >> shifts) & 1).float() * 2 - 1  # (k, rows, g)
     # Σ_j c_j s_j split by domain, so P is applied once: W = A + P B
     a = torch.einsum("krg,rk->rg", signs, steps * (1 - doms))
     b = torch.einsum("krg,rk->rg", signs, steps * doms)
