@@ -41,12 +41,14 @@ def configs():
     return [
         # ≈3 bits per weight
         ("kashin-3", "3", lambda: K(bits=3, cache=True)),
+        ("kashin-3-shared", "3", lambda: K(bits=3, step_sizes="shared", cache=True)),
         ("rtn-3-row", "3", lambda: R(bits=3, group_size=None, cache=True)),
         ("hqq-3-row", "3", lambda: H(bits=3, group_size=None, cache=True)),
         ("rtn-3-g128", "3+", lambda: R(bits=3, group_size=128, cache=True)),
         ("hqq-3-g64", "3+", lambda: H(bits=3, group_size=64, cache=True)),
         # ≈4 bits per weight
         ("kashin-4", "4", lambda: K(bits=4, cache=True)),
+        ("kashin-4-shared", "4", lambda: K(bits=4, step_sizes="shared", cache=True)),
         ("rtn-4-row", "4", lambda: R(bits=4, group_size=None, cache=True)),
         ("hqq-4-row", "4", lambda: H(bits=4, group_size=None, cache=True)),
         ("rtn-3-g32", "4", lambda: R(bits=3, group_size=32, cache=True)),
@@ -121,6 +123,8 @@ def main(argv=None):
     ap.add_argument("--finetune-steps", type=int, default=200)
     ap.add_argument("--stories", type=int, default=400, help="TinyStories validation stories for perplexity")
     ap.add_argument("--only", nargs="*", help="run only these config labels")
+    ap.add_argument("--append", action="store_true",
+                    help="merge these rows into an existing --out/results.json (same setup) instead of replacing it")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -207,6 +211,15 @@ def main(argv=None):
         "full_precision": {"sst2_dev": clf_fp, "tinystories": ppl_fp, "disk_bytes": fp_disk},
         "rows": rows,
     }
+    if args.append and (out / "results.json").is_file():
+        old = json.loads((out / "results.json").read_text())
+        if old["full_precision"] != result["full_precision"]:
+            raise SystemExit("--append: the existing results were measured on a different setup; rerun all")
+        new = {r["config"]: r for r in rows}
+        order = [label for label, _, _ in configs()]
+        merged = {r["config"]: r for r in old["rows"]} | new
+        result["rows"] = sorted(merged.values(), key=lambda r: order.index(r["config"]))
+        result["setup"]["command"] = old["setup"]["command"] + " ; " + result["setup"]["command"]
     save_json(out / "results.json", result)
     (out / "results.md").write_text(markdown(result))
     plots(result, out)

@@ -37,7 +37,8 @@ def tiny_llama(seed=0):
 
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
-CONFIGS = [lambda b: lf.Kashin(bits=b), lambda b: lf.Kashin(bits=b, codebook="kmeans"),
+CONFIGS = [lambda b: lf.Kashin(bits=b), lambda b: lf.Kashin(bits=b, step_sizes="shared"),
+           lambda b: lf.Kashin(bits=b, codebook="kmeans"),
            lambda b: lf.Kashin(bits=b, codebook="kmeans", form="matrix", transform="random"),
            lambda b: lf.RTN(bits=b, group_size=16), lambda b: lf.HQQ(bits=b, group_size=16)]
 
@@ -118,7 +119,7 @@ def test_default_targets_skip_embeddings_and_heads():
     assert select_targets(llama, ["q_proj"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
 
 
-@pytest.mark.parametrize("make", CONFIGS, ids=["kashin", "kashin-kmeans", "kashin-matrix", "rtn", "hqq"])
+@pytest.mark.parametrize("make", CONFIGS, ids=["kashin", "kashin-shared", "kashin-kmeans", "kashin-matrix", "rtn", "hqq"])
 def test_quantize_replaces_targets_and_error_shrinks_with_bits(make):
     base = tiny_bert()
     errs = {}
@@ -205,11 +206,20 @@ def test_size_report_counts_every_stored_byte():
         expect = math.ceil(n * 4 / 8) + rows * 4 * 2 + math.ceil(rows * 4 / 8) + 2 * in_f + 8
         assert r["bytes"] == expect and r["breakdown"]["steps"] == rows * 8
 
+    model = tiny_bert()
+    lf.quantize(model, lf.Kashin(bits=3, step_sizes="shared"), progress=False)
+    for r in lf.size_report(model).layers:
+        n, rows = r["n_weights"], model.get_submodule(r["name"]).out_features
+        in_f = n // rows
+        # indices + 3 shared fp16 steps + an fp16 scale and 3 domain bits per row + column scales + seed
+        expect = math.ceil(n * 3 / 8) + 3 * 2 + rows * 2 + math.ceil(rows * 3 / 8) + 2 * in_f + 8
+        assert r["bytes"] == expect
+
 
 # ---------------------------------------------------------------------------------- save / load
 
 
-@pytest.mark.parametrize("make", CONFIGS, ids=["kashin", "kashin-kmeans", "kashin-matrix", "rtn", "hqq"])
+@pytest.mark.parametrize("make", CONFIGS, ids=["kashin", "kashin-shared", "kashin-kmeans", "kashin-matrix", "rtn", "hqq"])
 def test_save_load_is_bit_identical(make, tmp_path):
     model = tiny_llama()
     name = lf.quantize(model, make(3), progress=False).quantized[0]

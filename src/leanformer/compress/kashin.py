@@ -13,7 +13,8 @@ Two ways to quantize the factors (`codebook`):
   bit per weight in whichever domain (plain or P) removes more of the residual, with the step sizes
   refit jointly by least squares (the closed-form centroids: u takes the values ±c1 ±c2 …) and a
   few sweeps that re-pick each sign vector given the others. Stored: one `bits`-bit index per weight
-  (its sign bits), per vector `bits` float16 step sizes and `bits` domain bits, the seed.
+  (its sign bits), per vector `bits` float16 step sizes and `bits` domain bits, the seed; with
+  step_sizes="shared", one set of step sizes per layer and one float16 scale per vector instead.
 - "kmeans" (the reference): run the greedy to `tol`, then quantize the pairs (u_i, v_i) jointly with
   a k-means codebook of 2^bits points (float16) shared by the layer, plus a float16 scale per
   vector refit by least squares. form="matrix" is the reference's matrix form X ≈ U + Q1 V Q2ᵀ
@@ -174,6 +175,7 @@ def kashin_matrix(x: torch.Tensor, q1: torch.Tensor, q2: torch.Tensor, tol: floa
 
 
 CODEBOOKS = ("closed", "kmeans")
+STEP_SIZES = ("vector", "shared")
 
 
 def _sign(z: torch.Tensor) -> torch.Tensor:
@@ -188,10 +190,19 @@ def _lstsq_steps(cols: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(G, S.transpose(1, 2) @ x.unsqueeze(-1)).squeeze(-1)
 
 
-def closed_form(x: torch.Tensor, P: Transform, k: int, sweeps: int):
-    """k greedy sign steps per row (domain per row and step), least-squares step sizes, then
-    `sweeps` rounds re-picking each sign vector given the others. Returns (signs (k, rows, N) ±1,
-    in-P-domain mask (k, rows), step sizes (rows, k))."""
+def _lstsq_shared(cols: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """One set of k step sizes for all rows (least squares over the whole layer), broadcast to rows."""
+    S = torch.stack(cols, -1)
+    G = torch.einsum("rnk,rnj->kj", S, S)
+    G = G + 1e-6 * torch.diagonal(G).mean() * torch.eye(len(cols))
+    return torch.linalg.solve(G, torch.einsum("rnk,rn->k", S, x)).expand(x.shape[0], -1)
+
+
+def closed_form(x: torch.Tensor, P: Transform, k: int, sweeps: int, shared: bool = False):
+    """k greedy sign steps per row (domain per row and step), least-squares step sizes (per row, or
+    one set shared by all rows), then `sweeps` rounds re-picking each sign vector given the others.
+    Returns (signs (k, rows, N) ±1, in-P-domain mask (k, rows), step sizes (rows, k))."""
+    _lstsq_steps_ = _lstsq_shared if shared else _lstsq_steps
     signs, doms, cols = [], [], []
     rho = x
     for _ in range(k):
@@ -201,7 +212,7 @@ def closed_form(x: torch.Tensor, P: Transform, k: int, sweeps: int):
         signs.append(s)
         doms.append(dom)
         cols.append(torch.where(dom, P.apply(s), s))
-        coef = _lstsq_steps(cols, x)
+        coef = _lstsq_steps_(cols, x)
         rho = x - (torch.stack(cols, -1) @ coef.unsqueeze(-1)).squeeze(-1)
     for _ in range(sweeps):
         for j in range(k):
@@ -209,7 +220,7 @@ def closed_form(x: torch.Tensor, P: Transform, k: int, sweeps: int):
             s = torch.where(doms[j], _sign(P.applyT(partial)), _sign(partial))
             signs[j] = s
             cols[j] = torch.where(doms[j], P.apply(s), s)
-            coef = _lstsq_steps(cols, x)
+            coef = _lstsq_steps_(cols, x)
             rho = x - (torch.stack(cols, -1) @ coef.unsqueeze(-1)).squeeze(-1)
     return torch.stack(signs), torch.stack(doms).squeeze(-1), coef
 
@@ -226,6 +237,8 @@ class Kashin(QuantConfig):
     form: str = "vector"        # "vector" (per row / group) or "matrix" (U + Q1 V Q2ᵀ per layer; kmeans only)
     group_size: int | None = None  # vector length (must divide the input width); None = whole rows
     sweeps: int = 4             # closed form: refinement rounds over the sign vectors
+    step_sizes: str = "vector"  # closed form: "vector" (bits fp16 steps per vector) or "shared" (one set per
+                                # layer + one fp16 scale per vector: less metadata, for narrow layers)
     col_scale: bool = True      # vector form: divide input columns by their RMS first (fp16, stored)
     tol: float = 1e-3           # convergence: ‖residual‖ / ‖x‖ < tol ...
     max_iter: int = 200         # ... within this many greedy iterations
@@ -246,6 +259,8 @@ class Kashin(QuantConfig):
                                   "use codebook='kmeans' and no group_size with it")
         if not 0 < self.tol < 1:
             raise LeanformerError(f"Kashin: tol must be in (0, 1), got {self.tol}")
+        if self.step_sizes not in STEP_SIZES:
+            raise LeanformerError(f"Kashin: unknown step_sizes {self.step_sizes!r}; choose from {', '.join(STEP_SIZES)}")
 
     def quantize_weight(self, weight: torch.Tensor, name: str):
         out_f, in_f = weight.shape
@@ -272,11 +287,23 @@ class Kashin(QuantConfig):
         seed_t = torch.tensor([seed], dtype=torch.int64)
         extra = {"col_scale": col} if col is not None else {}
         if self.codebook == "closed":
-            signs, doms, coef = closed_form(x, P, self.bits, self.sweeps)
+            shared = self.step_sizes == "shared"
+            xn = x / rms if shared else x  # shared steps fit unit-RMS rows; a per-row scale restores them
+            signs, doms, coef = closed_form(xn, P, self.bits, self.sweeps, shared=shared)
             bitsw = (signs > 0).long()  # (k, rows, N): bit j of each weight's index = sign of step j
             idx = (bitsw << torch.arange(self.bits)[:, None, None]).sum(0)
-            tensors = {"packed": pack_bits(idx, self.bits), "steps": fp16(coef),
-                       "domains": pack_bits(doms.T.long(), 1), "seed": seed_t, **extra}
+            tensors = {"packed": pack_bits(idx, self.bits), "domains": pack_bits(doms.T.long(), 1),
+                       "seed": seed_t, **extra}
+            if shared:
+                steps = fp16(coef[:1])
+                cols = torch.where(doms[..., None], P.apply(signs), signs)          # (k, rows, g)
+                xh = torch.einsum("krg,k->rg", cols, steps.float()[0])
+                energy = (xh * xh).sum(1)
+                scale = torch.where(energy > 0, (x * xh).sum(1) / energy.clamp_min(1e-30), rms[:, 0])
+                tensors.update(steps=steps, scale=fp16(scale))
+            else:
+                tensors["steps"] = fp16(coef)
+            header["step_sizes"] = self.step_sizes
             return tensors, header
         cent, lab = self._codebook(u, v, seed)
         c = cent.float()
@@ -330,7 +357,9 @@ def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
         xh = c[lab, 0].view(-1, g) + P.apply(c[lab, 1].view(-1, g))
         return (xh * tensors["scale"].float()[:, None]).view(out_f, in_f) * col
     rows = out_f * in_f // g
-    steps = tensors["steps"].float()                                        # (rows, k)
+    steps = tensors["steps"].float().expand(rows, -1)                        # (rows, k)
+    if "scale" in tensors:  # shared step sizes, one scale per vector
+        steps = steps * tensors["scale"].float()[:, None]
     doms = unpack_bits(tensors["domains"], 1, rows * bits).view(rows, bits).float()
     shifts = torch.arange(bits, device=lab.device)[:, None, None]
     signs = ((lab.view(rows, g)[None] >> shifts) & 1).float() * 2 - 1  # (k, rows, g)
