@@ -203,3 +203,21 @@ def test_output_hidden_states_include_the_map(tokenizer):
         out = model(**b, output_hidden_states=True)
     assert len(out.hidden_states) == 4  # h_0, blocks 0 and 1, the map
     torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+
+
+def test_heal_lowers_loss_and_stays_an_ordinary_checkpoint(tokenizer, tmp_path):
+    from leanformer.compress.prune import heal
+
+    model = tiny_llama(layers=3)
+    calib = calibrate(model, tokenizer, TEXTS, tokens=2000, max_length=32)
+    prune_layers(model, 1, by="index", start=1, replace="linear", calibration=calib)
+    info = heal(model, tokenizer, TEXTS, steps=15, rank=4, learning_rate=1e-2, batch_size=4, max_length=32)
+    assert info["heal_loss_last"] < info["heal_loss_first"]
+    assert not any("lora" in n for n, _ in model.named_parameters())  # merged and stripped
+    save_pruned(model, tokenizer, tmp_path / "h")
+    loaded, _ = lf.load(tmp_path / "h")
+    b = batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**b).logits, model(**b).logits)
+    with pytest.raises(LeanformerError, match="teacher"):
+        heal(tiny_bert(), tokenizer, TEXTS, steps=1)

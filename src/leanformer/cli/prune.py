@@ -22,6 +22,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default 8192)")
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--heal-steps", type=int, default=0,
+                        help="then heal with a short LoRA fine-tune of this many steps on the calibration text "
+                             "(causal LMs: next-token loss; encoders: distil the unpruned model's last hidden state)")
+    parser.add_argument("--heal-rank", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="healing learning rate")
+    parser.add_argument("--seed", type=int, default=0)
     add_out(parser)
     add_device(parser)
 
@@ -32,12 +38,25 @@ def run(args) -> int:
     from ..models import load
 
     model, tok = load(args.model, device=check_device(args.device))
-    needs_text = args.by != "index" or args.replace == "linear"
+    import copy
+
+    from ..compress.prune import heal
+
+    needs_text = args.by != "index" or args.replace == "linear" or args.heal_steps > 0
     texts = get_texts(args.calibration) if needs_text else None
+    causal = "CausalLM" in type(model).__name__
+    teacher = copy.deepcopy(model) if args.heal_steps > 0 and not causal else None
     result = prune_layers(model, args.layers, by=args.by, replace=args.replace, tokenizer=tok, texts=texts,
                           start=args.start, tokens=args.tokens, max_length=args.max_seq_length,
                           batch_size=args.batch_size)
-    out = save_pruned(model, tok, args.out, overwrite=args.overwrite, extra={"source": str(args.model)})
+    healed = {}
+    if args.heal_steps > 0:
+        healed = heal(model, tok, texts, steps=args.heal_steps, rank=args.heal_rank, learning_rate=args.learning_rate,
+                      batch_size=args.batch_size, max_length=args.max_seq_length, teacher=teacher, seed=args.seed)
+        print(f"healed {args.heal_steps} steps (LoRA rank {args.heal_rank}, merged): "
+              f"loss {healed['heal_loss_first']:.4f} → {healed['heal_loss_last']:.4f}")
+    out = save_pruned(model, tok, args.out, overwrite=args.overwrite,
+                      extra={"source": str(args.model), "heal": healed or None})
     if result.scores:
         print(f"{'start':>5}  " + "  ".join(f"{k:>15}" for k in result.scores))
         for s in range(len(next(iter(result.scores.values())))):

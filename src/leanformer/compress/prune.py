@@ -316,6 +316,64 @@ def load_pruned(path: str | os.PathLike, device: str = "cpu"):
     return model.to(device).eval(), tokenizer
 
 
+def heal(model: nn.Module, tokenizer, texts: Sequence[str], steps: int = 100, rank: int = 8,
+         learning_rate: float = 1e-3, batch_size: int = 8, max_length: int = 256, teacher: nn.Module | None = None,
+         seed: int = 0) -> dict[str, float]:
+    """Short LoRA fine-tune of a pruned model (all linear layers, rank `rank`; fitted maps train whole),
+    then merged back so the checkpoint stays ordinary. Causal LMs learn next-token prediction on `texts`;
+    other models need `teacher` (e.g. the unpruned model) and match its last hidden state (MSE)."""
+    from ..adapt import LoRA, adapt, merge
+    from ..adapt.base import strip_adapters
+    from ..data import batches, token_chunks
+
+    causal = "CausalLM" in type(model).__name__
+    if not causal and teacher is None:
+        raise LeanformerError(f"healing {type(model).__name__} (not a causal LM) needs teacher= (the unpruned "
+                              "model) to distil its last hidden state")
+    if steps < 1:
+        raise LeanformerError(f"heal steps must be positive, got {steps}")
+    torch.manual_seed(seed)
+    chunks = token_chunks(tokenizer, texts, max_length=max_length)
+    if not chunks:
+        raise LeanformerError("no healing text: the calibration texts produced no token windows")
+    adapt(model, LoRA(rank=rank, alpha=2.0 * rank, targets="all-linear"), name="heal")
+    maps = [m for m in model.modules() if isinstance(m, LinearReplacement)]
+    for m in maps:
+        m.weight.requires_grad_(True)
+        m.bias.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    device = next(model.parameters()).device
+    order = torch.randperm(len(chunks)).tolist()
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc="heal", leave=False)
+    for step in bar:
+        idx = [order[(step * batch_size + j) % len(order)] for j in range(batch_size)]
+        batch = next(iter(batches(tokenizer, [chunks[i] for i in idx], batch_size)))
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        if causal:
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        else:
+            with torch.no_grad():
+                target = teacher(input_ids=ids, attention_mask=mask).last_hidden_state
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).to(out.dtype)
+            loss = ((out - target).pow(2) * m).sum() / (m.sum() * out.shape[-1])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    model.eval()
+    merge(model)
+    strip_adapters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {"heal_steps": steps, "heal_loss_first": losses[0], "heal_loss_last": sum(losses[-10:]) / len(losses[-10:])}
+
+
 def pruned_copy(model: nn.Module, n: int, start: int, replace: str, calibration: Calibration | None = None,
                 ridge: float = 1e-4) -> nn.Module:
     """A pruned deep copy (the benchmark's way to try every run without reloading)."""
