@@ -21,6 +21,8 @@ def add_arguments(p) -> None:
                    help="Linear module names or name suffixes (default: every Linear except embeddings and heads)")
     p.add_argument("--transform", default="dct", choices=["dct", "random"], help="Kashin: orthogonal transform")
     p.add_argument("--codebook", default="closed", choices=["closed", "kmeans"], help="Kashin: factor quantizer")
+    p.add_argument("--step-sizes", default="vector", choices=["vector", "shared"],
+                   help="Kashin closed form: step sizes per vector, or one set per layer + a scale per vector")
     p.add_argument("--seed", type=int, default=0)
     add_out(p)
     add_device(p)
@@ -40,7 +42,8 @@ def run(args) -> int:
     if args.method == "kashin":
         from ..compress.kashin import Kashin
 
-        config = Kashin(transform=args.transform, codebook=args.codebook, seed=args.seed, **kwargs)
+        config = Kashin(transform=args.transform, codebook=args.codebook, step_sizes=args.step_sizes,
+                        seed=args.seed, **kwargs)
     elif args.method == "rtn":
         from ..compress.rtn import RTN
 
