@@ -219,8 +219,11 @@ def train_classifier(model: nn.Module, tokenizer, task: Task, cfg: TrainConfig |
             order = [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
             if lengths is not None:
                 order = _group_by_length(order, lengths, cfg.per_device_train_batch_size)
+            # A private generator: a DataLoader iterator otherwise draws its base seed from the global
+            # RNG, and a resumed run would then shift the dropout / rank-sampling stream.
             loader = torch.utils.data.DataLoader(order, batch_size=cfg.per_device_train_batch_size,
-                                                 shuffle=False, collate_fn=collate)
+                                                 shuffle=False, collate_fn=collate,
+                                                 generator=torch.Generator().manual_seed(epoch))
             loader = accelerator.prepare(loader)
             if done_in_epoch:
                 loader = accelerator.skip_first_batches(loader, done_in_epoch)
