@@ -103,10 +103,12 @@ def quantize_grouped(model, make):
     odd = [n for n in names if g is not None and model.get_submodule(n).in_features % g]
     if not odd:
         return lf.quantize(model, cfg, progress=False)
-    cfg.targets = [n for n in names if n not in odd]
-    rep = lf.quantize(model, cfg, progress=False)
     rest = make()
     rest.group_size, rest.targets = None, odd
+    if len(odd) == len(names):  # the group is wider than every layer: per row throughout
+        return lf.quantize(model, rest, progress=False)
+    cfg.targets = [n for n in names if n not in odd]
+    rep = lf.quantize(model, cfg, progress=False)
     rep2 = lf.quantize(model, rest, progress=False)
     rep.quantized += rep2.quantized
     rep.skipped.update(rep2.skipped)
@@ -154,6 +156,13 @@ def main(argv=None):
         fp_disk = {"minilm": (Path(tmp) / "b" / "model.safetensors").stat().st_size,
                    "stories260k": (Path(tmp) / "l" / "model.safetensors").stat().st_size}
 
+    setup = {"torch_threads": 1, "torch": torch.__version__, "machine": platform.machine(),
+             "processor": platform.processor(), "sentences": len(sentences), "stories": len(stories),
+             "stories_tokens": ppl_fp["n_tokens"], "finetune": {"steps": args.finetune_steps, "batch": 32,
+             "max_seq_length": 64, "learning_rate": 5e-5, "seed": args.seed,
+             "train_seconds_per_step": train_metrics.get("train_seconds_per_step")},
+             "command": "python benchmarks/quant_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    full_precision = {"sst2_dev": clf_fp, "tinystories": ppl_fp, "disk_bytes": fp_disk}
     rows = []
     for label, family, make in configs():
         if args.only and label not in args.only:
@@ -197,33 +206,31 @@ def main(argv=None):
             row["stories_disk"] = dir_bytes(Path(tmp) / "q")
         del ql
         rows.append(row)
+        write(out, setup, full_precision, rows, args.append)
         print(f"{label:>16}: minilm {row['minilm_bits_per_weight']:.3f} b/w cos {row['minilm_embedding_cosine']:.4f} "
               f"acc {row['sst2_dev']['accuracy']:.4f} ({row['minilm_quantize_seconds']:.1f} s) | stories "
               f"{row['stories_bits_per_weight']:.3f} b/w ppl {row['tinystories']['perplexity']:.4f}", flush=True)
 
-    result = {
-        "setup": {"torch_threads": 1, "torch": torch.__version__, "machine": platform.machine(),
-                  "processor": platform.processor(), "sentences": len(sentences), "stories": len(stories),
-                  "stories_tokens": ppl_fp["n_tokens"], "finetune": {"steps": args.finetune_steps, "batch": 32,
-                  "max_seq_length": 64, "learning_rate": 5e-5, "seed": args.seed,
-                  "train_seconds_per_step": train_metrics.get("train_seconds_per_step")},
-                  "command": "python benchmarks/quant_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)},
-        "full_precision": {"sst2_dev": clf_fp, "tinystories": ppl_fp, "disk_bytes": fp_disk},
-        "rows": rows,
-    }
-    if args.append and (out / "results.json").is_file():
+    write(out, setup, full_precision, rows, args.append)
+    print((out / "results.md").read_text())
+
+
+def write(out: Path, setup: dict, full_precision: dict, rows: list, append: bool) -> None:
+    """results.json / results.md / plots, rewritten after every configuration (a crash keeps the rows);
+    with --append, rows of an earlier run on the same setup are kept unless re-measured."""
+    result = {"setup": dict(setup), "full_precision": full_precision, "rows": list(rows)}
+    if append and (out / "results.json").is_file():
         old = json.loads((out / "results.json").read_text())
-        if old["full_precision"] != result["full_precision"]:
+        if old["full_precision"] != full_precision:
             raise SystemExit("--append: the existing results were measured on a different setup; rerun all")
-        new = {r["config"]: r for r in rows}
         order = [label for label, _, _ in configs()]
-        merged = {r["config"]: r for r in old["rows"]} | new
+        merged = {r["config"]: r for r in old["rows"]} | {r["config"]: r for r in rows}
         result["rows"] = sorted(merged.values(), key=lambda r: order.index(r["config"]))
-        result["setup"]["command"] = old["setup"]["command"] + " ; " + result["setup"]["command"]
+        if setup["command"] not in old["setup"]["command"]:
+            result["setup"]["command"] = old["setup"]["command"] + " ; " + setup["command"]
     save_json(out / "results.json", result)
     (out / "results.md").write_text(markdown(result))
     plots(result, out)
-    print((out / "results.md").read_text())
 
 
 def markdown(res) -> str:
