@@ -40,7 +40,7 @@ def _saved_module_params(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for n, p in model.named_parameters():
         mod = n.rsplit(".", 1)[0]
-        if any(mod == s or mod.endswith("." + s) or mod.startswith(s + ".") or f".{s}." in f".{mod}." for s in names):
+        if any(f".{s}." in f".{mod}." for s in names):  # inside a module named by a modules_to_save suffix
             out[_base_name(n)] = p
     return out
 
