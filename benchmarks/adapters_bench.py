@@ -297,7 +297,7 @@ def main() -> int:
     from leanformer.io import save_json
 
     out = Path(args.out)
-    runs_dir = out / "runs"
+    runs_dir = out / "per_run"  # (not "runs/": that name is git-ignored)
     runs_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(m, s) for s in args.seeds for m in args.methods] if not args.timing_only else []
 
