@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import leanformer as lf
+import leanformer.io
 from leanformer.compress.base import (QuantizedLinear, kmeans, pack_bits, packed_nbytes, relative_weight_errors,
                                       select_targets, unpack_bits)
 from leanformer.compress.kashin import Transform, dct, idct, kashin_matrix, kashin_vectors, _matrix
@@ -314,6 +315,23 @@ def test_cli_compress_minilm_roundtrip_and_errors(tmp_path, capsys):
     assert "already exists" in err and "supported: 2, 3, 4, 5, 6, 8" in err and "nearest group sizes" in err
 
 
+def test_cli_compress_then_eval_stories260k(tmp_path):
+    from leanformer.cli import main
+
+    out = tmp_path / "s-k3"
+    assert main(["compress", "stories260k", "--method", "kashin", "--bits", "3", "--step-sizes", "shared",
+                 "--out", str(out)]) == 0
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time, there was a little girl named Lily. She liked to play in the park.\n")
+    assert main(["eval", str(out), "--text", str(text), "--out", str(tmp_path / "ev")]) == 0
+    metrics = lf.io.load_json(tmp_path / "ev" / "metrics.json")
+    fp, tok = lf.load("stories260k")
+    ppl_fp = lf.perplexity(fp, tok, [text.read_text()])["perplexity"]
+    # quantized is worse than full precision but still a language model (uniform over 512 tokens = 512)
+    assert ppl_fp < metrics["perplexity"] < 4 * ppl_fp
+
+
+@pytest.mark.slow
 def test_kashin_on_minilm_keeps_sentence_embeddings():
     model, tok = lf.load("minilm")
     ref = copy.deepcopy(model)
