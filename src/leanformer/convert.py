@@ -261,4 +261,10 @@ def stories260k_dir() -> Path:
         raise LeanformerError(
             "alias 'stories260k' needs models/stories260K/{stories260K.bin,tok512.bin} in the shared data "
             "(set LEANFORMER_DATA or place it at ../shared/data)")
-    return convert_llama2c(src / "stories260K.bin", src / "tok512.bin", out, overwrite=True)
+    try:
+        return convert_llama2c(src / "stories260K.bin", src / "tok512.bin", out, overwrite=True)
+    except OSError:
+        # Another process finished the same conversion while we staged ours (rename collision): use theirs.
+        if stamp.is_file() and load_json(stamp).get("converter_version") == CONVERTER_VERSION:
+            return out
+        raise
