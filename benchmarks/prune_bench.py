@@ -9,6 +9,7 @@ Criteria are computed once per model on calibration text from the unpruned model
 direction: −linearity, +block influence, +angular distance. Spearman ρ > 0 = the criterion ranks well.
 
     .venv/bin/python benchmarks/prune_bench.py        # → results/prune/{results.json,results.md,*.png}
+    .venv/bin/python benchmarks/prune_bench.py --heal 60   # only: LoRA healing on stories260K → heal.{json,md}
 
 torch runs with 1 thread (shared machine) so numbers are comparable between runs.
 """
@@ -184,6 +185,37 @@ def write_report(results: dict) -> None:
     print("\n".join(md))
 
 
+def heal_bench(root: Path, steps: int, tokens: int, eval_tokens: int) -> None:
+    """stories260K: the runs the linearity criterion picks (n = 1, 2), dropped or linearly replaced,
+    before and after a short LoRA heal on the calibration text."""
+    from leanformer.compress.prune import calibrate, heal, pruned_copy, score_runs
+    from leanformer.io import atomic_write_bytes, save_json
+
+    model, tok, calib_texts, quality, qdesc = setup_stories(root, eval_tokens)
+    calib = calibrate(model, tok, calib_texts, tokens=tokens, max_length=256)
+    base = quality(model)
+    rows = []
+    for n in (1, 2):
+        s = score_runs(calib, n)["linearity"]
+        start = max(range(len(s)), key=s.__getitem__)
+        for rep in ("none", "linear"):
+            m = pruned_copy(model, n, start, rep, calib)
+            before = quality(m)
+            t0 = time.perf_counter()
+            info = heal(m, tok, calib_texts, steps=steps, rank=8, learning_rate=1e-3, batch_size=8, max_length=256)
+            rows.append({"n": n, "blocks": list(range(start, start + n)), "replace": rep, "before": before,
+                         "after": quality(m), "heal_seconds": time.perf_counter() - t0, **info})
+            print(rows[-1], flush=True)
+    save_json(OUT / "heal.json", {"base_quality": base, "quality": qdesc, "steps": steps, "rows": rows})
+    md = [f"# Healing after pruning (stories260K, {steps} LoRA steps, rank 8, lr 1e-3, batch 8 × 256 tokens)", "",
+          f"Quality: {qdesc}; unpruned = {base:.4f}. Runs chosen by the linearity criterion.", "",
+          "| n | blocks | replacement | before heal | after heal |", "|---|---|---|---|---|"]
+    md += [f"| {r['n']} | {r['blocks']} | {'drop' if r['replace'] == 'none' else 'linear'} | {r['before']:.4f} | {r['after']:.4f} |"
+           for r in rows]
+    atomic_write_bytes(OUT / "heal.md", ("\n".join(md) + "\n").encode())
+    print("\n".join(md))
+
+
 def main() -> None:
     from leanformer.data import data_root
 
@@ -191,10 +223,15 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens per model")
     p.add_argument("--eval-tokens", type=int, default=32768, help="held-out TinyStories tokens for perplexity")
     p.add_argument("--sentences", type=int, default=872, help="SST-2 dev sentences for minilm")
+    p.add_argument("--heal", type=int, default=0, metavar="STEPS", help="run only the healing experiment")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     root = data_root(required=True)
+    if args.heal:
+        OUT.mkdir(parents=True, exist_ok=True)
+        heal_bench(root, args.heal, args.tokens, args.eval_tokens)
+        return
     results = {"env": f"torch {torch.__version__}, {torch.get_num_threads()} thread, CPU; calibration {args.tokens} "
                       f"tokens; stories eval {args.eval_tokens} tokens; minilm eval {args.sentences} sentences",
                "models": {}}
