@@ -109,7 +109,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lam", type=float, default=None, help="run only this λ")
     p.add_argument("--report", action="store_true", help="only merge existing runs into the report")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--dim", type=int, default=128)
