@@ -121,6 +121,18 @@ def test_hub_id_fails_fast_offline(monkeypatch):
         lf.load("some-org/some-model-that-is-not-cached")
 
 
+def test_hf_datasets_name_and_offline_error(tmp_path, monkeypatch):
+    from leanformer.data import get_texts
+
+    local = tmp_path / "my_corpus"  # a local datasets directory: the "text" builder, split train
+    local.mkdir()
+    (local / "train.txt").write_text("first line of text\nsecond line of text\n")
+    assert get_texts(dataset=str(local)) == ["first line of text", "second line of text"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(lf.LeanformerError, match="could not load Hugging Face dataset 'no-such/dataset'.*--text"):
+        get_texts(dataset="no-such/dataset")
+
+
 def test_minilm_profile_end_to_end():
     model, tok = lf.load("minilm")
     p = lf.inspect(model, tok, default_corpus(), tokens=4096, sample_size=1024, progress=False)

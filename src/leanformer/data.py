@@ -91,7 +91,11 @@ def _split_dataset_name(name: str) -> tuple[str, str | None, str]:
 def load_hf_dataset(name: str, split: str | None = None):
     import datasets
 
+    from .models import _hub_reachable
+
     path, config, default_split = _split_dataset_name(name)
+    if not Path(path).exists() and not _hub_reachable()[0]:
+        datasets.config.HF_HUB_OFFLINE = True  # cached copies only; no retries against a dead network
     try:
         return datasets.load_dataset(path, config, split=split or default_split)
     except Exception as e:  # network, unknown name, missing config: one clear message

@@ -36,8 +36,8 @@ def run(args) -> int:
     device = check_device(args.device)
     out = args.out or f"leanformer-inspect/{Path(str(args.model)).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with output_dir(out, overwrite=args.overwrite) as staging:  # checked before any slow work
-        model, tokenizer = load(args.model, device=device)
         texts = get_texts(args.text, args.dataset)
+        model, tokenizer = load(args.model, device=device)
         profile = inspect(model, tokenizer, texts, tokens=args.tokens, max_length=args.max_length,
                           batch_size=args.batch_size, seed=args.seed, sample_size=args.sample_size)
         print(profile.table())
