@@ -222,7 +222,7 @@ def summarize(runs: list[dict], timings: dict, args) -> tuple[dict, str]:
             "full_model_step_ratio": timings["train_step_krona_vs_peft_lokr"]["ratio_ours_over_peft"],
             "met": all(v["ratio_ours_over_peft"] < 1 for v in t.values())}
 
-    lines = [f"# Adapters on SST-2 (minilm, {args.train_samples} training sentences, 1 epoch, full dev set of 872,"
+    lines = [f"# Adapters on SST-2 (minilm, {args.train_samples} training sentences, {args.epochs:g} epoch(s), full dev set of 872,"
              f" {len(args.seeds)} seeds, batch {args.batch_size}, max length {args.max_seq_length}, torch threads 1)", "",
              "| method | dev accuracy % (mean ± half-range) | trainable params | median train step (s) | peak RSS (MB) | lr |",
              "|---|---|---|---|---|---|"]
