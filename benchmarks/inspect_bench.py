@@ -7,7 +7,7 @@ from the full SVD, and TwoNN by a point-by-point Python loop over 4096 points. O
 
 Each (pipeline, token count) runs in its own subprocess so peak RSS is its own; torch uses one
 thread in both so the shared 2-core machine affects them alike. Both TwoNN estimators use the
-same 4096 token positions (the seeded reservoir) and the same fit (smallest 90 % of μ).
+same 4096 token positions (`sample_positions`, seeded) and the same fit (smallest 90 % of μ).
 
     python benchmarks/inspect_bench.py [--model minilm] [--tokens 16384 65536] [--out results/inspect]
 """
@@ -26,10 +26,10 @@ import torch
 
 def reference_pipeline(model, tokenizer, tokens: int, max_length: int, batch_size: int, sample_size: int, seed: int):
     from leanformer.capture import iter_hidden_states
-    from leanformer.data import default_corpus, token_chunks
-    from leanformer.metrics import Reservoir
+    from leanformer.data import token_chunks
+    from leanformer.metrics import sample_positions
 
-    chunks = token_chunks(tokenizer, default_corpus(), max_length=max_length, tokens=tokens)
+    chunks = token_chunks(tokenizer, bench_texts(), max_length=max_length, tokens=tokens)
     stored, lasts, offset = None, [], 0
     for states, last, _ in iter_hidden_states(model, tokenizer, chunks, batch_size=batch_size):
         stored = [[s] for s in states] if stored is None else [acc + [s] for acc, s in zip(stored, states)]
@@ -68,14 +68,7 @@ def reference_pipeline(model, tokenizer, tokens: int, max_length: int, batch_siz
         y = -np.log(1 - np.arange(1, n_keep + 1) / len(mu))
         return float((x * y).sum() / (x * x).sum())
 
-    # The same token positions as inspect's reservoir (same seed, same stream order).
-    reservoir = Reservoir(sample_size, seed)
-    index = torch.arange(len(H[0]), dtype=torch.float32)[:, None]
-    pos = 0
-    for n in _batch_token_counts(chunks, batch_size):
-        reservoir.update([index[pos:pos + n]])
-        pos += n
-    sample = reservoir.sample()[0][:, 0].long().numpy()
+    sample = sample_positions(len(H[0]), sample_size, seed)  # the same token positions inspect uses
 
     layers, transitions = [], []
     for i, X in enumerate(H):
@@ -91,9 +84,13 @@ def reference_pipeline(model, tokenizer, tokens: int, max_length: int, batch_siz
     return {"n_tokens": len(H[0]), "layers": layers, "transitions": transitions}
 
 
-def _batch_token_counts(chunks, batch_size):
-    for i in range(0, len(chunks), batch_size):
-        yield sum(len(c) for c in chunks[i:i + batch_size])
+def bench_texts() -> list[str]:
+    from leanformer.data import data_root, default_corpus, read_text_files
+
+    root = data_root()
+    if root is None:
+        return default_corpus()
+    return read_text_files([root / "text" / "wikitext2.test.txt", root / "text" / "wikitext2.valid.txt"])
 
 
 def worker(args) -> None:
@@ -101,14 +98,13 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     tokens = args.tokens[0]
     import leanformer as lf
-    from leanformer.data import default_corpus
     from leanformer.runtime import peak_rss_mb
 
     model, tokenizer = lf.load(args.model)
     rss_loaded = peak_rss_mb()
     started = time.perf_counter()
     if args.worker == "ours":
-        profile = lf.inspect(model, tokenizer, default_corpus(), tokens=tokens, max_length=args.max_length,
+        profile = lf.inspect(model, tokenizer, bench_texts(), tokens=tokens, max_length=args.max_length,
                              batch_size=args.batch_size, sample_size=args.sample_size, seed=args.seed, progress=False)
         result = {"n_tokens": profile.n_tokens, "layers": profile.layers, "transitions": profile.transitions}
     else:

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from leanformer.metrics import (GeometryAccumulator, Reservoir, angular_distance, anisotropy, block_influence,
-                                intrinsic_dimension, linearity, linearity_wo_residual)
+from leanformer.metrics import (GeometryAccumulator, angular_distance, anisotropy, block_influence,
+                                intrinsic_dimension, linearity, linearity_wo_residual, sample_positions)
 
 
 def reference_linearity(X, Y):
@@ -49,9 +49,10 @@ def test_linearity_guarded_on_rank_deficient_input():
 def test_streaming_equals_full_matrix_path(pair):
     X, Y = pair
     Z = Y + 0.5 * torch.sin(Y)
-    acc = GeometryAccumulator(sample_size=500)
+    acc = GeometryAccumulator(sample_positions(len(X), 500))
     for start in range(0, len(X), 700):  # uneven batches
-        acc.update([X[start:start + 700], Y[start:start + 700], Z[start:start + 700]], torch.tensor([0]))
+        rows = slice(start, start + 700)
+        acc.update([X[rows], Y[rows], Z[rows]], np.arange(len(X))[rows], torch.tensor([0]))
     t = acc.transition_metrics()
     # Batch products are float32 (summed in float64): agreement to ~1e-6, far inside the 1e-3 we promise.
     for i, (a, b) in enumerate([(X, Y), (Y, Z)]):
@@ -111,18 +112,21 @@ def test_block_influence_and_angular_distance_definitions():
     assert angular_distance(x, y) == pytest.approx((0.5 + 0.0) / 2)
 
 
-def test_reservoir_is_uniform_and_seeded():
-    counts = np.zeros(1000)
-    for seed in range(200):
-        r = Reservoir(100, seed=seed)
-        for start in range(0, 1000, 37):
-            idx = torch.arange(start, min(start + 37, 1000), dtype=torch.float32)[:, None]
-            r.update([idx])
-        counts[r.sample()[0][:, 0].long().numpy()] += 1
-        assert len(set(r.sample()[0][:, 0].tolist())) == 100  # no row kept twice
-    # Each position is kept with probability 0.1: 20 expected per position over 200 runs.
-    assert counts[:500].mean() == pytest.approx(20, rel=0.1) and counts[500:].mean() == pytest.approx(20, rel=0.1)
-    a, b = Reservoir(10, seed=1), Reservoir(10, seed=1)
-    for r in (a, b):
-        r.update([torch.arange(100.0)[:, None]])
-    assert torch.equal(a.sample()[0], b.sample()[0])
+def test_sample_positions_are_seeded_unique_and_order_free(pair):
+    p = sample_positions(1000, 100, seed=3)
+    assert len(set(p.tolist())) == 100 and list(p) == sorted(p) and p.max() < 1000
+    assert np.array_equal(p, sample_positions(1000, 100, seed=3))
+    assert len(sample_positions(50, 100)) == 50  # fewer tokens than the sample size: all of them
+    # Feeding the same rows in another batch order keeps the same points, so every metric agrees.
+    X, Y = pair
+    sample = sample_positions(len(X), 400)
+    forward, shuffled = GeometryAccumulator(sample), GeometryAccumulator(sample)
+    for start in range(0, len(X), 500):
+        forward.update([X[start:start + 500], Y[start:start + 500]], np.arange(start, min(start + 500, len(X))),
+                       torch.tensor([0]))
+    for start in reversed(range(0, len(X), 300)):
+        shuffled.update([X[start:start + 300], Y[start:start + 300]], np.arange(start, min(start + 300, len(X))),
+                        torch.tensor([0]))
+    assert forward.layer_metrics()[1]["intrinsic_dim"] == pytest.approx(shuffled.layer_metrics()[1]["intrinsic_dim"], abs=1e-12)
+    assert forward.layer_metrics()[1]["intrinsic_dim"] == pytest.approx(intrinsic_dimension(Y[sample]), abs=1e-12)
+    assert forward.transition_metrics()[0]["linearity"] == pytest.approx(shuffled.transition_metrics()[0]["linearity"], abs=1e-6)

@@ -1,21 +1,25 @@
 """inspect(): per-layer geometry of any HF model on any text (methods.md §1).
 
 Capture h_0…h_L batch by batch and feed a streaming accumulator, so memory is O(L·d²) whatever the
-token count; intrinsic dimension uses a seeded reservoir sample of `sample_size` token positions.
+token count; intrinsic dimension uses a seeded sample of `sample_size` token positions. Windows are
+batched shortest-first (as HF's group_by_length) so little compute goes to padding; no metric
+depends on the order.
 """
 from __future__ import annotations
 
 import time
+
+import numpy as np
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from .capture import find_blocks, iter_hidden_states
-from .data import token_chunks
+from .capture import capture, find_blocks
+from .data import pad_batch, token_chunks
 from .errors import LeanformerError
-from .metrics import GeometryAccumulator
+from .metrics import GeometryAccumulator, sample_positions
 from .models import model_label
 
 LAYER_METRICS = ("anisotropy", "intrinsic_dim", "mlp_sparsity")
@@ -72,12 +76,19 @@ def inspect(model, tokenizer, texts: Sequence[str], tokens: int = 16384, max_len
             f"only {n_tokens} tokens of text, but linearity needs more tokens than the hidden size ({hidden}): "
             f"give at least {hidden + 1} tokens (≥{10 * hidden} for a stable estimate) via more --text or --tokens")
     started = time.perf_counter()
-    acc = GeometryAccumulator(sample_size=sample_size, seed=seed)
+    if batch_size <= 0:
+        raise LeanformerError(f"--batch-size must be positive, got {batch_size}")
+    acc = GeometryAccumulator(sample_positions(n_tokens, sample_size, seed))
+    offsets = np.cumsum([0] + [len(c) for c in chunks])
+    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i]))
     with tqdm(total=n_tokens, unit="tok", desc="inspect", disable=not progress) as bar:
-        for states, last, near_zero in iter_hidden_states(model, tokenizer, chunks, batch_size=batch_size,
-                                                          mlp_eps=MLP_SPARSITY_EPS):
-            acc.update(states, last, near_zero)
-            bar.update(states[0].shape[0])
+        for start in range(0, len(order), batch_size):
+            group = order[start:start + batch_size]
+            states, last, near_zero = capture(model, pad_batch(tokenizer, [chunks[i] for i in group]),
+                                              mlp_eps=MLP_SPARSITY_EPS)
+            positions = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in group])
+            acc.update(states, positions, last, near_zero)
+            bar.update(len(positions))
     capture_seconds = time.perf_counter() - started
     layers = acc.layer_metrics(twonn_keep=twonn_keep)
     transitions = acc.transition_metrics()

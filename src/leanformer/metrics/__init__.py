@@ -2,8 +2,8 @@
 from .anisotropy import anisotropy
 from .linearity import linearity, linearity_wo_residual
 from .similarity import angular_distance, block_influence, mlp_sparsity
-from .streaming import GeometryAccumulator, Reservoir
+from .streaming import GeometryAccumulator, sample_positions
 from .twonn import intrinsic_dimension
 
 __all__ = ["linearity", "linearity_wo_residual", "anisotropy", "intrinsic_dimension", "block_influence",
-           "angular_distance", "mlp_sparsity", "GeometryAccumulator", "Reservoir"]
+           "angular_distance", "mlp_sparsity", "GeometryAccumulator", "sample_positions"]

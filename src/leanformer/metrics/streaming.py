@@ -7,8 +7,8 @@ adjacent states are often ≥0.9999 alike). Products are accumulated in float64 
 (h − shift, the shift being the first batch's mean): centred moments are unchanged by a shift, and
 removing the bulk of the mean first avoids the cancellation that large-mean ("massive activation")
 dimensions would otherwise cause in Gram − n·μμᵀ, without paying for float64 matrix products. Also per transition: Σcos and the last-token angular sum. Linearity (with and without residual), anisotropy and block influence follow exactly from
-these. Intrinsic dimension needs points: a seeded reservoir sample of at most `sample_size` token
-positions, the same positions for every layer.
+these. Intrinsic dimension needs points: the states of a fixed seeded sample of token positions
+(`sample_positions`), the same positions for every layer, whatever order the batches come in.
 """
 from __future__ import annotations
 
@@ -20,38 +20,20 @@ from .linearity import linearity_from_moments
 from .twonn import intrinsic_dimension
 
 
-class Reservoir:
-    """Uniform sample of up to k rows from a stream (Algorithm R), several aligned streams at once."""
-
-    def __init__(self, k: int, seed: int = 0):
-        self.k, self.seen, self.rng = k, 0, np.random.default_rng(seed)
-        self.rows: list[torch.Tensor] | None = None
-
-    def update(self, streams: list[torch.Tensor]) -> None:
-        n = streams[0].shape[0]
-        if self.rows is None:
-            self.rows = [torch.empty(self.k, s.shape[1], dtype=torch.float32) for s in streams]
-        positions = np.arange(self.seen, self.seen + n)
-        slots = np.where(positions < self.k, positions, self.rng.integers(0, positions + 1))
-        take = np.nonzero(slots < self.k)[0]
-        # Later rows win a contested slot, as in the sequential algorithm.
-        _, last = np.unique(slots[take][::-1], return_index=True)
-        take = take[::-1][last]
-        src, dst = torch.from_numpy(take.copy()), torch.from_numpy(slots[take].copy())
-        for buf, s in zip(self.rows, streams):
-            buf[dst] = s[src].detach().float().cpu()
-        self.seen += n
-
-    def sample(self) -> list[torch.Tensor]:
-        n = min(self.k, self.seen)
-        return [] if self.rows is None else [r[:n] for r in self.rows]
+def sample_positions(n_tokens: int, k: int, seed: int = 0) -> np.ndarray:
+    """Sorted global token positions kept for intrinsic dimension: a seeded uniform sample of
+    min(k, n_tokens), fixed before the pass so it does not depend on batch order or padding."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_tokens, size=min(k, n_tokens), replace=False))
 
 
 class GeometryAccumulator:
-    def __init__(self, sample_size: int = 4096, seed: int = 0):
+    def __init__(self, sample: np.ndarray):
+        """sample: sorted global token positions whose states are kept (see sample_positions)."""
         self.n_tokens = 0
         self.n_sequences = 0
-        self.reservoir = Reservoir(sample_size, seed)
+        self.sample = np.asarray(sample)
+        self._points: list[torch.Tensor] | None = None
         self._sum: list[torch.Tensor] = []
         self._gram: list[torch.Tensor] = []
         self._cross: list[torch.Tensor] = []  # Σ h_iᵀ r_i
@@ -61,10 +43,11 @@ class GeometryAccumulator:
         self._angle_sum: list[float] = []
         self._sparse: list[list[float]] | None = None
 
-    def update(self, states: list[torch.Tensor], last_token: torch.Tensor,
+    def update(self, states: list[torch.Tensor], positions: np.ndarray, last_token: torch.Tensor,
                mlp_near_zero: list[tuple[int, int]] | None = None) -> None:
-        """states: h_0…h_L, each (n_valid_tokens, d); last_token: row indices of each sequence's
-        last valid token; mlp_near_zero: per block (near-zero activations, all activations) or None."""
+        """states: h_0…h_L, each (n_valid_tokens, d); positions: each row's global token position;
+        last_token: row indices of each sequence's last valid token; mlp_near_zero: per block
+        (near-zero activations, all activations) or None."""
         if not self._sum:
             self._shift = [s.mean(dim=0).float() for s in states]
         h = [s.float() - m for s, m in zip(states, self._shift)]
@@ -95,9 +78,18 @@ class GeometryAccumulator:
             for acc, (zeros, count) in zip(self._sparse, mlp_near_zero):
                 acc[0] += zeros
                 acc[1] += count
-        self.reservoir.update(states)
+        self._keep_sampled(states, np.asarray(positions))
         self.n_tokens += h[0].shape[0]
         self.n_sequences += len(last_token)
+
+    def _keep_sampled(self, states: list[torch.Tensor], positions: np.ndarray) -> None:
+        if self._points is None:
+            self._points = [torch.zeros(len(self.sample), s.shape[1]) for s in states]
+        slots = np.searchsorted(self.sample, positions).clip(max=max(len(self.sample) - 1, 0))
+        hit = np.nonzero(self.sample[slots] == positions)[0] if len(self.sample) else np.array([], dtype=int)
+        rows, slots = torch.from_numpy(hit), torch.from_numpy(slots[hit])
+        for buf, s in zip(self._points, states):
+            buf[slots] = s[rows].detach().float().cpu()
 
     def _centred(self, i: int) -> torch.Tensor:
         mu = self._sum[i] / self.n_tokens
@@ -108,7 +100,7 @@ class GeometryAccumulator:
         return self._cross[i] - self.n_tokens * torch.outer(self._sum[i] / self.n_tokens, self._rsum[i] / self.n_tokens)
 
     def layer_metrics(self, twonn_keep: float = 0.9) -> list[dict]:
-        sample = self.reservoir.sample()
+        sample = self._points or []
         out = []
         for i in range(len(self._sum)):
             sparsity = None
