@@ -51,7 +51,8 @@ class Profile:
         rows = [head, "─" * len(head)]
         for i, layer in enumerate(self.layers):
             sparsity = "—" if layer["mlp_sparsity"] is None else f"{layer['mlp_sparsity']:.3f}"
-            left = f"{i:>5} {layer['anisotropy']:>10.4f} {layer['intrinsic_dim']:>8.2f} {sparsity:>10}"
+            dim = "—" if layer["intrinsic_dim"] is None else f"{layer['intrinsic_dim']:.2f}"
+            left = f"{i:>5} {layer['anisotropy']:>10.4f} {dim:>8} {sparsity:>10}"
             if i < len(self.transitions):
                 t = self.transitions[i]
                 left += (f" │ {f'{i}→{i + 1}':>6} {t['linearity']:>9.4f} {t['linearity_wo_residual']:>9.4f} "
@@ -101,6 +102,8 @@ def inspect(model, tokenizer, texts: Sequence[str], tokens: int = 16384, max_len
                                    f"{min(sample_size, n_tokens)} sampled tokens",
         "hidden_states": "h_0 = block-0 input (embeddings), h_i = output of block i-1"
                          + ("; h_L is the residual stream before the final norm" if is_decoder else ""),
+        "intrinsic_dim_undefined": "shown as null/— when fewer than 3 distinct points remain after TwoNN drops "
+                                   "duplicated points (e.g. h_0 of a decoder without position embeddings)",
         "mlp_sparsity": f"fraction of MLP activations with |a| <= {MLP_SPARSITY_EPS} (layer i: block i-1's MLP)",
         "capture_and_accumulate_seconds": capture_seconds,
         "metrics_seconds": time.perf_counter() - started - capture_seconds,

@@ -12,6 +12,8 @@ these. Intrinsic dimension needs points: the states of a fixed seeded sample of 
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -25,6 +27,10 @@ def sample_positions(n_tokens: int, k: int, seed: int = 0) -> np.ndarray:
     min(k, n_tokens), fixed before the pass so it does not depend on batch order or padding."""
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n_tokens, size=min(k, n_tokens), replace=False))
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 class GeometryAccumulator:
@@ -108,7 +114,9 @@ class GeometryAccumulator:
                 zeros, count = self._sparse[i - 1]  # layer i is the output of block i-1
                 sparsity = zeros / count if count else None
             out.append({"index": i, "anisotropy": anisotropy_from_covariance(self._centred(i)),
-                        "intrinsic_dim": intrinsic_dimension(sample[i], keep=twonn_keep),
+                        # None when too few distinct points remain (e.g. a decoder's h_0 repeats
+                        # each token's embedding, and TwoNN drops duplicated points).
+                        "intrinsic_dim": _finite_or_none(intrinsic_dimension(sample[i], keep=twonn_keep)),
                         "mlp_sparsity": sparsity})
         return out
 
