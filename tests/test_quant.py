@@ -315,7 +315,7 @@ def test_cli_compress_minilm_roundtrip_and_errors(tmp_path, capsys):
     assert "already exists" in err and "supported: 2, 3, 4, 5, 6, 8" in err and "nearest group sizes" in err
 
 
-def test_cli_compress_then_eval_stories260k(tmp_path):
+def test_cli_compress_then_eval_stories260k(tmp_path, shared_data):
     from leanformer.cli import main
 
     out = tmp_path / "s-k3"
