@@ -143,6 +143,7 @@ def main() -> None:
     for tokens in args.tokens:
         runs[tokens] = {name: measure(name, tokens, args) for name in ("ours", "reference")}
 
+    from leanformer.inspect import TRANSITION_METRICS
     from leanformer.io import save_json
     import matplotlib
     matplotlib.use("Agg")
@@ -158,8 +159,7 @@ def main() -> None:
             lines.append(f"| {tokens} | {name} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['rss_after_load_mb']:.0f} |")
         speedup = pair["reference"]["seconds"] / pair["ours"]["seconds"]
         max_diff = {}
-        for kind, keys in (("layers", ("anisotropy", "intrinsic_dim")),
-                           ("transitions", ("linearity", "linearity_wo_residual", "block_influence", "angular_distance"))):
+        for kind, keys in (("layers", ("anisotropy", "intrinsic_dim")), ("transitions", TRANSITION_METRICS)):
             for key in keys:
                 max_diff[key] = max(abs(a[key] - b[key]) for a, b in zip(pair["ours"][kind], pair["reference"][kind]))
         summary["runs"][tokens] = {"speedup": speedup, "max_abs_diff": max_diff, **pair}
@@ -171,7 +171,7 @@ def main() -> None:
               "| block | linearity | linearity w/o residual | block influence | angular distance |", "|---|---|---|---|---|"]
     for a, b in zip(first["ours"]["transitions"], first["reference"]["transitions"]):
         lines.append(f"| {a['from']}→{a['to']} | " + " | ".join(
-            f"{a[k]:.5f} / {b[k]:.5f}" for k in ("linearity", "linearity_wo_residual", "block_influence", "angular_distance")) + " |")
+            f"{a[k]:.5f} / {b[k]:.5f}" for k in TRANSITION_METRICS) + " |")
     lines += ["", "| layer | anisotropy | intrinsic dim |", "|---|---|---|"]
     for a, b in zip(first["ours"]["layers"], first["reference"]["layers"]):
         lines.append(f"| {a['index']} | {a['anisotropy']:.5f} / {b['anisotropy']:.5f} | "

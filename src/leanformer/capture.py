@@ -102,11 +102,6 @@ def capture(model: nn.Module, batch: dict[str, torch.Tensor], mlp_eps: float | N
     return states, last_token, (counts if all(c is not None for c in counts) else None)
 
 
-def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """h_0…h_L for one padded batch, each (n_valid_tokens, d)."""
-    return capture(model, batch)[0]
-
-
 def iter_hidden_states(model: nn.Module, tokenizer, chunks: Sequence[Sequence[int]], batch_size: int = 16,
                        mlp_eps: float | None = None) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, list | None]]:
     for batch in batches(tokenizer, chunks, batch_size):

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .data import Task, pad_batch
 from .errors import LeanformerError
+from .models import is_causal_lm
 
 
 def task_metrics(predictions, labels, names: Sequence[str]) -> dict[str, float]:
@@ -67,7 +68,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_length: int | None = 
     the tokenizer's special tokens, e.g. BOS, then concatenated). Windows of `max_length` advance by
     `stride`; only tokens not scored by an earlier window count, so every token after the first is
     predicted exactly once, with up to max_length − stride tokens of context carried over."""
-    if not getattr(model.config, "is_decoder", False) and "CausalLM" not in type(model).__name__:
+    if not is_causal_lm(model):
         raise LeanformerError(f"perplexity needs a causal LM; {type(model).__name__} is not one "
                               "(for encoders, compare embeddings with --reference)")
     max_length = max_length or min(getattr(model.config, "max_position_embeddings", 1024), 1024)

@@ -20,7 +20,7 @@ from .capture import capture, find_blocks
 from .data import pad_batch, token_chunks
 from .errors import LeanformerError
 from .metrics import GeometryAccumulator, sample_positions
-from .models import model_label
+from .models import head_kind, model_label
 
 LAYER_METRICS = ("anisotropy", "intrinsic_dim", "mlp_sparsity")
 TRANSITION_METRICS = ("linearity", "linearity_wo_residual", "block_influence", "angular_distance")
@@ -93,8 +93,7 @@ def inspect(model, tokenizer, texts: Sequence[str], tokens: int = 16384, max_len
     capture_seconds = time.perf_counter() - started
     layers = acc.layer_metrics(twonn_keep=twonn_keep)
     transitions = acc.transition_metrics()
-    architectures = [type(model).__name__, *(getattr(model.config, "architectures", None) or [])]
-    is_decoder = any("CausalLM" in a or "LMHead" in a for a in architectures)
+    is_decoder = "causal-lm" in (head_kind(model), head_kind(model.config))
     info = {
         "n_sequences": acc.n_sequences, "max_length": max_length, "seed": seed,
         "intrinsic_dim_estimator": f"TwoNN, linear fit on the smallest {twonn_keep:.0%} of mu "

@@ -77,13 +77,27 @@ def resolve(name_or_path: str | os.PathLike) -> str:
     return name
 
 
-def _model_class(config, head: str):
+def head_kind(model_or_config) -> str:
+    """"causal-lm", "sequence-classification" or "base": from a model's class, or from a config's
+    recorded architectures."""
+    if isinstance(model_or_config, torch.nn.Module):
+        names = type(model_or_config).__name__
+    else:
+        names = " ".join(getattr(model_or_config, "architectures", None) or [])
+    return ("causal-lm" if "CausalLM" in names or "LMHead" in names
+            else "sequence-classification" if "SequenceClassification" in names else "base")
+
+
+def is_causal_lm(model) -> bool:
+    return head_kind(model) == "causal-lm"
+
+
+def model_class(config, head: str = "auto"):
+    """The transformers Auto class that loads `config` with the given head ("auto": as recorded)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if head == "auto":
-        archs = " ".join(getattr(config, "architectures", None) or [])
-        head = ("causal-lm" if "CausalLM" in archs or "LMHead" in archs
-                else "sequence-classification" if "SequenceClassification" in archs else "base")
+        head = head_kind(config)
     return {"base": AutoModel, "causal-lm": AutoModelForCausalLM,
             "sequence-classification": AutoModelForSequenceClassification}[head]
 
@@ -118,7 +132,7 @@ def load(name_or_path: str | os.PathLike, head: str = "auto", num_labels: int | 
         kwargs["num_labels"] = num_labels
         if num_labels == 1:
             kwargs["problem_type"] = "regression"
-    cls = _model_class(config, head)
+    cls = model_class(config, head)
     try:
         model = cls.from_pretrained(source, dtype=dtype, **kwargs)
     except ValueError as e:

@@ -20,16 +20,11 @@ from torch import nn
 
 from ..errors import LeanformerError
 from ..io import load_json, load_tensors, output_dir, save_json, save_tensors
+from ..models import head_kind
 from .base import (HEAD_NAMES, AdaptedLinear, active_adapter, adapt, adapted_layers, config_from_dict,
                    set_adapter, set_rank, strip_adapters)
 
 FORMAT = 1
-
-
-def _head_kind(model: nn.Module) -> str:
-    cls = type(model).__name__
-    return ("sequence-classification" if "SequenceClassification" in cls
-            else "causal-lm" if "CausalLM" in cls or "LMHead" in cls else "base")
 
 
 def _saved_module_params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -95,7 +90,7 @@ def write_adapter(model: nn.Module, directory: Path) -> None:
     base = str(getattr(model, "name_or_path", "") or "")
     if base and Path(base).expanduser().is_dir():
         base = str(Path(base).expanduser().resolve())
-    meta = {"kind": "adapter", "format": FORMAT, "base_model": base, "head": _head_kind(model),
+    meta = {"kind": "adapter", "format": FORMAT, "base_model": base, "head": head_kind(model),
             "num_labels": int(getattr(model.config, "num_labels", 0) or 0) if hasattr(model, "config") else 0,
             "fingerprint": fingerprint(model), "adapted_layers": [n for n, _ in adapted_layers(model)],
             "adapters": {n: c.to_dict() for n, c in registry.items()}, "active": active_adapter(model)}

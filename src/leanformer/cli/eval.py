@@ -36,6 +36,7 @@ def run(args) -> int:
     from .. import evaluate, load
     from ..data import get_texts, load_task
     from ..io import output_dir, save_json
+    from ..models import is_causal_lm
     from ..runtime import count_parameters, peak_rss_mb
 
     device = check_device(args.device)
@@ -52,7 +53,7 @@ def run(args) -> int:
         result["task"] = task.name
     else:
         texts = get_texts(args.text, args.dataset)[: args.max_eval_samples]
-        if "CausalLM" in type(model).__name__:
+        if is_causal_lm(model):
             result = evaluate.perplexity(model, tokenizer, texts, max_length=args.max_seq_length, stride=args.stride,
                                          batch_size=args.batch_size)
         else:

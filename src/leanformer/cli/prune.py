@@ -35,7 +35,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ..compress.prune import prune_layers, save_pruned
     from ..data import get_texts
-    from ..models import load
+    from ..models import is_causal_lm, load
 
     model, tok = load(args.model, device=check_device(args.device))
     import copy
@@ -44,8 +44,7 @@ def run(args) -> int:
 
     needs_text = args.by != "index" or args.replace == "linear" or args.heal_steps > 0
     texts = get_texts(args.calibration) if needs_text else None
-    causal = "CausalLM" in type(model).__name__
-    teacher = copy.deepcopy(model) if args.heal_steps > 0 and not causal else None
+    teacher = copy.deepcopy(model) if args.heal_steps > 0 and not is_causal_lm(model) else None
     result = prune_layers(model, args.layers, by=args.by, replace=args.replace, tokenizer=tok, texts=texts,
                           start=args.start, tokens=args.tokens, max_length=args.max_seq_length,
                           batch_size=args.batch_size)

@@ -293,12 +293,12 @@ def load_pruned(path: str | os.PathLike, device: str = "cpu"):
 
     from ..capture import find_blocks
     from ..io import load_json, load_tensors
-    from ..models import _model_class
+    from ..models import model_class
 
     path = Path(path)
     meta = load_json(path / "leanformer.json")
     config = AutoConfig.from_pretrained(path)
-    model = _model_class(config, "auto").from_pretrained(path, dtype=torch.float32)
+    model = model_class(config).from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -325,8 +325,9 @@ def heal(model: nn.Module, tokenizer, texts: Sequence[str], steps: int = 100, ra
     from ..adapt import LoRA, adapt, merge
     from ..adapt.base import strip_adapters
     from ..data import batches, token_chunks
+    from ..models import is_causal_lm
 
-    causal = "CausalLM" in type(model).__name__
+    causal = is_causal_lm(model)
     if not causal and teacher is None:
         raise LeanformerError(f"healing {type(model).__name__} (not a causal LM) needs teacher= (the unpruned "
                               "model) to distil its last hidden state")

@@ -23,10 +23,12 @@ def plot_profile(profile, out_dir: str | Path) -> list[Path]:
     """Write <metric>.png for each metric with values; return the paths in display order."""
     out_dir = Path(out_dir)
     paths = []
+    from ..inspect import LAYER_METRICS, TRANSITION_METRICS
+
     series = [(m, "block", [t["from"] for t in profile.transitions], [t[m] for t in profile.transitions])
-              for m in ("linearity", "linearity_wo_residual", "block_influence", "angular_distance")]
+              for m in TRANSITION_METRICS]
     series += [(m, "layer", [l["index"] for l in profile.layers], [l[m] for l in profile.layers])
-               for m in ("anisotropy", "intrinsic_dim", "mlp_sparsity")]
+               for m in LAYER_METRICS]
     for metric, axis, xs, ys in series:
         points = [(x, y) for x, y in zip(xs, ys) if y is not None]
         if not points:
