@@ -70,8 +70,8 @@ def child(method: str, seed: int, args) -> dict:
 
     torch.set_num_threads(1)
     import leanformer as lf
-    from leanformer.data import load_task
-    from leanformer.evaluate import evaluate_task
+    from leanformer.tasks import load_task
+    from leanformer.evaluation import evaluate_task
     from leanformer.train.loop import TrainConfig, train_classifier
 
     task = load_task(args.task)
@@ -98,7 +98,7 @@ def child(method: str, seed: int, args) -> dict:
 def _batches(args, n: int):
     import torch
 
-    from leanformer.data import load_task
+    from leanformer.tasks import load_task
 
     task = load_task(args.task)
     g = torch.Generator().manual_seed(123)
@@ -278,7 +278,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
-    from leanformer.data import data_root
+    from leanformer.paths import data_root
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     root = data_root()
@@ -305,7 +305,7 @@ def main() -> int:
         Path(args.child_out).write_text(json.dumps(res))
         return 0
 
-    from leanformer.io import save_json
+    from leanformer.files import save_json
 
     out = Path(args.out)
     runs_dir = out / "per_run"  # (not "runs/": that name is git-ignored)

@@ -26,7 +26,7 @@ import torch
 
 def reference_pipeline(model, tokenizer, tokens: int, max_length: int, batch_size: int, sample_size: int, seed: int):
     from leanformer.capture import iter_hidden_states
-    from leanformer.data import token_chunks
+    from leanformer.text import token_chunks
     from leanformer.metrics import sample_positions
 
     chunks = token_chunks(tokenizer, bench_texts(), max_length=max_length, tokens=tokens)
@@ -85,7 +85,8 @@ def reference_pipeline(model, tokenizer, tokens: int, max_length: int, batch_siz
 
 
 def bench_texts() -> list[str]:
-    from leanformer.data import data_root, default_corpus, read_text_files
+    from leanformer.paths import data_root
+    from leanformer.text import default_corpus, read_text_files
 
     root = data_root()
     if root is None:
@@ -143,8 +144,8 @@ def main() -> None:
     for tokens in args.tokens:
         runs[tokens] = {name: measure(name, tokens, args) for name in ("ours", "reference")}
 
-    from leanformer.inspect import TRANSITION_METRICS
-    from leanformer.io import save_json
+    from leanformer.inspection import TRANSITION_METRICS
+    from leanformer.files import save_json
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

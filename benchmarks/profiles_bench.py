@@ -34,7 +34,7 @@ def main() -> None:
     args = p.parse_args()
 
     from leanformer.cli import main as cli
-    from leanformer.data import data_root
+    from leanformer.paths import data_root
 
     with tempfile.TemporaryDirectory() as tmp:
         models = {"minilm": "minilm", "tiny-random-llama": str(tiny_random_decoder(Path(tmp) / "tiny-random-llama"))}

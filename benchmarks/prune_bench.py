@@ -50,8 +50,8 @@ def setup_stories(root: Path, eval_tokens: int):
 
 def setup_minilm(root: Path, n_sentences: int):
     import leanformer as lf
-    from leanformer.data import load_task
-    from leanformer.evaluate import sentence_embeddings
+    from leanformer.tasks import load_task
+    from leanformer.evaluation import sentence_embeddings
 
     model, tok = lf.load("minilm")
     task = load_task(str(root / "glue/SST-2"))
@@ -123,7 +123,7 @@ def write_report(results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from leanformer.io import atomic_write_bytes, save_json
+    from leanformer.files import atomic_write_bytes, save_json
 
     save_json(OUT / "results.json", results)
     md = ["# Layer pruning: damage vs criteria (stories260K, minilm)", "",
@@ -189,7 +189,7 @@ def heal_bench(root: Path, steps: int, tokens: int, eval_tokens: int) -> None:
     """stories260K: the runs the linearity criterion picks (n = 1, 2), dropped or linearly replaced,
     before and after a short LoRA heal on the calibration text."""
     from leanformer.compress.prune import calibrate, heal, pruned_copy, score_runs
-    from leanformer.io import atomic_write_bytes, save_json
+    from leanformer.files import atomic_write_bytes, save_json
 
     model, tok, calib_texts, quality, qdesc = setup_stories(root, eval_tokens)
     calib = calibrate(model, tok, calib_texts, tokens=tokens, max_length=256)
@@ -217,7 +217,7 @@ def heal_bench(root: Path, steps: int, tokens: int, eval_tokens: int) -> None:
 
 
 def main() -> None:
-    from leanformer.data import data_root
+    from leanformer.paths import data_root
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens per model")

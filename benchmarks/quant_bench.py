@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 
 import leanformer as lf
-from leanformer.compress.base import relative_weight_errors
-from leanformer.data import data_root, load_task, read_text_files
-from leanformer.io import save_json
+from leanformer.compress import relative_weight_errors
+from leanformer.paths import data_root
+from leanformer.tasks import load_task
+from leanformer.text import read_text_files
+from leanformer.files import save_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,11 +97,11 @@ def finetuned_minilm(cache: Path, task, steps: int, seed: int):
 def quantize_grouped(model, make):
     """Quantize with the config's group size where it divides a layer's width and per row where it
     does not (stories260K's down_proj is 172 wide = 4·43, which no usual group size divides)."""
-    from leanformer.compress.base import select_targets
+    from leanformer.targets import select_linear
 
     cfg = make()
     g = getattr(cfg, "group_size", None)
-    names = select_targets(model, cfg.targets)
+    names = select_linear(model, cfg.targets)
     odd = [n for n in names if g is not None and model.get_submodule(n).in_features % g]
     if not odd:
         return lf.quantize(model, cfg, progress=False)
@@ -113,7 +115,6 @@ def quantize_grouped(model, make):
     rep.quantized += rep2.quantized
     rep.skipped.update(rep2.skipped)
     rep.seconds += rep2.seconds
-    model.leanformer_quant["skipped"] = dict(rep.skipped)
     return rep
 
 

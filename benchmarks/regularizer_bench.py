@@ -31,9 +31,9 @@ def token_stream(tokenizer, path: Path) -> torch.Tensor:
 def run_one(lam: float, args) -> Path:
     from transformers import AutoTokenizer
 
-    from leanformer.convert import stories260k_dir
-    from leanformer.data import data_root
-    from leanformer.io import save_json
+    from leanformer.models import stories260k_dir
+    from leanformer.paths import data_root
+    from leanformer.files import save_json
     from leanformer.train.pretrain import PretrainConfig, pretrain, split_stream
 
     root = data_root(required=True)
@@ -56,7 +56,7 @@ def report() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from leanformer.io import atomic_write_bytes, load_json, save_json
+    from leanformer.files import atomic_write_bytes, load_json, save_json
 
     runs = sorted((load_json(p) for p in OUT.glob("run_lam*.json")), key=lambda r: r["config"]["lam"])
     if not runs:

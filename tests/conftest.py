@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanformer.data import data_root
+from leanformer.paths import data_root
 from leanformer.models import alias_path
 
 

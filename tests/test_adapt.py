@@ -6,8 +6,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import leanformer as lf
-from leanformer.adapt import AdaptedLinear
-from leanformer.adapt.krona import kron_apply
+from leanformer.adapters import AdaptedLinear
+from leanformer.adapters.krona import kron_apply
 from leanformer.errors import LeanformerError
 
 CONFIGS = {
@@ -290,7 +290,7 @@ def test_lora_xs_factors_come_from_the_svd():
 
 
 def test_randomized_svd_close_to_exact():
-    from leanformer.adapt.lora_xs import truncated_svd
+    from leanformer.adapters.lora_xs import truncated_svd
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 40, generator=g) @ torch.randn(40, 200, generator=g)  # rank 40

@@ -11,7 +11,7 @@ import torch
 
 from leanformer.convert import (build_tokenizer, convert_llama2c, llama2c_encode, llama2c_to_hf,
                                 read_llama2c_checkpoint, read_llama2c_tokenizer)
-from leanformer.data import data_root
+from leanformer.paths import data_root
 from leanformer.errors import LeanformerError
 
 ROOT = data_root()
@@ -147,7 +147,7 @@ def test_stories260k_quality_and_plain_transformers_loading(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from leanformer.cli import main
-    from leanformer.evaluate import perplexity
+    from leanformer.evaluation import perplexity
 
     src = ROOT / "models/stories260K"
     assert main(["convert-llama2c", str(src / "stories260K.bin"), "--tokenizer", str(src / "tok512.bin"),

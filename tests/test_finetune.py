@@ -11,7 +11,8 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 import leanformer as lf
 from leanformer.cli import main
-from leanformer.data import Split, Task, data_root, load_task
+from leanformer.paths import data_root
+from leanformer.tasks import Split, Task, load_task
 from leanformer.errors import LeanformerError
 from leanformer.models import alias_path
 from leanformer.train.loop import TrainConfig, train_classifier
@@ -147,7 +148,7 @@ def test_finetune_writes_adapter_and_metrics_that_load_and_eval(method, tiny_dir
         assert k in metrics
     assert not (tmp_path / ".run.checkpoints").exists()  # removed once the result is written
     model, tok = lf.load(out)  # the adapter dir rebuilds base + adapter + trained head
-    from leanformer.evaluate import evaluate_task
+    from leanformer.evaluation import evaluate_task
 
     assert evaluate_task(model, tok, load_task(csv_task), max_length=16)["accuracy"] == pytest.approx(metrics["accuracy"])
     assert main(["eval", str(out), "--task", csv_task, "--max-seq-length", "16"]) == 0

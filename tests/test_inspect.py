@@ -6,7 +6,7 @@ import torch
 
 import leanformer as lf
 from leanformer.cli import main
-from leanformer.data import default_corpus, token_chunks
+from leanformer.text import default_corpus, token_chunks
 
 TEXTS = default_corpus()[:60]
 
@@ -122,7 +122,7 @@ def test_hub_id_fails_fast_offline(monkeypatch):
 
 
 def test_hf_datasets_name_and_offline_error(tmp_path, monkeypatch):
-    from leanformer.data import get_texts
+    from leanformer.text import get_texts
 
     local = tmp_path / "my_corpus"  # a local datasets directory: the "text" builder, split train
     local.mkdir()

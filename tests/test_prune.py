@@ -12,7 +12,8 @@ from leanformer.capture import capture, find_blocks
 from leanformer.compress.prune import (Calibration, LinearReplacement, calibrate, fit_linear_map, prune_layers,
                                        pruned_copy, save_pruned, score_runs)
 from leanformer.convert import build_tokenizer
-from leanformer.data import data_root, pad_batch
+from leanformer.paths import data_root
+from leanformer.text import pad_batch
 from leanformer.errors import LeanformerError
 
 ROOT = data_root()

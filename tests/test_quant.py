@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import leanformer as lf
-import leanformer.io
+import leanformer.files
 from leanformer.compress.base import (QuantizedLinear, kmeans, pack_bits, packed_nbytes, relative_weight_errors,
                                       select_targets, unpack_bits)
 from leanformer.compress.kashin import Transform, dct, idct, kashin_matrix, kashin_vectors, _matrix

@@ -10,7 +10,8 @@ from torch import nn
 from leanformer.capture import find_blocks
 from leanformer.errors import LeanformerError
 from leanformer.train.pretrain import PretrainConfig, linearity_profile, make_model, pretrain, split_stream
-from leanformer.train.regularizers import CosineRegularizer, residual_stream
+from leanformer.capture import residual_stream
+from leanformer.train.regularizers import CosineRegularizer
 
 
 def test_values_by_hand():

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from leanformer.cli import main
-from leanformer.data import default_corpus
+from leanformer.text import default_corpus
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

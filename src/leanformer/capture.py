@@ -7,12 +7,13 @@ applied (methods.md §1).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .data import batches
+from .text import batches
 from .errors import LeanformerError
 
 # Where common architectures keep their blocks (the first that exists wins), then a generic search.
@@ -59,6 +60,26 @@ def _first_tensor(output):
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
+@contextlib.contextmanager
+def residual_stream(model: nn.Module) -> Iterator[list]:
+    """Within the block, every forward fills the yielded list with [h_0, …, h_L] as the blocks see
+    them (autograd kept): h_0 is block 0's input, h_i block i−1's output."""
+    blocks, _ = find_blocks(model)
+    states: list = [None] * (len(blocks) + 1)
+
+    def grab_input(_module, args, kwargs):
+        states[0] = args[0] if args else kwargs["hidden_states"]
+
+    handles = [blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_hook(lambda _m, _a, out, i=i: states.__setitem__(i + 1, _first_tensor(out))))
+    try:
+        yield states
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def capture(model: nn.Module, batch: dict[str, torch.Tensor], mlp_eps: float | None = None):
     """One padded batch → (states, last_token, mlp_near_zero).
@@ -69,27 +90,22 @@ def capture(model: nn.Module, batch: dict[str, torch.Tensor], mlp_eps: float | N
     count of valid activations), reduced inside the hook so the (tokens × d_ff) activations are
     never kept; None when not requested or no activation module is found."""
     blocks, _ = find_blocks(model)
-    outputs: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
     counts: list[tuple[int, int] | None] = [None] * len(blocks)
     device = next(model.parameters()).device
     mask = batch["attention_mask"].to(device).bool()
-    handles = []
 
     def count_near_zero(i, out):
         valid = out[mask]
         counts[i] = (int((valid.abs() <= mlp_eps).sum()), valid.numel())
 
-    def grab_input(_module, args, kwargs):
-        outputs[0] = args[0] if args else kwargs["hidden_states"]
-
-    handles.append(blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True))
+    handles = []
     for i, block in enumerate(blocks):
-        handles.append(block.register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i + 1, _first_tensor(out))))
         act = find_mlp_activation(block) if mlp_eps is not None else None
         if act is not None:
             handles.append(act.register_forward_hook(lambda _m, _a, out, i=i: count_near_zero(i, out)))
     try:
-        getattr(model, "base_model", model)(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
+        with residual_stream(model) as outputs:
+            getattr(model, "base_model", model)(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
     finally:
         for h in handles:
             h.remove()

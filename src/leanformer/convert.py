@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import LeanformerError
-from .io import load_json, output_dir, save_json
+from .files import load_json, output_dir, save_json
 
 # Bump when the conversion changes, so stale caches are rebuilt.
 CONVERTER_VERSION = 1
@@ -241,30 +241,3 @@ def convert_llama2c(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike,
             "converter_version": CONVERTER_VERSION, "checkpoint": str(Path(checkpoint).absolute()),
             "tokenizer": str(Path(tokenizer).absolute()), "header": hdr})
     return Path(out)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LEANFORMER_CACHE") or Path.home() / ".cache" / "leanformer").expanduser()
-
-
-def stories260k_dir() -> Path:
-    """The stories260K checkpoint from the shared data, converted once into the cache."""
-    from .data import data_root
-
-    out = cache_root() / "stories260k"
-    stamp = out / "llama2c_source.json"
-    if stamp.is_file() and load_json(stamp).get("converter_version") == CONVERTER_VERSION:
-        return out
-    root = data_root()
-    src = root / "models" / "stories260K" if root else None
-    if src is None or not (src / "stories260K.bin").is_file():
-        raise LeanformerError(
-            "alias 'stories260k' needs models/stories260K/{stories260K.bin,tok512.bin} in the shared data "
-            "(set LEANFORMER_DATA or place it at ../shared/data)")
-    try:
-        return convert_llama2c(src / "stories260K.bin", src / "tok512.bin", out, overwrite=True)
-    except OSError:
-        # Another process finished the same conversion while we staged ours (rename collision): use theirs.
-        if stamp.is_file() and load_json(stamp).get("converter_version") == CONVERTER_VERSION:
-            return out
-        raise

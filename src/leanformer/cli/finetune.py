@@ -59,7 +59,7 @@ def parse_targets(values: list[str]):
 
 
 def build_config(args, head: str):
-    from ..adapt import DyLoRA, KronA, LoRA, LoRAXS
+    from ..adapters import DyLoRA, KronA, LoRA, LoRAXS
 
     common = dict(targets=parse_targets(args.targets), dropout=args.dropout, modules_to_save=[head])
     if args.method == "krona":
@@ -70,10 +70,10 @@ def build_config(args, head: str):
 
 
 def run(args) -> int:
-    from ..adapt import base as A
-    from ..data import load_task
-    from ..evaluate import evaluate_task
-    from ..io import output_dir, save_json
+    from ..adapters import base as A
+    from ..tasks import load_task
+    from ..evaluation import evaluate_task
+    from ..files import output_dir, save_json
     from ..models import load
     from ..train.loop import TrainConfig, train_classifier
 
@@ -130,7 +130,7 @@ def run(args) -> int:
             model.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
         else:
-            from ..adapt.io import write_adapter
+            from ..adapters.io import write_adapter
 
             write_adapter(model, tmp)
         save_json(tmp / "metrics.json", result)

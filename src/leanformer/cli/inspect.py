@@ -24,10 +24,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..data import get_texts
+    from ..text import get_texts
     from ..errors import LeanformerError
-    from ..inspect import inspect
-    from ..io import output_dir, save_json
+    from ..inspection import inspect
+    from ..files import output_dir, save_json
     from ..models import load
     from ..report import plot_profile, write_report
 

@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ..compress.prune import prune_layers, save_pruned
-    from ..data import get_texts
+    from ..text import get_texts
     from ..models import is_causal_lm, load
 
     model, tok = load(args.model, device=check_device(args.device))

@@ -1,0 +1,8 @@
+"""Compression: weight quantization (Kashin, with RTN and HQQ as baselines) and layer pruning.
+
+Importing the package registers every quantization method (each config class registers itself)."""
+from .hqq import HQQ
+from .kashin import Kashin
+from .quantization import METHODS, QuantConfig, QuantizedLinear, QuantizeReport, quantize, relative_weight_errors
+from .rtn import RTN
+from .size import SizeReport, size_report

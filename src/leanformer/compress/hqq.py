@@ -15,7 +15,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import QuantConfig, check_group_size, fp16, pack_bits, unpack_bits
+from .packing import fp16, pack_bits, unpack_bits
+from .quantization import QuantConfig, check_group_size
 
 
 @dataclass
@@ -42,10 +43,10 @@ class HQQ(QuantConfig):
         tensors = {"packed": pack_bits(codes, self.bits), "scale": scale, "zero": zero}
         return tensors, {"group_size": g}
 
-
-def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
-    out_f, in_f = header["shape"]
-    g = header["group_size"]
-    codes = unpack_bits(tensors["packed"], header["bits"], out_f * in_f).view(-1, g).float()
-    w = (codes - tensors["zero"].float()[:, None]) * tensors["scale"].float()[:, None]
-    return w.view(out_f, in_f)
+    @staticmethod
+    def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
+        out_f, in_f = header["shape"]
+        g = header["group_size"]
+        codes = unpack_bits(tensors["packed"], header["bits"], out_f * in_f).view(-1, g).float()
+        w = (codes - tensors["zero"].float()[:, None]) * tensors["scale"].float()[:, None]
+        return w.view(out_f, in_f)

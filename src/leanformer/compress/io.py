@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import LeanformerError
-from ..io import load_json, load_tensors, output_dir, save_json, save_tensors
+from ..files import load_json, load_tensors, output_dir, save_json, save_tensors
 from .base import QuantizedLinear, _set_module, method_module, packed_nbytes
 from .size import size_report
 

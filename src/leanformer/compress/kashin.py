@@ -37,7 +37,9 @@ from typing import ClassVar
 import torch
 
 from ..errors import LeanformerError
-from .base import NotConverged, QuantConfig, check_group_size, fp16, kmeans, pack_bits, unpack_bits
+from .kmeans import kmeans
+from .packing import fp16, pack_bits, unpack_bits
+from .quantization import NotConverged, QuantConfig, check_group_size
 
 TRANSFORMS = ("dct", "random")
 FORMS = ("vector", "matrix")
@@ -338,32 +340,32 @@ class Kashin(QuantConfig):
                   "iterations": it, "kashin_level": max(U.abs().max().item(), V.abs().max().item())}
         return tensors, header
 
-
-def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
-    out_f, in_f = header["shape"]
-    bits = header["bits"]
-    seed = int(tensors["seed"][0])
-    lab = unpack_bits(tensors["packed"], bits, out_f * in_f)
-    if header["form"] == "matrix":
-        c = tensors["codebook"].float()
-        q1, q2 = (_matrix(header["transform"], n, s).to(c.device) for n, s in ((out_f, seed), (in_f, seed + 1)))
-        xh = c[lab, 0].view(out_f, in_f) + q1 @ c[lab, 1].view(out_f, in_f) @ q2.T
-        return xh * tensors["scale"].float()
-    g = header["group_size"]
-    col = tensors["col_scale"].float() if "col_scale" in tensors else 1.0
-    P = Transform(header["transform"], g, seed)
-    if header["codebook"] == "kmeans":
-        c = tensors["codebook"].float()
-        xh = c[lab, 0].view(-1, g) + P.apply(c[lab, 1].view(-1, g))
-        return (xh * tensors["scale"].float()[:, None]).view(out_f, in_f) * col
-    rows = out_f * in_f // g
-    steps = tensors["steps"].float().expand(rows, -1)                        # (rows, k)
-    if "scale" in tensors:  # shared step sizes, one scale per vector
-        steps = steps * tensors["scale"].float()[:, None]
-    doms = unpack_bits(tensors["domains"], 1, rows * bits).view(rows, bits).float()
-    shifts = torch.arange(bits, device=lab.device)[:, None, None]
-    signs = ((lab.view(rows, g)[None] >> shifts) & 1).float() * 2 - 1  # (k, rows, g)
-    # Σ_j c_j s_j split by domain, so P is applied once: W = A + P B
-    a = torch.einsum("krg,rk->rg", signs, steps * (1 - doms))
-    b = torch.einsum("krg,rk->rg", signs, steps * doms)
-    return (a + P.apply(b)).view(out_f, in_f) * col
+    @staticmethod
+    def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
+        out_f, in_f = header["shape"]
+        bits = header["bits"]
+        seed = int(tensors["seed"][0])
+        lab = unpack_bits(tensors["packed"], bits, out_f * in_f)
+        if header["form"] == "matrix":
+            c = tensors["codebook"].float()
+            q1, q2 = (_matrix(header["transform"], n, s).to(c.device) for n, s in ((out_f, seed), (in_f, seed + 1)))
+            xh = c[lab, 0].view(out_f, in_f) + q1 @ c[lab, 1].view(out_f, in_f) @ q2.T
+            return xh * tensors["scale"].float()
+        g = header["group_size"]
+        col = tensors["col_scale"].float() if "col_scale" in tensors else 1.0
+        P = Transform(header["transform"], g, seed)
+        if header["codebook"] == "kmeans":
+            c = tensors["codebook"].float()
+            xh = c[lab, 0].view(-1, g) + P.apply(c[lab, 1].view(-1, g))
+            return (xh * tensors["scale"].float()[:, None]).view(out_f, in_f) * col
+        rows = out_f * in_f // g
+        steps = tensors["steps"].float().expand(rows, -1)                        # (rows, k)
+        if "scale" in tensors:  # shared step sizes, one scale per vector
+            steps = steps * tensors["scale"].float()[:, None]
+        doms = unpack_bits(tensors["domains"], 1, rows * bits).view(rows, bits).float()
+        shifts = torch.arange(bits, device=lab.device)[:, None, None]
+        signs = ((lab.view(rows, g)[None] >> shifts) & 1).float() * 2 - 1  # (k, rows, g)
+        # Σ_j c_j s_j split by domain, so P is applied once: W = A + P B
+        a = torch.einsum("krg,rk->rg", signs, steps * (1 - doms))
+        b = torch.einsum("krg,rk->rg", signs, steps * doms)
+        return (a + P.apply(b)).view(out_f, in_f) * col

@@ -12,30 +12,30 @@ comparing the run's input h_ℓ with its output h_{ℓ+n}:
   angular          Gromov et al.'s arccos(cos)/π on each sequence's last token; lower = more removable
   index            no scoring: the run starting at `start` (default: the n blocks before the last)
 
-Saving: the kept blocks are written as an ordinary Hugging Face checkpoint of the same architecture
-with n fewer layers (plain `from_pretrained` loads it, without the maps, i.e. as plain dropping);
-the fitted maps go beside it as safetensors + JSON, and `lf.load(dir)` puts them back.
+Saving (`lf.save`): a pruned model without fitted maps is an ordinary Hugging Face checkpoint of the
+same architecture with n fewer layers; the maps, when present, are replayed by `lf.load`.
 """
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..capture import capture, find_blocks
 from ..errors import LeanformerError
+from ..metrics import angular_distance, block_influence, linearity
+from ..stack import Applied, push, record_base
+from ..text import batches, default_corpus, token_chunks
+from .surgery import set_blocks
 
 CRITERIA = ("linearity", "block_influence", "angular", "index")
 REPLACEMENTS = ("none", "linear")
 # Sign that turns each criterion's score into predicted damage (higher = worse to remove).
 DAMAGE_SIGN = {"linearity": -1.0, "block_influence": 1.0, "angular": 1.0}
-ARTIFACT_KIND = "pruned"
-MAPS_FILE = "pruned_maps.safetensors"
 
 
 class LinearReplacement(nn.Module):
@@ -93,9 +93,6 @@ class PruneResult:
 def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], tokens: int = 8192, max_length: int = 256,
               batch_size: int = 8) -> Calibration:
     """Run the model over up to `tokens` calibration tokens and keep every layer's hidden states."""
-    from ..capture import capture, find_blocks
-    from ..data import batches, token_chunks
-
     blocks, _ = find_blocks(model)
     d = model.config.hidden_size
     chunks = token_chunks(tokenizer, texts, max_length=max_length, tokens=tokens)
@@ -124,8 +121,6 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], tokens: int = 8
 
 def score_runs(calib: Calibration, n: int) -> dict[str, list[float]]:
     """Each criterion's score for every run of n blocks, indexed by its first block ℓ."""
-    from ..metrics import angular_distance, block_influence, linearity
-
     L = len(calib.states) - 1
     scores: dict[str, list[float]] = {"linearity": [], "block_influence": [], "angular": []}
     for s in range(L - n + 1):
@@ -154,8 +149,6 @@ def fit_linear_map(X: torch.Tensor, Y: torch.Tensor, ridge: float = 1e-4) -> tup
 
 
 def _check(model: nn.Module, n: int, by: str, replace: str) -> tuple[nn.ModuleList, int]:
-    from ..capture import find_blocks
-
     if by not in CRITERIA:
         raise LeanformerError(f"unknown criterion by={by!r}; choose from {', '.join(CRITERIA)}")
     if replace not in REPLACEMENTS:
@@ -187,8 +180,6 @@ def prune_layers(model: nn.Module, n: int, by: str = "linearity", replace: str =
         if tokenizer is None:
             raise LeanformerError(f"by={by!r}, replace={replace!r} needs calibration text: pass tokenizer= (and texts=)")
         if texts is None:
-            from ..data import default_corpus
-
             texts = default_corpus()
         calibration = calibrate(model, tokenizer, texts, tokens, max_length, batch_size)
     scores = score_runs(calibration, n) if calibration is not None else {}
@@ -196,124 +187,37 @@ def prune_layers(model: nn.Module, n: int, by: str = "linearity", replace: str =
         s = scores[by]
         start = (max if by == "linearity" else min)(range(len(s)), key=s.__getitem__)
     removed = list(range(start, start + n))
+    record_base(model)
     new_blocks = list(blocks[:start])
     if replace == "linear":
         A, b = fit_linear_map(calibration.states[start], calibration.states[start + n], ridge)
         device = next(model.parameters()).device
         new_blocks.append(LinearReplacement(A, b, removed, calibration.returns_tuple).to(device))
     new_blocks += list(blocks[start + n:])
-    _set_blocks(model, new_blocks)
+    set_blocks(model, new_blocks, _is_map)
     result = PruneResult(removed, start, n, by, replace, scores, L, L - n)
-    model.leanformer_prune = result
+    maps = [{"position": pos, "replaces": b.replaces, "returns_tuple": b.returns_tuple}
+            for pos, b in enumerate(new_blocks) if _is_map(b)]
+    push(model, Applied("prune", {"n": n, "by": by, "replace": replace, "ridge": ridge},
+                        {"result": result.to_json(), "maps": maps}))
     return result
 
 
-def _set_blocks(model: nn.Module, new_blocks: list[nn.Module]) -> None:
-    """Swap the block list's contents and keep the config and per-layer indices consistent."""
-    from ..capture import find_blocks
+def _is_map(block: nn.Module) -> bool:
+    return isinstance(block, LinearReplacement)
 
+
+def replay(model: nn.Module, config: dict, state: dict) -> None:
+    """Redo a recorded pruning's surgery; the fitted maps start empty (the state dict load fills them)."""
     blocks, _ = find_blocks(model)
-    kept_old = [i for i, b in enumerate(blocks) if any(b is nb for nb in new_blocks)]
-    del blocks[:]
-    blocks.extend(new_blocks)
-    cfg = model.config
-    # Some models loop over layers[:config.num_hidden_layers]: the in-memory list (maps included) must all run.
-    cfg.num_hidden_layers = len(new_blocks)
-    if isinstance(getattr(cfg, "layer_types", None), list):
-        old_types = cfg.layer_types
-        types, it = [], iter(kept_old)
-        for b in new_blocks:
-            types.append(old_types[next(it)] if not isinstance(b, LinearReplacement) else old_types[0])
-        cfg.layer_types = types
-    for b in new_blocks:
-        if isinstance(b, LinearReplacement):
-            _record_hidden_states(b)
-    # KV caches are indexed by layer_idx: renumber real blocks 0,1,… in order.
-    k = 0
-    for b in new_blocks:
-        if isinstance(b, LinearReplacement):
-            continue
-        for m in b.modules():
-            if hasattr(m, "layer_idx") and isinstance(m.layer_idx, int):
-                m.layer_idx = k
-        k += 1
-
-
-def _record_hidden_states(block: LinearReplacement) -> None:
-    """transformers records `output_hidden_states` with hooks on its own block classes; give a map the
-    same hook so it reports its output like the blocks it replaced (once per module)."""
-    if getattr(block, "_lf_records_hidden_states", False):
-        return
-    try:
-        from transformers.utils.output_capturing import install_output_capuring_hook
-    except ImportError:  # older transformers collect hidden states in the layer loop: nothing to do
-        return
-    install_output_capuring_hook(block, "hidden_states", 0, True)
-    block._lf_records_hidden_states = True
-
-
-# --------------------------------------------------------------------------------------------
-# Save / load
-
-
-def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False,
-                extra: dict | None = None) -> Path:
-    """Ordinary HF checkpoint of the kept blocks + the fitted maps + leanformer.json {"kind": "pruned"}."""
-    from ..capture import find_blocks
-    from ..io import output_dir, save_json, save_tensors
-
-    blocks, _ = find_blocks(model)
-    all_blocks = list(blocks)
-    maps = [(pos, b) for pos, b in enumerate(all_blocks) if isinstance(b, LinearReplacement)]
-    result = getattr(model, "leanformer_prune", None)
-    with output_dir(out, overwrite=overwrite) as stage:
-        plain = [b for b in all_blocks if not isinstance(b, LinearReplacement)]
-        try:
-            _set_blocks(model, plain)  # only real blocks in the HF checkpoint
-            model.save_pretrained(stage, safe_serialization=True)
-        finally:
-            _set_blocks(model, all_blocks)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(stage)
-        tensors = {}
-        entries = []
-        for pos, b in maps:
-            tensors[f"map{pos}.weight"], tensors[f"map{pos}.bias"] = b.weight, b.bias
-            entries.append({"position": pos, "replaces": b.replaces, "returns_tuple": b.returns_tuple})
-        if tensors:
-            save_tensors(stage / MAPS_FILE, tensors)
-        save_json(stage / "leanformer.json", {
-            "kind": ARTIFACT_KIND, "maps": entries, "prune": result.to_json() if result else None, **(extra or {})})
-    return Path(out)
-
-
-def load_pruned(path: str | os.PathLike, device: str = "cpu"):
-    """`lf.load` for a pruned directory: the plain HF model, then the fitted maps put back in place."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from ..capture import find_blocks
-    from ..io import load_json, load_tensors
-    from ..models import model_class
-
-    path = Path(path)
-    meta = load_json(path / "leanformer.json")
-    config = AutoConfig.from_pretrained(path)
-    model = model_class(config).from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if meta.get("maps"):
-        tensors = load_tensors(path / MAPS_FILE)
-        blocks = list(find_blocks(model)[0])
-        for e in sorted(meta["maps"], key=lambda e: e["position"]):
-            pos = e["position"]
-            blocks.insert(pos, LinearReplacement(tensors[f"map{pos}.weight"], tensors[f"map{pos}.bias"],
-                                                 e["replaces"], e["returns_tuple"]))
-        _set_blocks(model, blocks)
-    if meta.get("prune"):
-        model.leanformer_prune = PruneResult(**meta["prune"])
-    model.name_or_path = str(path)
-    return model.to(device).eval(), tokenizer
+    start, n = state["result"]["start"], state["result"]["n"]
+    new_blocks = list(blocks[:start])
+    d = model.config.hidden_size
+    for e in state["maps"]:
+        new_blocks.append(LinearReplacement(torch.empty(d, d), torch.empty(d), e["replaces"], e["returns_tuple"]))
+    new_blocks += list(blocks[start + n:])
+    set_blocks(model, new_blocks, _is_map)
+    push(model, Applied("prune", config, state))
 
 
 def heal(model: nn.Module, tokenizer, texts: Sequence[str], steps: int = 100, rank: int = 8,
@@ -322,9 +226,9 @@ def heal(model: nn.Module, tokenizer, texts: Sequence[str], steps: int = 100, ra
     """Short LoRA fine-tune of a pruned model (all linear layers, rank `rank`; fitted maps train whole),
     then merged back so the checkpoint stays ordinary. Causal LMs learn next-token prediction on `texts`;
     other models need `teacher` (e.g. the unpruned model) and match its last hidden state (MSE)."""
-    from ..adapt import LoRA, adapt, merge
-    from ..adapt.base import strip_adapters
-    from ..data import batches, token_chunks
+    from ..adapters import LoRA, adapt, merge
+    from ..adapters.base import strip_adapters
+    from ..text import batches, token_chunks
     from ..models import is_causal_lm
 
     causal = is_causal_lm(model)

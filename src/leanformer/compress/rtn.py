@@ -10,7 +10,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import QuantConfig, check_group_size, fp16, pack_bits, unpack_bits
+from .packing import fp16, pack_bits, unpack_bits
+from .quantization import QuantConfig, check_group_size
 
 
 @dataclass
@@ -34,10 +35,10 @@ class RTN(QuantConfig):
         tensors = {"packed": pack_bits(codes, self.bits), "scale": scale.reshape(-1), "zero": zero.reshape(-1)}
         return tensors, {"group_size": g}
 
-
-def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
-    out_f, in_f = header["shape"]
-    g = header["group_size"]
-    codes = unpack_bits(tensors["packed"], header["bits"], out_f * in_f).view(-1, g).float()
-    w = codes * tensors["scale"].float()[:, None] + tensors["zero"].float()[:, None]
-    return w.view(out_f, in_f)
+    @staticmethod
+    def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
+        out_f, in_f = header["shape"]
+        g = header["group_size"]
+        codes = unpack_bits(tensors["packed"], header["bits"], out_f * in_f).view(-1, g).float()
+        w = codes * tensors["scale"].float()[:, None] + tensors["zero"].float()[:, None]
+        return w.view(out_f, in_f)

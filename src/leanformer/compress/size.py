@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .base import QuantizedLinear
+from ..stack import applied
+from .quantization import QuantizedLinear
 
 
 def _nbytes(t) -> int:
@@ -42,10 +43,10 @@ def size_report(model: nn.Module) -> SizeReport:
     """Bits per weight including codebooks, scales, zeros, norms and seeds, per layer and in total.
 
     Rows: every QuantizedLinear, plus the Linear layers a quantization config targeted but kept in
-    full precision (listed in model.leanformer_quant["skipped"]).
+    full precision (the `skipped` layers of the model's quantize transforms).
     """
     rep = SizeReport()
-    skipped = set(getattr(model, "leanformer_quant", {}).get("skipped", {}))
+    skipped = {n for e in applied(model) if e.transform == "quantize" for n in e.state["skipped"]}
     counted: set[int] = set()
     for name, m in model.named_modules():
         if isinstance(m, QuantizedLinear):

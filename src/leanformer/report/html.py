@@ -5,7 +5,7 @@ import base64
 import html
 from pathlib import Path
 
-from ..io import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .plots import TITLES
 
 

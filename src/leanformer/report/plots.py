@@ -23,7 +23,7 @@ def plot_profile(profile, out_dir: str | Path) -> list[Path]:
     """Write <metric>.png for each metric with values; return the paths in display order."""
     out_dir = Path(out_dir)
     paths = []
-    from ..inspect import LAYER_METRICS, TRANSITION_METRICS
+    from ..inspection import LAYER_METRICS, TRANSITION_METRICS
 
     series = [(m, "block", [t["from"] for t in profile.transitions], [t[m] for t in profile.transitions])
               for m in TRANSITION_METRICS]

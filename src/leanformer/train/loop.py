@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import Task
+from ..tasks import Task
 from ..errors import LeanformerError
-from ..io import load_json, load_tensors, output_dir, save_json, save_tensors
+from ..files import load_json, load_tensors, output_dir, save_json, save_tensors
 from ..runtime import peak_rss_mb, set_seed
 
 CHECKPOINT = "checkpoint"
@@ -261,7 +261,7 @@ def train_classifier(model: nn.Module, tokenizer, task: Task, cfg: TrainConfig |
     counts_trainable = sum(p.numel() for _, p in trainable)
     metrics: dict = {}
     if cfg.evaluate:
-        from ..evaluate import evaluate_task
+        from ..evaluation import evaluate_task
 
         metrics.update(evaluate_task(model, tokenizer, task, "dev", cfg.per_device_eval_batch_size,
                                      cfg.max_seq_length, cfg.max_eval_samples))

@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LeanformerError
-from .regularizers import CosineRegularizer, residual_stream
+from ..capture import residual_stream
+from .regularizers import CosineRegularizer
 
 
 @dataclass

@@ -8,35 +8,12 @@ the same states the linearity metric is measured on.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..errors import LeanformerError
-
-
-@contextlib.contextmanager
-def residual_stream(model: nn.Module) -> Iterator[list]:
-    """Within the block, every forward fills the yielded list with [h_0, …, h_L] (autograd kept)."""
-    from ..capture import _first_tensor, find_blocks
-
-    blocks, _ = find_blocks(model)
-    states: list = [None] * (len(blocks) + 1)
-
-    def grab_input(_module, args, kwargs):
-        states[0] = args[0] if args else kwargs["hidden_states"]
-
-    handles = [blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
-    for i, block in enumerate(blocks):
-        handles.append(block.register_forward_hook(lambda _m, _a, out, i=i: states.__setitem__(i + 1, _first_tensor(out))))
-    try:
-        yield states
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from .capture import capture, find_blocks
-from .data import pad_batch, token_chunks
+from .text import pad_batch, token_chunks
 from .errors import LeanformerError
 from .metrics import GeometryAccumulator, sample_positions
 from .models import head_kind, model_label

@@ -6,8 +6,8 @@ to produce ΔW itself (`delta_weight`) for merging and export. `adapt` wraps eve
 an `AdaptedLinear` that holds any number of named adapters, one of them active, so several adapters
 share one frozen base and switch by name (peft's convention).
 
-Per-model bookkeeping lives in `model.leanformer_adapters` (name → config) and
-`model.leanformer_active`; everything else is in the modules themselves.
+Each `adapt` call is one entry of the model's transform stack (leanformer.stack): the adapter's
+name, config and layers. Which adapter is active, and which is merged, lives in the layers.
 """
 from __future__ import annotations
 
@@ -20,18 +20,18 @@ import torch
 from torch import nn
 
 from ..errors import LeanformerError
-
-# Output heads are never adapted by "all-linear" (they are trained whole or left alone), as in peft.
-HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs")
+from ..stack import Applied, applied, push, record_base, remove
+from ..targets import Targets, register_wrapper_type, select_linear, set_module
 
 
 @dataclass
 class AdapterConfig:
-    """Fields every method shares. `targets`: a list of module-name suffixes ("query" matches
-    "...attention.self.query"), a regex string matched against whole names, or "all-linear"."""
-    targets: Sequence[str] | str = ("query", "value")
+    """Fields every method shares. `targets`: module-name suffixes ("query" matches
+    "...attention.self.query"), a regex string matched against whole names, or "all-linear" (see
+    leanformer.targets). `modules_to_save`: whole modules trained alongside the adapter and saved with
+    it (e.g. a classifier head)."""
+    targets: Targets = ("query", "value")
     dropout: float = 0.0
-    # Whole modules trained alongside the adapter and saved with it (e.g. a classifier head).
     modules_to_save: Sequence[str] = ()
 
     method = "base"  # registry key; set by each subclass
@@ -72,6 +72,7 @@ class AdapterModule(nn.Module):
         raise NotImplementedError
 
 
+@register_wrapper_type
 class AdaptedLinear(nn.Module):
     """A frozen nn.Linear plus named adapters; at most one active, at most one merged into W."""
 
@@ -109,6 +110,9 @@ class AdaptedLinear(nn.Module):
     def merge(self, name: str) -> None:
         if self.merged is not None:
             raise LeanformerError(f"adapter {self.merged!r} is already merged; unmerge it first")
+        if not isinstance(getattr(self.base_layer, "weight", None), torch.Tensor):
+            raise LeanformerError(f"cannot merge into a {type(self.base_layer).__name__} (its weight is not stored "
+                                  "densely); keep the adapter unmerged")
         w = self.base_layer.weight
         w += self.adapters[name].delta_weight().to(w.dtype)
         self.merged = name
@@ -123,79 +127,21 @@ class AdaptedLinear(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Targets
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, AdaptedLinear))
-            and not isinstance(_parent_of(model, n), AdaptedLinear)]
-
-
-def _parent_of(model: nn.Module, name: str) -> nn.Module | None:
-    if "." not in name:
-        return model if name else None
-    return model.get_submodule(name.rsplit(".", 1)[0])
-
-
-def resolve_targets(model: nn.Module, targets: Sequence[str] | str) -> list[str]:
-    """Names of the Linear modules selected by `targets`; a clear error when nothing matches."""
-    names = linear_names(model)
-    if isinstance(targets, str) and targets == "all-linear":
-        chosen = [n for n in names if n.split(".")[-1] not in HEAD_NAMES]
-    elif isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as e:
-            raise LeanformerError(f"targets regex {targets!r} is invalid: {e}") from e
-        chosen = [n for n in names if pattern.fullmatch(n)]
-    else:
-        targets = list(targets)
-        if not targets:
-            raise LeanformerError("targets is empty; give module-name suffixes, a regex, or 'all-linear'")
-        chosen = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
-        non_linear = [n for n, m in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)
-                      and n not in names and not isinstance(_parent_of(model, n), AdaptedLinear)]
-        if non_linear and not chosen:
-            raise LeanformerError(
-                f"targets {targets} match only modules that are not nn.Linear ({non_linear[:5]}); "
-                f"adapters attach to Linear layers: {_suffix_summary(names)}")
-    if not chosen:
-        raise LeanformerError(
-            f"targets {targets!r} match no Linear module of {type(model).__name__}. "
-            f"Its Linear modules are: {_suffix_summary(names)} (e.g. {names[:3]}); "
-            "pass suffixes like ['query', 'value'], a regex, or 'all-linear'")
-    return chosen
-
-
-def _suffix_summary(names: list[str]) -> str:
-    """The distinct name endings (layer indices removed) — what a user would type as targets."""
-    seen: dict[str, None] = {}
-    for n in names:
-        parts = n.split(".")
-        tail = [p for p in parts[next((i for i in range(len(parts) - 1, -1, -1) if parts[i].isdigit()), -1) + 1:]]
-        seen[".".join(tail)] = None
-    return ", ".join(seen)
-
-
-# ---------------------------------------------------------------------------------------------
 # The verb
 
 
-def adapt(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
+def adapt(model: nn.Module, config: AdapterConfig, name: str = "default", *, layers: list[str] | None = None) -> nn.Module:
     """Inject `config`'s adapter (named `name`) into the targeted Linear layers of `model`, in place.
 
     All base weights are frozen; the adapter's parameters and `config.modules_to_save` train.
     Adding a second name to an adapted model keeps the first (switch with `set_adapter`).
     """
-    registry = getattr(model, "leanformer_adapters", None)
-    if registry is None:
-        registry = {}
-        model.leanformer_adapters = registry
+    registry = adapter_configs(model)
     if name in registry:
         raise LeanformerError(f"adapter {name!r} already exists on this model; adapters: {list(registry)}")
     if any(isinstance(m, AdaptedLinear) and m.merged for m in model.modules()):
         raise LeanformerError("an adapter is merged into this model; unmerge(model) before adding another")
-    chosen = resolve_targets(model, config.targets)
+    chosen = select_linear(model, config.targets) if layers is None else select_linear(model, layers)
     if hasattr(config, "prepare"):
         config.prepare(model)
     built = []
@@ -203,16 +149,16 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.
         module = model.get_submodule(n)
         base = module.base_layer if isinstance(module, AdaptedLinear) else module
         built.append((n, module, config.build(base, n)))
+    record_base(model)
     for n, module, adapter in built:
         if not isinstance(module, AdaptedLinear):
             wrapper = AdaptedLinear(module).train(module.training)
-            parent_name, _, attr = n.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapper)
+            set_module(model, n, wrapper)
             module = wrapper
-        adapter.to(device=module.base_layer.weight.device)
+        adapter.to(device=next(iter(module.base_layer.state_dict().values())).device)
         adapter.train(module.base_layer.training)  # new modules start in train mode; follow the model
         module.adapters[name] = adapter
-    registry[name] = config
+    push(model, Applied("adapt", config, {"name": name, "layers": chosen}))
     if hasattr(config, "on_adapt"):
         config.on_adapt(model, name, [a for _, _, a in built])
     set_adapter(model, name)
@@ -225,8 +171,13 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
             yield n, m
 
 
+def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    """name → config of every adapter on the model, in the order they were added."""
+    return {e.state["name"]: e.config for e in applied(model) if e.transform == "adapt"}
+
+
 def _require(model: nn.Module, name: str | None = None) -> dict:
-    registry = getattr(model, "leanformer_adapters", None)
+    registry = adapter_configs(model)
     if not registry:
         raise LeanformerError("this model has no leanformer adapters; call lf.adapt(model, config) first")
     if name is not None and name not in registry:
@@ -250,7 +201,6 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
         for mod_name in registry[name].modules_to_save:
             for p in _find_modules(model, mod_name):
                 p.requires_grad_(True)
-    model.leanformer_active = name
 
 
 def _find_modules(model: nn.Module, suffix: str) -> Iterator[nn.Parameter]:
@@ -264,7 +214,7 @@ def _find_modules(model: nn.Module, suffix: str) -> Iterator[nn.Parameter]:
 
 
 def active_adapter(model: nn.Module) -> str | None:
-    return getattr(model, "leanformer_active", None)
+    return next((layer.active for _, layer in adapted_layers(model)), None)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -315,9 +265,9 @@ def strip_adapters(model: nn.Module) -> nn.Module:
     for n, layer in list(adapted_layers(model)):
         parent_name, _, attr = n.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer.base_layer)
-    for attr in ("leanformer_adapters", "leanformer_active"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    for entry in applied(model):
+        if entry.transform == "adapt":
+            remove(model, entry)
     return model
 
 
@@ -331,9 +281,15 @@ def register(cls: type[AdapterConfig]) -> type[AdapterConfig]:
 
 def config_from_dict(d: dict) -> AdapterConfig:
     d = dict(d)
+    d = {k: tuple(v) if isinstance(v, list) and k.endswith("_shape") else v for k, v in d.items()}
     method = d.pop("method", None)
     if method not in METHODS:
         raise LeanformerError(f"unknown adapter method {method!r}; known: {sorted(METHODS)}")
     cls = METHODS[method]
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def replay(model: nn.Module, config: dict, state: dict) -> None:
+    """Re-add a recorded adapter (its tensors come from the state dict load that follows)."""
+    adapt(model, config_from_dict(config), name=state["name"], layers=state["layers"])

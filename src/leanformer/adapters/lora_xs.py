@@ -36,8 +36,10 @@ class LoRAXSModule(AdapterModule):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, init_std: float,
                  randomized: bool | None):
         super().__init__()
-        u, s, v = truncated_svd(base.weight, rank, randomized)
-        dtype = base.weight.dtype
+        # a quantized base has no stored dense weight: take the SVD of the weight it computes with
+        weight = base.weight if isinstance(getattr(base, "weight", None), torch.Tensor) else base.dequantize()
+        u, s, v = truncated_svd(weight, rank, randomized)
+        dtype = weight.dtype
         self.register_buffer("xs_B", u.contiguous().to(dtype))                    # out × r, frozen
         self.register_buffer("xs_A", (s[:, None] * v.T).contiguous().to(dtype))   # r × in, frozen
         self.xs_R = nn.Parameter(torch.randn(rank, rank, dtype=dtype) * init_std)

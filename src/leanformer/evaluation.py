@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import Task, pad_batch
+from .tasks import Task
+
+from .text import pad_batch
 from .errors import LeanformerError
 from .models import is_causal_lm
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LeanformerError
-from .base import LowRankConfig, AdapterModule, register
+from .base import AdapterModule, LowRankConfig, active_adapter, register
 from .lora import _dropout
 
 
@@ -77,7 +77,7 @@ class DyLoRA(LowRankConfig):
 
         def sample_rank(_module, _args):
             # One rank per step for every layer, drawn from torch's global RNG (seeded runs repeat).
-            if getattr(model, "leanformer_active", None) != name or not model.training:
+            if active_adapter(model) != name or not model.training:
                 return
             b = int(torch.randint(1, r_max + 1, (1,)).item())
             for m in modules:

@@ -1,0 +1,246 @@
+"""`quantize(model, config)`: the one verb for weight quantization, and what its methods share.
+
+A method is a config dataclass (kashin.py, rtn.py, hqq.py) subclassing `QuantConfig`, with
+`quantize_weight(W, name)` returning the tensors it stores (b-bit codes packed with `pack_bits`,
+plus codebooks / scales / zeros / norms) and a JSON-able header, and `dequantize(tensors, header)`
+rebuilding the weight. Subclassing registers the method by its name, so a saved header can only
+reach these classes. `QuantizedLinear` keeps only the stored tensors and rebuilds its weight on each
+forward (or once, with cache=True): the model runs unchanged, and the stored bytes are exactly what
+`size_report` counts and what `lf.save` writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import LeanformerError
+from .packing import packed_nbytes
+from ..stack import Applied, push, record_base
+from ..targets import WRAPPER_TYPES, FilterFn, Targets, register_linear_type, select_linear, set_module
+
+METHODS: dict[str, type["QuantConfig"]] = {}  # method name → config class (filled by subclassing)
+
+
+class NotConverged(Exception):
+    """A method could not represent this weight (the layer stays in full precision)."""
+
+
+@dataclass
+class QuantConfig:
+    """Fields every method shares.
+
+    bits: index bits per weight (metadata is counted on top by size_report).
+    targets: which Linear layers (see leanformer.targets: None = every Linear except heads,
+    a regex string, or name suffixes); filter_fn(module, name) narrows them further.
+    cache: keep the rebuilt weight in memory (faster, costs full-precision memory).
+    """
+
+    bits: int = 4
+    targets: Targets = None
+    cache: bool = False
+    filter_fn: FilterFn | None = field(default=None, repr=False, compare=False)
+
+    method: ClassVar[str] = ""
+    SUPPORTED_BITS: ClassVar[tuple[int, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.method:
+            METHODS[cls.method] = cls
+
+    def __post_init__(self):
+        if self.bits not in self.SUPPORTED_BITS:
+            raise LeanformerError(f"{type(self).__name__}: bits={self.bits!r} is not supported; "
+                                  f"supported: {', '.join(map(str, self.SUPPORTED_BITS))}")
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+
+    def to_dict(self) -> dict:
+        """JSON form (filter_fn is code, not data: it is not saved; the chosen layers are)."""
+        d = {k: v for k, v in asdict(self).items() if k != "filter_fn"}
+        return {"method": self.method, **d}
+
+    @staticmethod
+    def from_dict(d: dict) -> "QuantConfig":
+        d = dict(d)
+        cls = method_class(d.pop("method", None))
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def quantize_weight(self, weight: torch.Tensor, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        raise NotImplementedError
+
+    @staticmethod
+    def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def method_class(method: str) -> type[QuantConfig]:
+    if method not in METHODS:
+        raise LeanformerError(f"unknown quantization method {method!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[method]
+
+
+def check_group_size(group_size: int | None, width: int, name: str) -> int:
+    """The group length for a layer of this input width (None = the whole row)."""
+    if group_size is None:
+        return width
+    if group_size <= 0 or width % group_size:
+        divisors = [d for d in range(1, width + 1) if width % d == 0]
+        near = sorted(divisors, key=lambda d: abs(d - group_size))[:4]
+        raise LeanformerError(f"group size {group_size} does not divide the input width {width} of layer "
+                              f"{name}; nearest group sizes that do: {', '.join(map(str, sorted(near)))}")
+    return group_size
+
+
+@register_linear_type
+class QuantizedLinear(nn.Module):
+    """A Linear whose weight is stored quantized and rebuilt on the fly (exactly as saved)."""
+
+    def __init__(self, in_features: int, out_features: int, header: dict, tensors: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None, cache: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.header = dict(header)
+        self.method = header["method"]
+        self._dequantize = method_class(self.method).dequantize
+        self.tensor_names = sorted(tensors)
+        for k, v in tensors.items():
+            self.register_buffer(k, v)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.cache = cache
+        self._cached: torch.Tensor | None = None
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.tensor_names}
+
+    def tensor_specs(self) -> dict[str, list]:
+        """{name: [dtype, shape]} of every stored tensor: what a saved header promises."""
+        return {k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in self.stored_tensors().items()}
+
+    def dequantize(self) -> torch.Tensor:
+        """The full (out, in) float32 weight this layer computes with."""
+        if self._cached is not None:
+            return self._cached
+        w = self._dequantize(self.stored_tensors(), self.header)
+        if self.cache:
+            self._cached = w
+        return w
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) must not leave a stale cached weight behind
+        self._cached = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, bits={self.header['bits']}"
+
+
+@dataclass
+class QuantizeReport:
+    config: dict
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it stays in full precision
+    seconds: float = 0.0
+
+    def __str__(self):
+        s = f"{self.config['method']} {self.config['bits']}-bit: {len(self.quantized)} layers quantized in {self.seconds:.1f} s"
+        if self.skipped:
+            s += f"; {len(self.skipped)} kept in full precision: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items())
+        return s
+
+
+def _linear_to_quantize(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    """(path, module) of the Linear to replace: a wrapper's base layer stands in for the wrapper."""
+    module = model.get_submodule(name)
+    if isinstance(module, tuple(WRAPPER_TYPES)):
+        name, module = f"{name}.base_layer", module.base_layer
+    if isinstance(module, QuantizedLinear):
+        raise LeanformerError(f"layer {name} is already quantized ({module.method}, {module.header['bits']} bits)")
+    return name, module
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, config: QuantConfig, progress: bool = True) -> QuantizeReport:
+    """Replace the target Linear layers of `model` (in place) by QuantizedLinear layers.
+
+    Layers a method cannot represent (NotConverged) stay in full precision and are listed in the
+    report's `skipped`; bad input (NaN/Inf weights, group sizes that do not divide a width) raises
+    LeanformerError before the model is modified.
+    """
+    if not isinstance(config, QuantConfig):
+        raise LeanformerError(f"quantize() takes a quantization config (Kashin, RTN, HQQ), not {type(config).__name__}")
+    names = select_linear(model, config.targets, config.filter_fn)
+    modules = dict(_linear_to_quantize(model, n) for n in names)
+    for n, m in modules.items():  # validate everything first so a bad layer never leaves a half-quantized model
+        if not torch.isfinite(m.weight).all():
+            bad = (~torch.isfinite(m.weight)).sum().item()
+            raise LeanformerError(f"layer {n} has {bad} NaN/Inf weight entries; quantization needs finite weights")
+        check_group_size(getattr(config, "group_size", None), m.in_features, n)
+    record_base(model)
+    report = QuantizeReport(config=config.to_dict())
+    t0 = time.perf_counter()
+    replacements = {}
+    for n, m in tqdm(modules.items(), desc=f"quantize {config.method} {config.bits}-bit", disable=not progress,
+                     leave=False):
+        w = m.weight.detach().float().cpu()
+        try:
+            tensors, header = config.quantize_weight(w, n)
+        except NotConverged as e:
+            report.skipped[n] = str(e)
+            continue
+        header = {"method": config.method, "bits": config.bits, "shape": [m.out_features, m.in_features], **header}
+        q = QuantizedLinear(m.in_features, m.out_features, header, tensors, m.bias, cache=config.cache)
+        replacements[n] = q.to(m.weight.device)
+        report.quantized.append(n)
+    for n, q in replacements.items():
+        set_module(model, n, q)
+    report.seconds = time.perf_counter() - t0
+    push(model, Applied("quantize", config, {
+        "layers": {n: {**q.header, "tensors": q.tensor_specs()} for n, q in replacements.items()},
+        "skipped": dict(report.skipped)}))
+    if report.skipped:
+        warnings.warn(str(report), stacklevel=2)
+    return report
+
+
+def replay(model: nn.Module, config: dict, state: dict) -> None:
+    """Rebuild a recorded quantization's structure (empty stored tensors, filled by the state dict load)."""
+    cache = bool(config.get("cache", False))
+    for name, h in state["layers"].items():
+        method_class(h["method"])  # unknown methods fail with the list of known ones
+        out_f, in_f = h["shape"]
+        packed = h["tensors"].get("packed", [None, [0]])[1]
+        if packed != [packed_nbytes(out_f * in_f, h["bits"])]:
+            raise LeanformerError(f"quantized layer {name}: its header promises {packed} packed bytes, but "
+                                  f"{out_f}x{in_f} weights at {h['bits']} bits need {packed_nbytes(out_f * in_f, h['bits'])}; "
+                                  "the checkpoint is corrupt")
+        old = model.get_submodule(name)
+        tensors = {k: torch.empty(shape, dtype=getattr(torch, dtype)) for k, (dtype, shape) in h["tensors"].items()}
+        header = {k: v for k, v in h.items() if k != "tensors"}
+        set_module(model, name, QuantizedLinear(old.in_features, old.out_features, header, tensors, old.bias, cache))
+    push(model, Applied("quantize", QuantConfig.from_dict(config), state))
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def relative_weight_errors(original: nn.Module, quantized: nn.Module) -> dict[str, float]:
+    """‖W − Ŵ‖_F / ‖W‖_F for every QuantizedLinear of `quantized` against the same-named Linear of `original`."""
+    out = {}
+    for n, m in quantized_layers(quantized).items():
+        w = original.get_submodule(n).weight.detach().float().cpu()
+        out[n] = ((w - m.dequantize().cpu()).norm() / w.norm().clamp_min(1e-30)).item()
+    return out
