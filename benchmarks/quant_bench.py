@@ -185,7 +185,7 @@ def main(argv=None):
         row["minilm_embedding_cosine"] = float(cos.mean())
         row["minilm_embedding_cosine_min"] = float(cos.min())
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            lf.save_quantized(q, tok, Path(tmp) / "q")
+            lf.save(q, tok, Path(tmp) / "q")
             row["minilm_disk"] = dir_bytes(Path(tmp) / "q")
         del q
         # fine-tuned classifier (same targets: the encoder's Linear layers; head and pooler stay fp32)
@@ -203,7 +203,7 @@ def main(argv=None):
         row["stories_weight_error_mean"] = sum(relative_weight_errors(llama, ql).values()) / len(rep.quantized)
         row["tinystories"] = lf.perplexity(ql, ltok, stories, max_length=256)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            lf.save_quantized(ql, ltok, Path(tmp) / "q")
+            lf.save(ql, ltok, Path(tmp) / "q")
             row["stories_disk"] = dir_bytes(Path(tmp) / "q")
         del ql
         rows.append(row)

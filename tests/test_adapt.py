@@ -192,9 +192,17 @@ def test_named_adapters_switch(ids):
         lf.adapt(model, lf.LoRA(), name="a")
 
 
+def named_tiny(tmp_path, seed=0):
+    """A tiny base that lives in a directory, as a loaded checkpoint does."""
+    tiny(seed).save_pretrained(tmp_path / "base")
+    model = tiny()
+    model.name_or_path = str(tmp_path / "base")
+    return model
+
+
 @pytest.mark.parametrize("method", list(CONFIGS) + ["krona_block"])
 def test_save_load_roundtrip(method, ids, tmp_path):
-    model = tiny()
+    model = named_tiny(tmp_path)
     cfg = CONFIGS[method]() if method != "krona_block" else lf.KronA(targets=r".*layer\.\d+\.output\.dense",
                                                                       variant="block")
     lf.adapt(model, cfg)
@@ -202,22 +210,36 @@ def test_save_load_roundtrip(method, ids, tmp_path):
     if method == "dylora":
         lf.set_rank(model, 3)
     y = model(ids).logits
-    lf.save_adapter(model, tmp_path / "ad")
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter.safetensors", "leanformer.json"]
-    fresh = lf.load_adapter(tiny(), tmp_path / "ad")
-    torch.testing.assert_close(fresh(ids).logits, y, atol=0, rtol=0)
-    # A base with other weights is refused with a clear message.
-    with pytest.raises(LeanformerError, match="different base model"):
-        lf.load_adapter(tiny(seed=7), tmp_path / "ad")
+    lf.save(model, None, tmp_path / "ad")  # the base has a directory: referenced, not copied
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["leanformer.json", "leanformer.safetensors"]
+    for loaded in (lf.load(tmp_path / "ad")[0], lf.load(tmp_path / "ad", base=tiny())[0]):
+        torch.testing.assert_close(loaded(ids).logits, y, atol=0, rtol=0)
+    lf.save(model, None, tmp_path / "full", base_weights="stored")
+    torch.testing.assert_close(lf.load(tmp_path / "full")[0](ids).logits, y, atol=0, rtol=0)
+    # A base with other weights is refused with a clear message naming both.
+    with pytest.raises(LeanformerError, match="different base.*fingerprint"):
+        lf.load(tmp_path / "ad", base=tiny(seed=7))
+    tiny(seed=7).save_pretrained(tmp_path / "base")  # the recorded base directory changed since
+    with pytest.raises(LeanformerError, match=f"different base.*{tmp_path / 'base'}"):
+        lf.load(tmp_path / "ad")
 
 
-def test_merged_model_saves_the_same_fingerprint(ids, tmp_path):
-    model = tiny()
+def test_merged_adapters_save_with_the_base(ids, tmp_path):
+    model = named_tiny(tmp_path)
     lf.adapt(model, lf.LoRA(rank=2))
     randomize_trainable(model)
+    y = model(ids).logits
     lf.merge(model)
-    lf.save_adapter(model, tmp_path / "ad")
-    lf.load_adapter(tiny(), tmp_path / "ad")  # fingerprint taken with the adapter subtracted
+    lf.unmerge(model)
+    lf.save(model, None, tmp_path / "ad")  # the fingerprint survives a merge/unmerge round trip
+    torch.testing.assert_close(lf.load(tmp_path / "ad", base=tiny())[0](ids).logits, y, atol=1e-6, rtol=0)
+    lf.merge(model)
+    with pytest.raises(LeanformerError, match="merged"):
+        lf.save(model, None, tmp_path / "ref", base_weights="referenced")
+    lf.save(model, None, tmp_path / "merged")  # merged: the base changed, so it is stored whole
+    loaded, _ = lf.load(tmp_path / "merged")
+    assert all(layer.merged == "default" for _, layer in lf.adapters.base.adapted_layers(loaded))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["lora", "lora_xs", "dylora", "krona"])
@@ -256,7 +278,7 @@ def test_targets_errors_name_the_linear_modules():
         lf.adapt(tiny(), lf.LoRA(targets=["q_proj", "v_proj"]))
     msg = str(e.value)
     assert "attention.self.query" in msg and "intermediate.dense" in msg
-    with pytest.raises(LeanformerError, match="not nn.Linear"):
+    with pytest.raises(LeanformerError, match="not Linear layers"):
         lf.adapt(tiny(), lf.LoRA(targets=["attention"]))
     with pytest.raises(LeanformerError, match="regex"):
         lf.adapt(tiny(), lf.LoRA(targets="(["))
@@ -270,7 +292,8 @@ def test_regex_and_all_linear_targets():
     m = tiny()
     lf.adapt(m, lf.LoRA(rank=2, targets="all-linear"))
     wrapped = [n for n, x in m.named_modules() if isinstance(x, AdaptedLinear)]
-    assert len(wrapped) == 2 * 6 + 1 and "classifier" not in wrapped  # the head is not adapted
+    # the body's 6 Linear layers per block; the pooler and the classifier belong to the head
+    assert len(wrapped) == 2 * 6 and not any("classifier" in n or "pooler" in n for n in wrapped)
 
 
 @pytest.mark.parametrize("rank", [0, -1, 33])

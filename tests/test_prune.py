@@ -10,7 +10,7 @@ from torch import nn
 import leanformer as lf
 from leanformer.capture import capture, find_blocks
 from leanformer.compress.prune import (Calibration, LinearReplacement, calibrate, fit_linear_map, prune_layers,
-                                       pruned_copy, save_pruned, score_runs)
+                                       pruned_copy, score_runs)
 from leanformer.convert import build_tokenizer
 from leanformer.paths import data_root
 from leanformer.text import pad_batch
@@ -131,13 +131,15 @@ def test_save_load_roundtrip_and_plain_transformers(tokenizer, tmp_path):
     calib = calibrate(model, tokenizer, TEXTS, tokens=2000, max_length=32)
     dropped = pruned_copy(model, 2, 2, "none")
     prune_layers(model, 2, by="index", start=2, replace="linear", calibration=calib)
-    save_pruned(model, tokenizer, tmp_path / "p")
-    assert AutoConfig.from_pretrained(tmp_path / "p").num_hidden_layers == 3
+    lf.save(model, tokenizer, tmp_path / "p")
+    assert not (tmp_path / "p" / "config.json").exists()  # a fitted map is not a transformers block
     loaded, tok = lf.load(tmp_path / "p")
     assert [type(b).__name__ for b in find_blocks(loaded)[0]] == ["LlamaDecoderLayer"] * 2 + ["LinearReplacement", "LlamaDecoderLayer"]
-    assert loaded.leanformer_prune.removed == [2, 3]
+    assert lf.applied(loaded)[0].state["result"]["removed"] == [2, 3]
+    lf.save(dropped, tokenizer, tmp_path / "d")  # dropped blocks only: an ordinary checkpoint
+    assert AutoConfig.from_pretrained(tmp_path / "d").num_hidden_layers == 3
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
     b = batch(tok)
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()  # without the map = plain dropping
     with torch.no_grad():
         torch.testing.assert_close(loaded(**b).logits, model(**b).logits)
         torch.testing.assert_close(plain(**b).logits, dropped(**b).logits, atol=1e-5, rtol=1e-5)
@@ -186,12 +188,14 @@ def test_cli_prune_stories260k(tmp_path, monkeypatch):
     text = ROOT / "text/tinystories.valid.txt"
     assert main(["prune", "stories260k", "--layers", "1", "--by", "linearity", "--replace", "linear",
                  "--calibration", str(text), "--tokens", "2048", "--out", str(tmp_path / "p")]) == 0
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "p").config.num_hidden_layers == 4
     model, tok = lf.load(tmp_path / "p")
+    assert model.config.num_hidden_layers == 5  # four blocks and the map
     assert sum(isinstance(b, LinearReplacement) for b in find_blocks(model)[0]) == 1
     from leanformer.cli.generate import generate
 
     assert generate(model, tok, "Once upon a time", max_new_tokens=20).startswith("Once upon a time")
+    assert main(["prune", "stories260k", "--layers", "1", "--by", "index", "--out", str(tmp_path / "plain")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "plain").config.num_hidden_layers == 4
     assert main(["prune", "stories260k", "--layers", "5", "--out", str(tmp_path / "q")]) == 2
 
 
@@ -215,7 +219,7 @@ def test_heal_lowers_loss_and_stays_an_ordinary_checkpoint(tokenizer, tmp_path):
     info = heal(model, tokenizer, TEXTS, steps=15, rank=4, learning_rate=1e-2, batch_size=4, max_length=32)
     assert info["heal_loss_last"] < info["heal_loss_first"]
     assert not any("lora" in n for n, _ in model.named_parameters())  # merged and stripped
-    save_pruned(model, tokenizer, tmp_path / "h")
+    lf.save(model, tokenizer, tmp_path / "h")
     loaded, _ = lf.load(tmp_path / "h")
     b = batch(tokenizer)
     with torch.no_grad():

@@ -10,8 +10,10 @@ from torch import nn
 
 import leanformer as lf
 import leanformer.files
-from leanformer.compress.base import (QuantizedLinear, kmeans, pack_bits, packed_nbytes, relative_weight_errors,
-                                      select_targets, unpack_bits)
+from leanformer.compress.kmeans import kmeans
+from leanformer.compress.packing import pack_bits, packed_nbytes, unpack_bits
+from leanformer.compress.quantization import QuantizedLinear, relative_weight_errors
+from leanformer.targets import select_linear
 from leanformer.compress.kashin import Transform, dct, idct, kashin_matrix, kashin_vectors, _matrix
 from leanformer.errors import LeanformerError
 
@@ -112,12 +114,12 @@ def test_kmeans_is_deterministic_and_finds_clusters():
 
 def test_default_targets_skip_embeddings_and_heads():
     model = tiny_bert(classifier=True)
-    names = select_targets(model)
+    names = select_linear(model)
     assert names and all(".layer." in n for n in names)
     assert not any("classifier" in n or "pooler" in n for n in names)
     llama = tiny_llama()
-    assert "lm_head" not in select_targets(llama)
-    assert select_targets(llama, ["q_proj"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert "lm_head" not in select_linear(llama)
+    assert select_linear(llama, ["q_proj"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
 
 
 @pytest.mark.parametrize("make", CONFIGS, ids=["kashin", "kashin-shared", "kashin-kmeans", "kashin-matrix", "rtn", "hqq"])
@@ -127,7 +129,7 @@ def test_quantize_replaces_targets_and_error_shrinks_with_bits(make):
     for bits in (2, 4, 8):
         model = copy.deepcopy(base)
         report = lf.quantize(model, make(bits), progress=False)
-        assert not report.skipped and len(report.quantized) == len(select_targets(base))
+        assert not report.skipped and len(report.quantized) == len(select_linear(base))
         assert all(isinstance(model.get_submodule(n), QuantizedLinear) for n in report.quantized)
         errs[bits] = max(relative_weight_errors(base, model).values())
         out = model(input_ids=IDS % 100).last_hidden_state
@@ -179,7 +181,7 @@ def test_unconverged_layers_stay_full_precision_and_are_reported():
     model, base = tiny_bert(), tiny_bert()
     with pytest.warns(UserWarning, match="kept in full precision"):
         report = lf.quantize(model, lf.Kashin(bits=4, tol=1e-6, max_iter=2, targets=["query"]), progress=False)
-    assert not report.quantized and set(report.skipped) == set(select_targets(base, ["query"]))
+    assert not report.quantized and set(report.skipped) == set(select_linear(base, ["query"]))
     assert "after 2 iterations" in next(iter(report.skipped.values()))
     assert isinstance(model.encoder.layer[0].attention.self.query, nn.Linear)
     sizes = lf.size_report(model)
@@ -224,7 +226,7 @@ def test_size_report_counts_every_stored_byte():
 def test_save_load_is_bit_identical(make, tmp_path):
     model = tiny_llama()
     name = lf.quantize(model, make(3), progress=False).quantized[0]
-    lf.save_quantized(model, None, tmp_path / "q")
+    lf.save(model, None, tmp_path / "q")
     loaded, tok = lf.load(tmp_path / "q")
     assert tok is None and type(loaded).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
@@ -239,8 +241,8 @@ def test_load_rejects_packed_size_mismatch(tmp_path):
 
     model = tiny_bert()
     lf.quantize(model, lf.RTN(bits=4, group_size=16), progress=False)
-    lf.save_quantized(model, None, tmp_path / "q")
-    f = tmp_path / "q" / "model.safetensors"
+    lf.save(model, None, tmp_path / "q")
+    f = tmp_path / "q" / "leanformer.safetensors"
     tensors = load_file(f)
     key = "encoder.layer.0.attention.self.query.packed"
     tensors[key] = tensors[key][:-3]
@@ -249,14 +251,12 @@ def test_load_rejects_packed_size_mismatch(tmp_path):
         lf.load(tmp_path / "q")
 
 
-def test_save_refuses_unquantized_model_and_existing_dir(tmp_path):
-    with pytest.raises(LeanformerError, match="no quantized layers"):
-        lf.save_quantized(tiny_bert(), None, tmp_path / "q")
+def test_save_refuses_an_existing_dir(tmp_path):
     model = tiny_bert()
     lf.quantize(model, lf.RTN(bits=4, group_size=16), progress=False)
-    lf.save_quantized(model, None, tmp_path / "q")
+    lf.save(model, None, tmp_path / "q")
     with pytest.raises(LeanformerError, match="already exists"):
-        lf.save_quantized(model, None, tmp_path / "q")
+        lf.save(model, None, tmp_path / "q")
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -301,7 +301,7 @@ def test_cli_compress_minilm_roundtrip_and_errors(tmp_path, capsys):
     out = tmp_path / "m-rtn4"
     assert main(["compress", "minilm", "--method", "rtn", "--bits", "4", "--targets", "query", "value",
                  "--out", str(out)]) == 0
-    assert {"leanformer.json", "config.json", "model.safetensors", "size.json"} <= {p.name for p in out.iterdir()}
+    assert {"leanformer.json", "leanformer.safetensors", "size.json"} <= {p.name for p in out.iterdir()}
     model, tok = lf.load(out)
     ref, _ = lf.load("minilm")
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 12
@@ -324,7 +324,7 @@ def test_cli_compress_then_eval_stories260k(tmp_path, shared_data):
     text = tmp_path / "t.txt"
     text.write_text("Once upon a time, there was a little girl named Lily. She liked to play in the park.\n")
     assert main(["eval", str(out), "--text", str(text), "--out", str(tmp_path / "ev")]) == 0
-    metrics = lf.io.load_json(tmp_path / "ev" / "metrics.json")
+    metrics = leanformer.files.load_json(tmp_path / "ev" / "metrics.json")
     fp, tok = lf.load("stories260k")
     ppl_fp = lf.perplexity(fp, tok, [text.read_text()])["perplexity"]
     # quantized is worse than full precision but still a language model (uniform over 512 tokens = 512)

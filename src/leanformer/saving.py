@@ -50,12 +50,13 @@ HF_WEIGHTS, LF_WEIGHTS = "model.safetensors", "leanformer.safetensors"
 
 
 def save(model: nn.Module, tokenizer, path: str | os.PathLike, overwrite: bool = False,
-         base_weights: str = "auto") -> Path:
+         base_weights: str = "auto", extra_json: dict[str, dict] | None = None) -> Path:
     """Write `model` (with every transform applied to it) and `tokenizer` to the new directory `path`.
 
     base_weights: "stored" (every tensor is written), "referenced" (adapter-only stacks: only the
     adapters are written, the base is reloaded by name and checked by fingerprint), or "auto"
-    (referenced where allowed, else stored)."""
+    (referenced where allowed, else stored). extra_json: more files written in the same atomic step
+    (e.g. {"metrics.json": {...}}), so the directory never exists without them."""
     if base_weights not in ("auto", "stored", "referenced"):
         raise LeanformerError(f"base_weights must be 'auto', 'stored' or 'referenced', got {base_weights!r}")
     entries = applied(model)
@@ -93,6 +94,8 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, overwrite: bool =
         save_tensors(staging / weights_file, tensors, metadata={"format": "pt"})
         if any(isinstance(m, _quantize.QuantizedLinear) for m in model.modules()):
             save_json(staging / "size.json", size_report(model).to_json())
+        for name, obj in (extra_json or {}).items():
+            save_json(staging / name, obj)
         save_json(staging / "leanformer.json", meta)
     return Path(path)
 
@@ -170,9 +173,12 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def load(name_or_path: str | os.PathLike, head: str = "auto", num_labels: int | None = None, device: str = "cpu",
-         dtype: torch.dtype = torch.float32):
+         dtype: torch.dtype = torch.float32, base: nn.Module | None = None):
     """(model, tokenizer) in eval mode: a directory written by `save` (its stack replayed), or else an
-    alias, a Hugging Face directory or a hub id (see models.load_pretrained for head / num_labels)."""
+    alias, a Hugging Face directory or a hub id (see models.load_pretrained for head / num_labels).
+
+    base: for a directory that references its base (adapters only), the base model to apply it to,
+    in place, instead of loading the recorded one by name (its weights must match the fingerprint)."""
     source = resolve(name_or_path)
     if not (Path(source) / "leanformer.json").is_file():
         return load_pretrained(source if source != str(name_or_path) else name_or_path, head=head,
@@ -187,8 +193,12 @@ def load(name_or_path: str | os.PathLike, head: str = "auto", num_labels: int | 
     except (SafetensorError, OSError) as e:
         raise LeanformerError(f"{weights}: cannot read the tensors ({e}); the file is truncated or corrupt — "
                               "save the model again") from e
-    if meta["weights"]["base"] == "referenced":
+    if meta["weights"]["base"] == "referenced" and base is not None:
+        model, tokenizer = base, load_tokenizer(path, required=False)
+    elif meta["weights"]["base"] == "referenced":
         model, tokenizer = _referenced_base(path, meta, device)
+    elif base is not None:
+        raise LeanformerError(f"{path} stores its base weights; load it without base=")
     else:
         model = _build_base(path, meta["base"])
         tokenizer = load_tokenizer(path, required=False)

@@ -29,10 +29,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .. import load
-    from ..compress.base import quantize
-    from ..compress.io import save_quantized
-    from ..compress.size import size_report
+    from ..saving import load
+    from ..compress import quantize
+    from ..saving import save
+    from ..compress import size_report
     from ..files import OutputDirError
 
     device = check_device(args.device)
@@ -54,7 +54,7 @@ def run(args) -> int:
         config = HQQ(**kwargs)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        # fail before the work, not after it (save_quantized would refuse the same way)
+        # fail before the work, not after it (save would refuse the same way)
         raise OutputDirError(f"--out {out} already exists and is not empty; choose a new directory or pass "
                              "--overwrite to replace it")
     model, tokenizer = load(args.model, device=device)
@@ -62,7 +62,7 @@ def run(args) -> int:
     print(report)
     sizes = size_report(model)
     print(sizes)
-    save_quantized(model, tokenizer, args.out, overwrite=args.overwrite)
+    save(model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out} (load with lf.load or `leanformer eval {args.out} ...`)")
     return 0
 

@@ -29,11 +29,12 @@ def add_arguments(p) -> None:
 
 def _recorded_base(path: str) -> str | None:
     marker = Path(path) / "leanformer.json"
-    return json.loads(marker.read_text()).get("base_model") if marker.is_file() else None
+    return (json.loads(marker.read_text()).get("base") or {}).get("name_or_path") if marker.is_file() else None
 
 
 def run(args) -> int:
-    from .. import evaluation, load
+    from .. import evaluation
+    from ..saving import load
     from ..tasks import load_task
     from ..text import get_texts
     from ..files import output_dir, save_json

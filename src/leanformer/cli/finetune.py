@@ -73,8 +73,8 @@ def run(args) -> int:
     from ..adapters import base as A
     from ..tasks import load_task
     from ..evaluation import evaluate_task
-    from ..files import output_dir, save_json
-    from ..models import load
+    from ..saving import save
+    from ..saving import load
     from ..train.loop import TrainConfig, train_classifier
 
     device = check_device(args.device)
@@ -125,15 +125,7 @@ def run(args) -> int:
         result["by_rank"] = per_rank
     result["wall_seconds"] = round(time.perf_counter() - started, 2)
 
-    with output_dir(out, overwrite=args.overwrite) as tmp:
-        if args.method == "full":
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
-        else:
-            from ..adapters.io import write_adapter
-
-            write_adapter(model, tmp)
-        save_json(tmp / "metrics.json", result)
+    save(model, tokenizer, out, overwrite=args.overwrite, extra_json={"metrics.json": result})
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     for k, v in result.items():
         print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")

@@ -41,7 +41,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperatu
 
 
 def run(args) -> int:
-    from ..models import load
+    from ..saving import load
     from ..runtime import set_seed
 
     model, tok = load(args.model, device=check_device(args.device))  # auto head: encoders fail clearly

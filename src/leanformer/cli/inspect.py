@@ -28,7 +28,7 @@ def run(args) -> int:
     from ..errors import LeanformerError
     from ..inspection import inspect
     from ..files import output_dir, save_json
-    from ..models import load
+    from ..saving import load
     from ..report import plot_profile, write_report
 
     if args.tokens <= 0:

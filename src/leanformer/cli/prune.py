@@ -33,9 +33,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..compress.prune import prune_layers, save_pruned
+    from ..compress.prune import prune_layers
+    from ..saving import save
     from ..text import get_texts
-    from ..models import is_causal_lm, load
+    from ..models import is_causal_lm
+    from ..saving import load
 
     model, tok = load(args.model, device=check_device(args.device))
     import copy
@@ -54,8 +56,7 @@ def run(args) -> int:
                       batch_size=args.batch_size, max_length=args.max_seq_length, teacher=teacher, seed=args.seed)
         print(f"healed {args.heal_steps} steps (LoRA rank {args.heal_rank}, merged): "
               f"loss {healed['heal_loss_first']:.4f} → {healed['heal_loss_last']:.4f}")
-    out = save_pruned(model, tok, args.out, overwrite=args.overwrite,
-                      extra={"source": str(args.model), "heal": healed or None})
+    out = save(model, tok, args.out, overwrite=args.overwrite)
     if result.scores:
         print(f"{'start':>5}  " + "  ".join(f"{k:>15}" for k in result.scores))
         for s in range(len(next(iter(result.scores.values())))):
