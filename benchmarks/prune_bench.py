@@ -1,5 +1,5 @@
 """Layer pruning: for every single block and every run of two blocks, the actual damage of dropping it
-and of replacing it by a fitted linear map, against each criterion's score (methods.md §1.4, §3.2).
+and of replacing it by a fitted linear map, against each criterion's score (ShortGPT, Gromov et al. 2024, Secretly Linear, ReplaceMe).
 
   stories260K  quality = perplexity on held-out TinyStories text (damage = Δ NLL, nats/token)
   minilm       quality = cosine of mean-pooled sentence embeddings to the unpruned model on SST-2 dev

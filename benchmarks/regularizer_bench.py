@@ -1,6 +1,6 @@
 """Cosine linearity regulariser, small scale: the same Llama-shaped decoder pretrained from scratch on
 TinyStories text with λ = 0 and λ = 0.5 (same seed, data order and steps); compares validation
-perplexity and the per-layer linearity profile (methods.md §1.1, §3.2).
+perplexity and the per-layer linearity profile (Razzhigaev et al., "Your Transformer is Secretly Linear", ACL 2024).
 
     .venv/bin/python benchmarks/regularizer_bench.py                 # both runs, then the report
     .venv/bin/python benchmarks/regularizer_bench.py --lam 0.5       # one run (e.g. in parallel)

@@ -3,7 +3,7 @@
 Hooks on the block list give the residual stream uniformly for every architecture: h_0 is the
 input of block 0 (embedding output), h_i the output of block i−1. For decoders this is the
 pre-final-norm residual — unlike `output_hidden_states`, whose last entry often has the final norm
-applied (methods.md §1).
+applied (the states Razzhigaev et al. 2024 measure linearity on).
 """
 from __future__ import annotations
 

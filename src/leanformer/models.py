@@ -147,7 +147,7 @@ def load_pretrained(name_or_path: str | os.PathLike, head: str = "auto", num_lab
         model = cls.from_pretrained(source, dtype=dtype, **kwargs)
     except ValueError as e:
         raise LeanformerError(f"{source}: cannot load as {cls.__name__} ({e})") from e
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, required=False)  # None for a weights-only directory
     model.name_or_path = str(name_or_path)
     return model.to(device).eval(), tokenizer
 

@@ -1,4 +1,4 @@
-"""Kashin quantization (Merkulov et al., UAI 2024; methods.md §3.1).
+"""Kashin quantization (Merkulov et al., "Quantization of Large Language Models with an Overdetermined Basis", UAI 2024).
 
 Each weight vector x (a row of W, or a group of `group_size` consecutive entries of a row) is
 written through a Kashin representation x ≈ u + P v, P orthogonal, u and v of small ∞-norm. The

@@ -1,4 +1,4 @@
-"""Per-layer signals used to rank blocks for removal (methods.md §1.4)."""
+"""Per-layer signals used to rank blocks for removal (block influence: Men et al., ShortGPT, 2024; angular distance: Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers", 2024)."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,5 @@
 """Streaming accumulators: every metric of `inspect` from running sums, so memory is O(L·d²)
-whatever the number of tokens (design.md §2).
+whatever the number of tokens.
 
 Per layer i: Σh, Σhᵀh; per transition: the block's own output r = h_{i+1} − h_i through Σh_iᵀr,
 Σr and Σ‖r‖² (so the without-residual score never subtracts two nearly equal moment matrices:
@@ -17,8 +17,8 @@ import math
 import numpy as np
 import torch
 
-from .anisotropy import anisotropy_from_covariance
-from .linearity import linearity_from_moments
+from .spectrum import anisotropy_from_covariance
+from .linear_fit import linearity_from_moments
 from .twonn import intrinsic_dimension
 
 

@@ -1,4 +1,4 @@
-"""TwoNN intrinsic dimension (Facco et al. 2017; methods.md §1.3).
+"""TwoNN intrinsic dimension (Facco, d'Errico, Rodriguez, Laio, "Estimating the intrinsic dimension of datasets by a minimal neighborhood information", Sci. Rep. 2017).
 
 Points are centred and scaled by the mean row norm (as in the paper; the ratios μ are invariant to
 it). μ = r2/r1 from each point's two nearest neighbours (vectorised distances, in

@@ -1,4 +1,4 @@
-"""Anisotropy ("The Shape of Learning", methods.md §1.2): σ₁² / Σσᵢ² of the centred (n, d) matrix,
+"""Anisotropy (Razzhigaev et al., "The Shape of Learning: Anisotropy and Intrinsic Dimensions in Transformer-Based Models", EACL 2024 Findings): σ₁² / Σσᵢ² of the centred (n, d) matrix,
 i.e. the share of variance along the top principal direction. 1 for rank-one data, ≈1/d for isotropic."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Linearity score ("Your Transformer is Secretly Linear", methods.md §1.1).
+"""Linearity score (Razzhigaev et al., "Your Transformer is Secretly Linear", ACL 2024).
 
 linearity(X, Y) = 1 − min_A ‖X̃A − Ỹ‖²_F with X̃, Ỹ column-centred and scaled to unit Frobenius
 norm, A any d×d matrix (ordinary least squares, not Procrustes). Solved in float64 with a
