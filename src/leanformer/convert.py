@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .errors import LeanformerError
 from .files import load_json, output_dir, save_json
@@ -100,8 +102,6 @@ def _permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def llama2c_to_hf(hdr: dict, t: dict[str, torch.Tensor]):
     """A transformers LlamaForCausalLM holding the checkpoint's weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     d, nh, nkv = hdr["dim"], hdr["n_heads"], hdr["n_kv_heads"]
     config = LlamaConfig(
         vocab_size=hdr["vocab_size"], hidden_size=d, intermediate_size=hdr["hidden_dim"],
@@ -190,9 +190,6 @@ def _piece(i: int, b: bytes) -> str:
 
 def build_tokenizer(vocab: list[tuple[bytes, float]], model_max_length: int = 512):
     """A PreTrainedTokenizerFast that encodes exactly like llama2.c (see the module docstring)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     try:
         pieces = [_piece(i, b) for i, (b, _) in enumerate(vocab)]
     except UnicodeDecodeError as e:

@@ -9,6 +9,10 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer)
+from transformers.utils import logging as hf_logging
 
 from .constants import ALIASES, CLASSIFIER_HEAD_NAMES, HEADS
 from .convert import CONVERTER_VERSION, convert_llama2c
@@ -62,8 +66,6 @@ def resolve(name_or_path: str | os.PathLike) -> str:
     hub_id_shape = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) and not name.startswith(".")
     if not hub_id_shape or path.exists():
         raise LeanformerError(f"model path not found: {name} (aliases: {', '.join(ALIASES)})")
-    from huggingface_hub import try_to_load_from_cache
-
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return name  # cached: loads offline
     ok, why = hub_reachable()
@@ -96,8 +98,6 @@ def classifier_head_name(model: torch.nn.Module) -> str | None:
 
 def model_class(config, head: str = "auto"):
     """The transformers Auto class that loads `config` with the given head ("auto": as recorded)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     if head == "auto":
         head = head_kind(config)
     return {"base": AutoModel, "causal-lm": AutoModelForCausalLM,
@@ -112,8 +112,6 @@ def ensure_pad_token(tokenizer):
 
 
 def load_tokenizer(source: str | os.PathLike, required: bool = True):
-    from transformers import AutoTokenizer
-
     try:
         return ensure_pad_token(AutoTokenizer.from_pretrained(str(source)))
     except (OSError, ValueError):
@@ -129,9 +127,6 @@ def load_pretrained(name_or_path: str | os.PathLike, head: str = "auto", num_lab
     head: "auto" (from the checkpoint's architecture), "base" (AutoModel), "causal-lm" or
     "sequence-classification" (then num_labels; 1 means regression).
     """
-    from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # weight loading is instant for our sizes; keep output readable
     if head not in HEADS:
         raise LeanformerError(f"unknown head {head!r}; choose from {HEADS}")

@@ -7,6 +7,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from huggingface_hub import constants as hub_constants
+
 from .errors import LeanformerError
 
 
@@ -37,9 +39,7 @@ def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
     a minute of library retries against a closed network into a few seconds and one clear message."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False, "HF_HUB_OFFLINE is set"
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname or ""
+    host = urlparse(hub_constants.ENDPOINT).hostname or ""
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True, ""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LeanformerError
-from .base import AdapterConfig, AdapterModule, register
+from .base import AdapterConfig, AdapterModule, adapted_layers, register
 from .lora import _dropout
 
 VARIANTS = ("linear", "block", "block_res")
@@ -157,8 +157,6 @@ class KronA(AdapterConfig):
     def on_adapt(self, model: nn.Module, name: str, modules: list[KronAModule]) -> None:
         if self.variant == "linear":
             return
-        from .base import adapted_layers
-
         for layer_name, layer in adapted_layers(model):
             if name not in layer.adapters:
                 continue

@@ -6,9 +6,7 @@ import copy
 import os
 from pathlib import Path
 
-import peft
 import torch
-from peft.tuners.lokr.layer import factorization
 from torch import nn
 
 from ..errors import LeanformerError
@@ -40,6 +38,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str | None = No
     reproduces every layer's factor shapes, else a LeanformerError. Load it with
     `PeftModel.from_pretrained(base, path)`.
     """
+    import peft  # imported here: it adds seconds to `import leanformer` and only export needs it
+
     name = name or active_adapter(model)
     registry = adapter_configs(model)
     if name not in registry:
@@ -94,6 +94,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str | None = No
 
 def _lokr_factor(shapes) -> int:
     """peft LoKr splits out and in with one `decompose_factor`; find one that gives our shapes."""
+    from peft.tuners.lokr.layer import factorization
+
     candidates = [-1] + sorted({v for _, a, b in shapes for v in (*a, *b)})
     for f in candidates:
         if all(factorization(a[0] * b[0], f) == (a[0], b[0]) and factorization(a[1] * b[1], f) == (a[1], b[1])
