@@ -70,18 +70,24 @@ def child(method: str, seed: int, args) -> dict:
 
     torch.set_num_threads(1)
     import leanformer as lf
+    import tempfile
+
+    from transformers import TrainingArguments
+
     from leanformer.tasks import load_task
     from leanformer.evaluation import evaluate_task
-    from leanformer.train.loop import TrainConfig, train_classifier
 
     task = load_task(args.task)
     torch.manual_seed(seed)  # adapter / head initialisation depends on the seed too
     model, tok = build(method, task.num_labels)
-    cfg = TrainConfig(learning_rate=LR[method], head_learning_rate=None if method == "full" else HEAD_LR,
-                      num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
-                      per_device_eval_batch_size=64, max_seq_length=args.max_seq_length,
-                      max_train_samples=args.train_samples, seed=seed, progress=False)
-    res = train_classifier(model, tok, task, cfg)
+    with tempfile.TemporaryDirectory() as scratch:
+        training = TrainingArguments(
+            output_dir=scratch, learning_rate=LR[method], num_train_epochs=args.epochs, warmup_steps=0.06,
+            per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64, seed=seed, optim="adamw_torch",
+            train_sampling_strategy="group_by_length", save_strategy="no", report_to="none", disable_tqdm=True,
+            use_cpu=True)
+        res = lf.finetune(model, tok, task, training, max_seq_length=args.max_seq_length,
+                          max_train_samples=args.train_samples, head_learning_rate=None if method == "full" else HEAD_LR)
     res.update(method=method, seed=seed, lr=LR[method])
     if method == "dylora":
         res["by_rank"] = {}

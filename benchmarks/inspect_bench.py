@@ -23,6 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leanformer.metrics.schema import METRICS, TRANSITION_METRICS
+
+REFERENCE_LAYER_METRICS = (METRICS["anisotropy"], METRICS["intrinsic_dim"])  # the layer metrics the reference computes
+
+
+def markdown_header(first_column: str, metrics) -> list[str]:
+    """The two header lines of a markdown table: a first column, then one per metric (its label)."""
+    return [f"| {first_column} | " + " | ".join(m.label for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+
 
 def reference_pipeline(model, tokenizer, tokens: int, max_length: int, batch_size: int, sample_size: int, seed: int):
     from leanformer.capture import iter_hidden_states
@@ -144,7 +153,6 @@ def main() -> None:
     for tokens in args.tokens:
         runs[tokens] = {name: measure(name, tokens, args) for name in ("ours", "reference")}
 
-    from leanformer.inspection import TRANSITION_METRICS
     from leanformer.files import save_json
     import matplotlib
     matplotlib.use("Agg")
@@ -160,23 +168,24 @@ def main() -> None:
             lines.append(f"| {tokens} | {name} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['rss_after_load_mb']:.0f} |")
         speedup = pair["reference"]["seconds"] / pair["ours"]["seconds"]
         max_diff = {}
-        for kind, keys in (("layers", ("anisotropy", "intrinsic_dim")), ("transitions", TRANSITION_METRICS)):
-            for key in keys:
-                max_diff[key] = max(abs(a[key] - b[key]) for a, b in zip(pair["ours"][kind], pair["reference"][kind]))
+        for kind, metrics in (("layers", REFERENCE_LAYER_METRICS), ("transitions", TRANSITION_METRICS)):
+            for m in metrics:
+                max_diff[m.name] = max(abs(a[m.name] - b[m.name])
+                                       for a, b in zip(pair["ours"][kind], pair["reference"][kind]))
         summary["runs"][tokens] = {"speedup": speedup, "max_abs_diff": max_diff, **pair}
     lines += ["", "| tokens | speed-up (reference s / ours s) | peak RSS ours / reference |", "|---|---|---|"]
     for tokens, s in summary["runs"].items():
         lines.append(f"| {tokens} | {s['speedup']:.1f}× | {s['ours']['peak_rss_mb']:.0f} / {s['reference']['peak_rss_mb']:.0f} MB |")
     first = next(iter(summary["runs"].values()))
     lines += ["", f"## Metric values, {args.tokens[0]} tokens (ours / reference)", "",
-              "| block | linearity | linearity w/o residual | block influence | angular distance |", "|---|---|---|---|---|"]
+              *markdown_header("block", TRANSITION_METRICS)]
     for a, b in zip(first["ours"]["transitions"], first["reference"]["transitions"]):
         lines.append(f"| {a['from']}→{a['to']} | " + " | ".join(
-            f"{a[k]:.5f} / {b[k]:.5f}" for k in TRANSITION_METRICS) + " |")
-    lines += ["", "| layer | anisotropy | intrinsic dim |", "|---|---|---|"]
+            f"{a[m.name]:.5f} / {b[m.name]:.5f}" for m in TRANSITION_METRICS) + " |")
+    lines += ["", *markdown_header("layer", REFERENCE_LAYER_METRICS)]
     for a, b in zip(first["ours"]["layers"], first["reference"]["layers"]):
-        lines.append(f"| {a['index']} | {a['anisotropy']:.5f} / {b['anisotropy']:.5f} | "
-                     f"{a['intrinsic_dim']:.4f} / {b['intrinsic_dim']:.4f} |")
+        lines.append(f"| {a['index']} | " + " | ".join(
+            f"{a[m.name]:.5f} / {b[m.name]:.5f}" for m in REFERENCE_LAYER_METRICS) + " |")
     lines += ["", "Largest |ours − reference| per metric: " + ", ".join(
         f"{k} {v:.1e}" for k, v in first["max_abs_diff"].items())]
     out.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,9 @@ def dir_bytes(path: Path) -> dict:
 
 def finetuned_minilm(cache: Path, task, steps: int, seed: int):
     """Full fine-tune of minilm on SST-2 (batch 32, length 64), cached as an HF directory."""
-    from leanformer.train.loop import TrainConfig, train_classifier
+    import tempfile
+
+    from transformers import TrainingArguments
 
     out = cache / f"minilm-sst2-full-{steps}steps-seed{seed}"
     if (out / "config.json").is_file():
@@ -83,9 +85,12 @@ def finetuned_minilm(cache: Path, task, steps: int, seed: int):
         return model, tok, json.loads((out / "train_metrics.json").read_text())
     model, tok = lf.load("minilm", head="sequence-classification", num_labels=2)
     model.train()
-    cfg = TrainConfig(learning_rate=5e-5, max_steps=steps, per_device_train_batch_size=32, max_seq_length=64,
-                      warmup_ratio=0.06, seed=seed, evaluate=False)
-    metrics = train_classifier(model, tok, task, cfg)
+    with tempfile.TemporaryDirectory() as scratch:
+        training = TrainingArguments(output_dir=scratch, learning_rate=5e-5, max_steps=steps, per_device_train_batch_size=32,
+                                     warmup_steps=0.06, seed=seed, optim="adamw_torch",
+                                     train_sampling_strategy="group_by_length", save_strategy="no", report_to="none",
+                                     disable_tqdm=True, use_cpu=True)
+        metrics = lf.finetune(model, tok, task, training, method="full", max_seq_length=64, evaluate=False)
     model.eval()
     model.save_pretrained(out)
     tok.save_pretrained(out)

@@ -1,38 +1,66 @@
-"""Shared fixtures: tiny random models for mechanics, the real data directory when present."""
+"""Shared fixtures: tiny random models for mechanics, the real data directory when present.
+
+`make_tiny_bert` / `make_tiny_llama` return factories; every call builds a fresh config and model
+(pruning edits `model.config` in place, so no two models may share one), seeded by `seed`.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel, LlamaConfig,
+                          LlamaForCausalLM)
 
-from leanformer.paths import data_root
 from leanformer.models import alias_path
+from leanformer.paths import data_root
+
+BERT_HEADS = {None: BertModel, "sequence-classification": BertForSequenceClassification}
+
+
+def tiny_bert_model(layers: int = 2, seed: int = 0, head: str | None = None, vocab_size: int = 100,
+                    **config) -> BertModel | BertForSequenceClassification:
+    """A random BERT, hidden 32, 2 heads, FFN 64, in eval mode; `config` overrides BertConfig fields."""
+    torch.manual_seed(seed)
+    cfg = BertConfig(**{"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
+                        "max_position_embeddings": 128, "num_labels": 2, **config},
+                     num_hidden_layers=layers, vocab_size=vocab_size)
+    return BERT_HEADS[head](cfg).eval()
+
+
+def tiny_llama_model(layers: int = 2, seed: int = 0, vocab_size: int = 100, **config) -> LlamaForCausalLM:
+    """A random Llama causal LM, hidden 32, 4 query / 2 key-value heads, FFN 64, in eval mode;
+    `config` overrides LlamaConfig fields."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**{"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "max_position_embeddings": 128, **config},
+                      num_hidden_layers=layers, vocab_size=vocab_size)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def make_tiny_bert():
+    return tiny_bert_model
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llama():
+    return tiny_llama_model
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(alias_path("minilm"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tiny_bert(tokenizer):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    return BertModel(config).eval()
+    """A 3-block random BERT over minilm's vocabulary (so real text tokenizes into it)."""
+    return tiny_bert_model(layers=3, vocab_size=tokenizer.vocab_size)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def tiny_llama(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaForCausalLM(config).eval()
+    """A 3-block random Llama over minilm's vocabulary."""
+    return tiny_llama_model(layers=3, vocab_size=tokenizer.vocab_size)
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,30 @@
-"""The training loop (resumable, deterministic) and the `finetune` command end to end."""
+"""Fine-tuning on transformers.Trainer (resumable, deterministic), adapted models under a plain
+Trainer, the `finetune` command end to end, and two processes."""
 from __future__ import annotations
 
 import csv
 import json
+import math
+import os
 import random
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, DataCollatorWithPadding, Trainer,
+                          TrainerCallback, TrainingArguments)
 
 import leanformer as lf
+from leanformer.cli import finetune as finetune_command
 from leanformer.cli import main
-from leanformer.paths import data_root
-from leanformer.tasks import Split, Task, load_task
 from leanformer.errors import LeanformerError
 from leanformer.models import alias_path
-from leanformer.train.loop import TrainConfig, train_classifier
+from leanformer.paths import data_root
+from leanformer.tasks import Split, Task, load_task
+from leanformer.train.callbacks import TrainingInterrupted
+from leanformer.train.finetuning import encode_split
 
 POS, NEG = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
 
@@ -47,25 +56,72 @@ def tiny_model(vocab: int, seed=0, num_labels=2):
                                                     intermediate_size=64, vocab_size=vocab, num_labels=num_labels))
 
 
-def test_trains_and_reports_the_contract_keys(tokenizer):
-    model = tiny_model(tokenizer.vocab_size)
-    lf.adapt(model, lf.LoRA(rank=4, modules_to_save=["classifier"]))
-    m = train_classifier(model, tokenizer, toy_task(),
-                         TrainConfig(learning_rate=1e-2, num_train_epochs=3, per_device_train_batch_size=16,
-                                     progress=False))
-    assert m["accuracy"] >= 0.8  # chance is 0.5; the words decide the label
-    for k in ("trainable_params", "total_params", "train_seconds_per_step", "peak_rss_mb"):
-        assert m[k] > 0
-    assert m["train_steps"] == 3 * 8 and m["trainable_params"] < m["total_params"]
+def training_args(out, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(out), learning_rate=1e-2, num_train_epochs=3, per_device_train_batch_size=16,
+                save_strategy="no", disable_tqdm=True, report_to="none", logging_strategy="no", use_cpu=True)
+    return TrainingArguments(**{**base, **kw})
 
 
 def trainable_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def test_trains_and_reports_the_contract_keys(tokenizer, tmp_path):
+    model = tiny_model(tokenizer.vocab_size)
+    m = lf.finetune(model, tokenizer, toy_task(), training_args(tmp_path, learning_rate=3e-2), method=lf.LoRA(rank=4))
+    assert m["accuracy"] >= 0.9 and m["train_loss"] < 0.6  # chance: 0.5, log 2 = 0.69; the words decide the label
+    for k in ("trainable_params", "total_params", "train_seconds_per_step", "peak_rss_mb", "train_loss"):
+        assert m[k] > 0
+    assert m["train_steps"] == 3 * 8 and m["train_samples"] == 128 and m["processes"] == 1
+    assert m["trainable_params"] == 2 * 2 * 4 * (32 + 32) + 32 * 2 + 2  # LoRA on query/value + the head it adds
+    assert not model.training
+
+
+def test_full_fine_tuning_and_head_learning_rate_from_the_api(tokenizer, tmp_path):
+    model = tiny_model(tokenizer.vocab_size)
+    for p in model.parameters():
+        p.requires_grad_(False)  # "full" unfreezes everything
+    m = lf.finetune(model, tokenizer, toy_task(64, 8), training_args(tmp_path, num_train_epochs=1, learning_rate=1e-3),
+                    method="full", head_learning_rate=5e-2, evaluate=False)
+    assert m["trainable_params"] == m["total_params"] and "accuracy" not in m
+    with pytest.raises(LeanformerError, match="no trainable parameters"):
+        frozen = tiny_model(tokenizer.vocab_size)
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        lf.finetune(frozen, tokenizer, toy_task(16, 4), training_args(tmp_path))
+    with pytest.raises(LeanformerError, match="head has 3 outputs but task toy has 2"):
+        lf.finetune(tiny_model(tokenizer.vocab_size, num_labels=3), tokenizer, toy_task(16, 4), training_args(tmp_path))
+
+
+def test_head_gets_its_own_learning_rate(tokenizer, tmp_path):
+    from leanformer.train.finetuning import TaskTrainer
+
+    model = tiny_model(tokenizer.vocab_size)
+    lf.adapt(model, lf.LoRA(rank=4, modules_to_save=["classifier"]))
+    trainer = TaskTrainer(model=model, args=training_args(tmp_path, learning_rate=1e-3), head_learning_rate=3e-2)
+    groups = trainer.create_optimizer().param_groups
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(model.classifier.weight)] == 3e-2
+    assert lr_of[id(model.bert.encoder.layer[0].attention.self.query.adapters["default"].lora_A)] == 1e-3
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+class SigtermDuringStep(TrainerCallback):
+    """Sends this process SIGTERM while optimizer step `step` runs (as a scheduler would)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(tokenizer, tmp_path):
-    cfg = dict(learning_rate=5e-3, num_train_epochs=2, per_device_train_batch_size=16, progress=False,
-               evaluate=False, seed=3)
+    def args(**kw):
+        return training_args(tmp_path / "ck", **{**dict(learning_rate=5e-3, num_train_epochs=2, seed=3, save_steps=4,
+                                                      save_strategy="steps", train_sampling_strategy="group_by_length"),
+                                                 **kw})
 
     def fresh():
         m = tiny_model(tokenizer.vocab_size)  # dropout 0.1 on: RNG state must be restored too
@@ -73,39 +129,61 @@ def test_resume_after_interruption_equals_uninterrupted_run(tokenizer, tmp_path)
         return m
 
     ref_model = fresh()
-    train_classifier(ref_model, tokenizer, toy_task(), TrainConfig(**cfg))
-
-    def stop_at_11(step, loss):
-        if step == 11:
-            raise KeyboardInterrupt
-
-    model = fresh()
-    run = TrainConfig(**cfg, checkpoint_dir=str(tmp_path / "ck"), save_steps=4)
-    with pytest.raises(KeyboardInterrupt):
-        train_classifier(model, tokenizer, toy_task(), run, callback=stop_at_11)
-    assert json.loads((tmp_path / "ck" / "checkpoint" / "trainer_state.json").read_text())["step"] == 11
+    ref = lf.finetune(ref_model, tokenizer, toy_task(), args(output_dir=str(tmp_path / "ref")), evaluate=False)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM: stopped after step 11 of 16"):
+        lf.finetune(fresh(), tokenizer, toy_task(), args(), evaluate=False, callbacks=[SigtermDuringStep(11)])
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    assert sorted(os.listdir(tmp_path / "ck")) == ["checkpoint-11", "checkpoint-4", "checkpoint-8"]
+    assert json.loads((tmp_path / "ck" / "checkpoint-11" / "trainer_state.json").read_text())["global_step"] == 11
     resumed = fresh()  # a new process would start from a new model: everything comes from the checkpoint
-    out = train_classifier(resumed, tokenizer, toy_task(), run)
-    assert out["train_steps"] == 16
+    out = lf.finetune(resumed, tokenizer, toy_task(), args(), evaluate=False, resume_from_checkpoint=True)
+    assert out["train_steps"] == 16 and out["train_loss"] == ref["train_loss"]  # the step log is restored too
     want, got = trainable_state(ref_model), trainable_state(resumed)
     for n in want:
-        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5)
+        assert torch.equal(got[n], want[n]), n  # bit for bit
 
-    other = TrainConfig(**{**cfg, "learning_rate": 1e-3}, checkpoint_dir=str(tmp_path / "ck"))
-    with pytest.raises(LeanformerError, match="other arguments"):
-        train_classifier(fresh(), tokenizer, toy_task(), other)
+    with pytest.raises(LeanformerError, match="other arguments.*learning_rate: checkpoint 0.005, now 0.001"):
+        lf.finetune(fresh(), tokenizer, toy_task(), args(learning_rate=1e-3), evaluate=False,
+                    resume_from_checkpoint=True)
 
 
-def test_same_seed_same_result(tokenizer):
-    outs = []
-    for _ in range(2):
+def test_same_seed_same_result_other_seed_other_result(tokenizer, tmp_path):
+    def train(seed):
         model = tiny_model(tokenizer.vocab_size)
         lf.adapt(model, lf.LoRAXS(rank=4, modules_to_save=["classifier"]))
-        train_classifier(model, tokenizer, toy_task(64, 8), TrainConfig(learning_rate=1e-2, per_device_train_batch_size=16,
-                                                                        progress=False, evaluate=False, seed=5))
-        outs.append(trainable_state(model))
-    for n in outs[0]:
-        assert torch.equal(outs[0][n], outs[1][n])
+        lf.finetune(model, tokenizer, toy_task(64, 8), training_args(tmp_path, num_train_epochs=1, seed=seed),
+                    evaluate=False)
+        return trainable_state(model)
+
+    a, b, c = train(5), train(5), train(6)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_adapted_model_trains_and_resumes_under_a_plain_trainer(tokenizer, tmp_path):
+    """What peft models do: a user's own Trainer trains an lf.adapt-ed model, and resumes it."""
+    rows = encode_split(tokenizer, toy_task().train, list(range(128)), 32)
+
+    def run(resume=None):
+        model = tiny_model(tokenizer.vocab_size)
+        lf.adapt(model, lf.LoRA(rank=4, modules_to_save=["classifier"]))
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        start = trainable_state(model)
+        args = TrainingArguments(output_dir=str(tmp_path / "plain"), learning_rate=3e-2, num_train_epochs=3,
+                                 per_device_train_batch_size=16, save_steps=8, logging_steps=1, report_to="none",
+                                 disable_tqdm=True, use_cpu=True, seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer))
+        trainer.train(resume_from_checkpoint=resume)
+        assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+        assert all(not torch.equal(p, start[n]) for n, p in trainable_state(model).items())
+        return model, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    model, losses = run()
+    assert len(losses) == 24 and sum(losses[-4:]) < 0.6 * sum(losses[:4]), losses  # base frozen, loss falls
+    resumed, _ = run(resume=str(tmp_path / "plain" / "checkpoint-8"))
+    want, got = trainable_state(model), trainable_state(resumed)
+    assert all(torch.equal(got[n], want[n]) for n in want)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,7 +213,7 @@ def csv_task(tmp_path_factory):
 
 
 FLAGS = ["--num-train-epochs", "2", "--per-device-train-batch-size", "16", "--learning-rate", "1e-2",
-         "--max-seq-length", "16", "--no-progress"]
+         "--max-seq-length", "16", "--disable-tqdm", "true"]
 
 
 @pytest.mark.parametrize("method", ["lora_xs", "krona"])
@@ -198,6 +276,37 @@ def test_bad_inputs_give_clear_errors(tiny_dir, csv_task, tmp_path, capsys):
     assert "--eval-ranks applies" in err("--task", csv_task, "--eval-ranks", "2")
 
 
+def test_finetune_command_resumes_after_sigterm(tiny_dir, csv_task, tmp_path, monkeypatch, capsys):
+    argv = ["finetune", str(tiny_dir), "--task", csv_task, "--method", "lora", "--save-steps", "2", *FLAGS]
+    assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
+    real = finetune_command.finetune
+    monkeypatch.setattr(finetune_command, "finetune", lambda *a, **k: real(*a, **k, callbacks=[SigtermDuringStep(5)]))
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 130
+    assert "stopped after step 5 of 12" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and (tmp_path / ".run.checkpoints" / "checkpoint-5").is_dir()
+    monkeypatch.undo()
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0  # the same command continues
+    assert "resuming from" in capsys.readouterr().out and not (tmp_path / ".run.checkpoints").exists()
+    straight, resumed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "run"))
+    for k in ("accuracy", "f1", "train_loss", "train_steps"):
+        assert resumed[k] == straight[k], k
+
+
+def test_two_processes(tiny_dir, csv_task, tmp_path):
+    """The command as `torchrun --nproc_per_node 2 -m leanformer.cli finetune …` (gloo on the CPU)."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "leanformer.cli", "finetune", str(tiny_dir), "--task", csv_task, "--method", "lora", *FLAGS,
+           "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["processes"] == 2 and math.isfinite(m["train_loss"]) and m["train_loss"] > 0
+    assert m["train_steps"] == 2 * math.ceil(96 / (16 * 2))  # each step takes one batch per process
+    assert not (tmp_path / ".ddp.checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_minilm_sst2_end_to_end(tmp_path):
     root = data_root()
@@ -206,6 +315,12 @@ def test_minilm_sst2_end_to_end(tmp_path):
     out = tmp_path / "sst2"
     assert main(["finetune", "minilm", "--task", str(root / "glue" / "SST-2"), "--method", "lora_xs", "--rank", "4",
                  "--max-train-samples", "64", "--max-steps", "2", "--max-eval-samples", "32",
-                 "--max-seq-length", "32", "--no-progress", "--out", str(out)]) == 0
+                 "--max-seq-length", "32", "--disable-tqdm", "true", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["trainable_params"] == 2 * 6 * 16 + 384 * 2 + 2 and 0 <= m["accuracy"] <= 1
+    assert m["trainable_params"] == 2 * 6 * 16 + 384 * 2 + 2 and m["train_steps"] == 2 and m["train_samples"] == 64
+    # the saved adapter reproduces the reported accuracy on exactly the 32 evaluated sentences
+    model, tok = lf.load(out)
+    from leanformer.evaluation import evaluate_task
+
+    again = evaluate_task(model, tok, load_task(str(root / "glue" / "SST-2")), max_length=32, max_samples=32)
+    assert again["accuracy"] == m["accuracy"] and (m["accuracy"] * 32).is_integer()

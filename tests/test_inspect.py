@@ -1,11 +1,14 @@
-"""inspect(): padding-invariance, decoders and encoders, the CLI's outputs and its errors."""
+"""inspect(): padding-invariance, decoders and encoders, the report page, the CLI's outputs and its errors."""
 import json
+import re
 
 import pytest
 import torch
 
 import leanformer as lf
 from leanformer.cli import main
+from leanformer.metrics.schema import LAYER_METRICS, TRANSITION_METRICS
+from leanformer.report import plot_profile, write_report
 from leanformer.text import default_corpus, token_chunks
 
 TEXTS = default_corpus()[:60]
@@ -23,6 +26,7 @@ def test_padding_does_not_change_any_metric(model_name, tokenizer, request):
     one = lf.inspect(model, tokenizer, TEXTS, batch_size=1, **kwargs)   # no padding at all
     mixed = lf.inspect(model, tokenizer, TEXTS, batch_size=7, **kwargs)  # heavy padding
     assert one.n_tokens == mixed.n_tokens == 1500
+    assert len(_values(one)) >= 4 * len(one.transitions)  # every block metric is defined
     assert _values(one) == pytest.approx(_values(mixed), abs=1e-4)
 
 
@@ -44,6 +48,54 @@ def test_too_little_text_says_how_many_tokens_are_needed(tiny_bert, tokenizer):
         lf.inspect(tiny_bert, tokenizer, ["", "  "], progress=False)
     with pytest.raises(lf.LeanformerError, match="--tokens must be positive"):
         token_chunks(tokenizer, TEXTS, 64, tokens=0)
+
+
+def without_embedded_images(page: str) -> str:
+    """The page less its base64 payloads (which may spell anything, "http" included)."""
+    return re.sub(r"base64,[A-Za-z0-9+/=]+", "base64,", page)
+
+
+def synthetic_profile(model: str = "tiny", info: dict | None = None) -> lf.Profile:
+    """Three hidden states, two blocks; h_0 has no MLP and an undefined intrinsic dimension, as a decoder's may."""
+    layers = [{"index": i, "anisotropy": 0.1 * (i + 1), "intrinsic_dim": None if i == 0 else 2.0 + i,
+               "mlp_sparsity": None if i == 0 else 0.25 * i} for i in range(3)]
+    transitions = [{"from": i, "to": i + 1, "linearity": 0.9 - 0.1 * i, "linearity_wo_residual": 0.5,
+                    "block_influence": 0.125, "angular_distance": 0.0625} for i in range(2)]
+    return lf.Profile(model, 1000, 32, layers, transitions, info or {})
+
+
+def test_metric_schema_covers_the_metrics_json_rows():
+    assert [m.name for m in LAYER_METRICS] == ["anisotropy", "intrinsic_dim", "mlp_sparsity"]
+    assert [m.name for m in TRANSITION_METRICS] == ["linearity", "linearity_wo_residual", "block_influence",
+                                                    "angular_distance"]
+    assert {m.axis for m in LAYER_METRICS} == {"layer"} and {m.axis for m in TRANSITION_METRICS} == {"transition"}
+
+
+def test_table_columns_follow_the_schema():
+    table = synthetic_profile().table().splitlines()
+    assert table[0].split() == ["layer", *(m.short for m in LAYER_METRICS), "│", "block",
+                                *(m.short for m in TRANSITION_METRICS)]
+    assert len(table) == 2 + 3 and len({len(line) for line in table[:4]}) == 1  # aligned columns
+    assert table[2].split() == ["0", "0.1000", "—", "—", "│", "0→1", "0.9000", "0.5000", "0.1250", "0.0625"]
+    assert table[4].split() == ["2", "0.3000", "4.00", "0.500"]  # h_L: no block after it
+
+
+def test_report_page_follows_the_schema_and_escapes_text(tmp_path):
+    profile = synthetic_profile("<script>alert(1)</script>", info={"note": "a < b & c", "seconds": 1.23456})
+    plots = plot_profile(profile, tmp_path)
+    assert [p.name for p in plots] == [f"{m.name}.png" for m in TRANSITION_METRICS + LAYER_METRICS]
+    page = write_report(profile, plots, tmp_path / "report.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<b>note</b>: a &lt; b &amp; c" in page and "<b>seconds</b>: 1.2346" in page
+    headers = ["layer", *(m.label for m in LAYER_METRICS), "block", *(m.label for m in TRANSITION_METRICS)]
+    assert re.findall(r"<th(?: [^>]*)?>(.*?)</th>", page) == headers
+    rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr><td>.*?</tr>", page, re.S)]
+    assert rows[0] == ["0", "0.1000", "—", "—", "0→1", "0.9000", "0.5000", "0.1250", "0.0625"]
+    assert rows[2] == ["2", "0.3000", "4.00", "0.500", "", "—", "—", "—", "—"]
+    titles = [m.title for m in TRANSITION_METRICS + LAYER_METRICS]
+    assert re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', page) == titles
+    assert re.findall(r"<figcaption>(.*?)</figcaption>", page) == titles
+    assert "http" not in without_embedded_images(page)  # self-contained
 
 
 def test_model_without_blocks_is_named(tokenizer):
@@ -70,18 +122,19 @@ def test_cli_writes_metrics_plots_and_report(tiny_dir, tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(TEXTS))
     out = tmp_path / "run"
-    assert main(["inspect", str(tiny_dir), "--text", str(text), "--tokens", "800", "--max-length", "64",
+    assert main(["inspect", str(tiny_dir), "--text", str(text), "--tokens", "800", "--max-seq-length", "64",
                  "--sample-size", "300", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) >= {"model", "n_tokens", "hidden_size", "layers", "transitions"}
+    # the metrics.json contract: exactly these keys
+    assert set(metrics) == {"model", "n_tokens", "hidden_size", "layers", "transitions", "info"}
     assert metrics["n_tokens"] == 800 and metrics["hidden_size"] == 32
-    assert set(metrics["layers"][0]) >= {"index", "anisotropy", "intrinsic_dim", "mlp_sparsity"}
-    assert set(metrics["transitions"][0]) >= {"from", "to", "linearity", "linearity_wo_residual",
-                                              "block_influence", "angular_distance"}
+    assert all(set(layer) == {"index", "anisotropy", "intrinsic_dim", "mlp_sparsity"} for layer in metrics["layers"])
+    assert all(set(t) == {"from", "to", "linearity", "linearity_wo_residual", "block_influence", "angular_distance"}
+               for t in metrics["transitions"])
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "linearity.png" in pngs and "intrinsic_dim.png" in pngs and len(pngs) == 7
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 7 and "http" not in html.replace("http-equiv", "")
+    assert html.count("data:image/png;base64,") == 7 and "http" not in without_embedded_images(html)
     assert "linearity" in capsys.readouterr().out
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]  # no staging left behind
 

@@ -1,4 +1,7 @@
-"""Each metric against an independent computation (methods.md §1)."""
+"""Each metric against an independent computation of its published definition: linearity (Razzhigaev et al.,
+"Your Transformer is Secretly Linear", ACL 2024), anisotropy (Razzhigaev et al., "The Shape of Learning", EACL
+2024 Findings), TwoNN intrinsic dimension (Facco et al., Sci. Rep. 2017), block influence (Men et al., ShortGPT,
+2024) and angular distance (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers", 2024)."""
 import numpy as np
 import pytest
 import torch

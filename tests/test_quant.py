@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -17,28 +18,26 @@ from leanformer.targets import select_linear
 from leanformer.compress.kashin import Transform, dct, idct, kashin_matrix, kashin_vectors, _matrix
 from leanformer.errors import LeanformerError
 
-torch.set_num_threads(1)
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """Kashin decompositions iterate over many tiny matrix products, where intra-op threads cost more than they
+    give: on a 2-core machine shared with other work the minilm test below took 101 s with torch's 2 threads
+    and 34 s with one. Set for each test of this file and restored after it, so no other test is affected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
-def tiny_bert(seed=0, classifier=False):
-    from transformers import BertConfig, BertForSequenceClassification, BertModel
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=100, max_position_embeddings=64, num_labels=2)
-    return (BertForSequenceClassification if classifier else BertModel)(cfg).eval()
-
-
-def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+@pytest.fixture
+def tied_llama(make_tiny_llama):
+    """tied_llama(seed=0): a 2-block random Llama with tied input/output embeddings (vocabulary 64) and an
+    FFN width, 48, that is not a power of two."""
+    return functools.partial(make_tiny_llama, layers=2, vocab_size=64, intermediate_size=48,
+                             tie_word_embeddings=True)
 
 
-IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))  # valid for both tiny vocabularies
 
 CONFIGS = [lambda b: lf.Kashin(bits=b), lambda b: lf.Kashin(bits=b, step_sizes="shared"),
            lambda b: lf.Kashin(bits=b, codebook="kmeans"),
@@ -67,7 +66,7 @@ def test_pack_roundtrip_and_size(bits):
 def test_dct_matches_scipy_and_inverts(n):
     import scipy.fft
 
-    x = torch.randn(3, n, dtype=torch.float32)
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(n))
     ref = torch.tensor(scipy.fft.dct(x.numpy(), norm="ortho"))
     assert torch.allclose(dct(x), ref, atol=1e-5)
     assert torch.allclose(idct(dct(x)), x, atol=1e-5)
@@ -112,19 +111,19 @@ def test_kmeans_is_deterministic_and_finds_clusters():
 # ---------------------------------------------------------------------------------- the verb
 
 
-def test_default_targets_skip_embeddings_and_heads():
-    model = tiny_bert(classifier=True)
+def test_default_targets_skip_embeddings_and_heads(make_tiny_bert, tied_llama):
+    model = make_tiny_bert(head="sequence-classification")
     names = select_linear(model)
     assert names and all(".layer." in n for n in names)
     assert not any("classifier" in n or "pooler" in n for n in names)
-    llama = tiny_llama()
+    llama = tied_llama()
     assert "lm_head" not in select_linear(llama)
     assert select_linear(llama, ["q_proj"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
 
 
 @pytest.mark.parametrize("make", CONFIGS, ids=["kashin", "kashin-shared", "kashin-kmeans", "kashin-matrix", "rtn", "hqq"])
-def test_quantize_replaces_targets_and_error_shrinks_with_bits(make):
-    base = tiny_bert()
+def test_quantize_replaces_targets_and_error_shrinks_with_bits(make, make_tiny_bert):
+    base = make_tiny_bert()
     errs = {}
     for bits in (2, 4, 8):
         model = copy.deepcopy(base)
@@ -132,7 +131,7 @@ def test_quantize_replaces_targets_and_error_shrinks_with_bits(make):
         assert not report.skipped and len(report.quantized) == len(select_linear(base))
         assert all(isinstance(model.get_submodule(n), QuantizedLinear) for n in report.quantized)
         errs[bits] = max(relative_weight_errors(base, model).values())
-        out = model(input_ids=IDS % 100).last_hidden_state
+        out = model(input_ids=IDS).last_hidden_state
         assert torch.isfinite(out).all()
     assert errs[8] < errs[4] < errs[2] < 1.0
     assert errs[8] < 0.05
@@ -168,17 +167,17 @@ def test_hqq_wrapper_matches_the_hqq_package():
     assert (w_ours - w).norm() < 1.02 * (w_theirs - w).norm()
 
 
-def test_cache_gives_identical_outputs():
-    base = tiny_bert()
+def test_cache_gives_identical_outputs(make_tiny_bert):
+    base = make_tiny_bert()
     a, b = copy.deepcopy(base), copy.deepcopy(base)
     lf.quantize(a, lf.Kashin(bits=3), progress=False)
     lf.quantize(b, lf.Kashin(bits=3, cache=True), progress=False)
-    ya, yb, yb2 = (m(input_ids=IDS % 100).last_hidden_state for m in (a, b, b))
+    ya, yb, yb2 = (m(input_ids=IDS).last_hidden_state for m in (a, b, b))
     assert torch.equal(ya, yb) and torch.equal(yb, yb2)
 
 
-def test_unconverged_layers_stay_full_precision_and_are_reported():
-    model, base = tiny_bert(), tiny_bert()
+def test_unconverged_layers_stay_full_precision_and_are_reported(make_tiny_bert):
+    model, base = make_tiny_bert(), make_tiny_bert()
     with pytest.warns(UserWarning, match="kept in full precision"):
         report = lf.quantize(model, lf.Kashin(bits=4, tol=1e-6, max_iter=2, targets=["query"]), progress=False)
     assert not report.quantized and set(report.skipped) == set(select_linear(base, ["query"]))
@@ -192,16 +191,20 @@ def test_unconverged_layers_stay_full_precision_and_are_reported():
 # ---------------------------------------------------------------------------------- sizes
 
 
-def test_size_report_counts_every_stored_byte():
-    model = tiny_bert()
+def test_size_report_counts_every_stored_byte(make_tiny_bert):
+    n_linear = len(select_linear(make_tiny_bert()))
+    assert n_linear == 12  # 6 Linear layers in each of the 2 blocks
+    model = make_tiny_bert()
     lf.quantize(model, lf.RTN(bits=3, group_size=16), progress=False)
     rep = lf.size_report(model)
+    assert len(rep.layers) == n_linear
     for r in rep.layers:  # 3-bit codes + fp16 scale + fp16 zero per 16 weights
         assert r["bytes"] == math.ceil(r["n_weights"] * 3 / 8) + 2 * 2 * r["n_weights"] // 16
     assert rep.total["bits_per_weight"] == pytest.approx(3 + 32 / 16, abs=1e-3)
 
-    model = tiny_bert()
+    model = make_tiny_bert()
     lf.quantize(model, lf.Kashin(bits=4, group_size=16), progress=False)
+    assert len(lf.size_report(model).layers) == n_linear
     for r in lf.size_report(model).layers:
         n, rows = r["n_weights"], r["n_weights"] // 16
         # indices + 4 fp16 step sizes and 4 domain bits per vector + an fp16 scale per input column + the seed
@@ -209,8 +212,9 @@ def test_size_report_counts_every_stored_byte():
         expect = math.ceil(n * 4 / 8) + rows * 4 * 2 + math.ceil(rows * 4 / 8) + 2 * in_f + 8
         assert r["bytes"] == expect and r["breakdown"]["steps"] == rows * 8
 
-    model = tiny_bert()
+    model = make_tiny_bert()
     lf.quantize(model, lf.Kashin(bits=3, step_sizes="shared"), progress=False)
+    assert len(lf.size_report(model).layers) == n_linear
     for r in lf.size_report(model).layers:
         n, rows = r["n_weights"], model.get_submodule(r["name"]).out_features
         in_f = n // rows
@@ -223,8 +227,8 @@ def test_size_report_counts_every_stored_byte():
 
 
 @pytest.mark.parametrize("make", CONFIGS, ids=["kashin", "kashin-shared", "kashin-kmeans", "kashin-matrix", "rtn", "hqq"])
-def test_save_load_is_bit_identical(make, tmp_path):
-    model = tiny_llama()
+def test_save_load_is_bit_identical(make, tmp_path, tied_llama):
+    model = tied_llama()
     name = lf.quantize(model, make(3), progress=False).quantized[0]
     lf.save(model, None, tmp_path / "q")
     loaded, tok = lf.load(tmp_path / "q")
@@ -236,10 +240,10 @@ def test_save_load_is_bit_identical(make, tmp_path):
     assert lf.size_report(loaded).total == lf.size_report(model).total
 
 
-def test_load_rejects_packed_size_mismatch(tmp_path):
+def test_load_rejects_packed_size_mismatch(tmp_path, make_tiny_bert):
     from safetensors.torch import load_file, save_file
 
-    model = tiny_bert()
+    model = make_tiny_bert()
     lf.quantize(model, lf.RTN(bits=4, group_size=16), progress=False)
     lf.save(model, None, tmp_path / "q")
     f = tmp_path / "q" / "leanformer.safetensors"
@@ -251,8 +255,8 @@ def test_load_rejects_packed_size_mismatch(tmp_path):
         lf.load(tmp_path / "q")
 
 
-def test_save_refuses_an_existing_dir(tmp_path):
-    model = tiny_bert()
+def test_save_refuses_an_existing_dir(tmp_path, make_tiny_bert):
+    model = make_tiny_bert()
     lf.quantize(model, lf.RTN(bits=4, group_size=16), progress=False)
     lf.save(model, None, tmp_path / "q")
     with pytest.raises(LeanformerError, match="already exists"):
@@ -271,25 +275,25 @@ def test_unsupported_bits_name_the_supported_set():
         lf.Kashin(transform="hadamard")
 
 
-def test_group_size_not_dividing_width_names_layer_and_choices():
-    model = tiny_bert()
+def test_group_size_not_dividing_width_names_layer_and_choices(make_tiny_bert):
+    model = make_tiny_bert()
     with pytest.raises(LeanformerError, match=r"group size 24 does not divide the input width 32 of layer "
                                               r"encoder\.layer\.0\.attention\.self\.query.*32"):
         lf.quantize(model, lf.RTN(bits=4, group_size=24), progress=False)
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
-def test_nan_weight_names_the_layer_and_leaves_model_untouched():
-    model = tiny_bert()
+def test_nan_weight_names_the_layer_and_leaves_model_untouched(make_tiny_bert):
+    model = make_tiny_bert()
     model.encoder.layer[1].output.dense.weight.data[0, 0] = float("nan")
     with pytest.raises(LeanformerError, match=r"encoder\.layer\.1\.output\.dense has 1 NaN/Inf"):
         lf.quantize(model, lf.Kashin(bits=4), progress=False)
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
-def test_targets_matching_nothing_list_the_real_names():
+def test_targets_matching_nothing_list_the_real_names(make_tiny_bert):
     with pytest.raises(LeanformerError, match=r"match no Linear.*query.*value"):
-        lf.quantize(tiny_bert(), lf.HQQ(bits=4, targets=["q_proj"]), progress=False)
+        lf.quantize(make_tiny_bert(), lf.HQQ(bits=4, targets=["q_proj"]), progress=False)
 
 
 # ---------------------------------------------------------------------------------- real weights + CLI

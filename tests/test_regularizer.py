@@ -1,4 +1,4 @@
-"""Cosine regulariser values, gradients and the small pretraining loop."""
+"""Cosine regulariser values, gradients, and pretraining with it on transformers.Trainer."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ from torch import nn
 
 from leanformer.capture import find_blocks
 from leanformer.errors import LeanformerError
+from leanformer.train import pretrain as pretrain_module
 from leanformer.train.pretrain import PretrainConfig, linearity_profile, make_model, pretrain, split_stream
 from leanformer.capture import residual_stream
 from leanformer.train.regularizers import CosineRegularizer
@@ -86,6 +87,26 @@ def test_pretrain_learns_is_deterministic_and_regulariser_acts():
     # the term pulls adjacent residual states together: mean cosine rises
     assert sum(r["profile"]["cosine"]) > sum(a["profile"]["cosine"])
     assert set(a["profile"]) == {"linearity", "linearity_wo_residual", "cosine"} and len(a["profile"]["linearity"]) == 2
+    assert a["train_seconds_per_step"] > 0 and a["total_params"] == sum(p.numel() for p in make_model(tiny_cfg()).parameters())
+
+
+def test_runs_that_differ_only_in_lambda_see_the_same_batches(monkeypatch):
+    seen: dict[float, list[torch.Tensor]] = {}
+
+    def recording(cfg):
+        model = make_model(cfg)
+        batches = seen.setdefault(cfg.lam, [])
+        model.model.embed_tokens.register_forward_pre_hook(
+            lambda module, args: batches.append(args[0].clone()) if module.training else None)
+        return model
+
+    monkeypatch.setattr(pretrain_module, "make_model", recording)
+    train, val = split_stream(stream(), 0.2)
+    for lam in (0.0, 2.0):
+        pretrain(tiny_cfg(steps=6, eval_every=3, lam=lam), train, val, progress=False)
+    assert len(seen[0.0]) == 6 and all(b.shape == (4, 32) for b in seen[0.0])  # steps × (batch, seq_len)
+    assert all(torch.equal(x, y) for x, y in zip(seen[0.0], seen[2.0]))
+    assert not torch.equal(seen[0.0][0], seen[0.0][1])
 
 
 def test_short_streams_fail_clearly():

@@ -4,16 +4,18 @@ import shutil
 import pytest
 
 from leanformer.cli import main
+from leanformer.metrics.schema import LAYER_METRICS, TRANSITION_METRICS
 from leanformer.text import default_corpus
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian package chromium; .ci/run installs it)")
-def test_report_shows_all_plots_in_chromium(tmp_path, tiny_bert, tokenizer):
+def test_report_shows_all_plots_in_chromium(tmp_path, make_tiny_bert, tokenizer):
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     model_dir = tmp_path / "tiny"
-    tiny_bert.save_pretrained(model_dir)
+    blocks = 3
+    make_tiny_bert(layers=blocks, vocab_size=tokenizer.vocab_size).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(default_corpus()[:40]))
@@ -33,12 +35,14 @@ def test_report_shows_all_plots_in_chromium(tmp_path, tiny_bert, tokenizer):
                 shown: i.getBoundingClientRect().width}))""")
             title = page.title()
             rows = page.locator("tbody tr").count()
+            headers = page.locator("thead th").all_inner_texts()
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         finally:
             browser.close()
     assert "leanformer inspect" in title
-    assert rows == 4  # h_0 … h_3 of the 3-block model
-    assert len(images) == 7
+    assert rows == blocks + 1  # h_0 … h_3
+    assert headers == ["layer", *(m.label for m in LAYER_METRICS), "block", *(m.label for m in TRANSITION_METRICS)]
+    assert len(images) == len(LAYER_METRICS) + len(TRANSITION_METRICS) == 7
     for image in images:
         assert image["complete"] and image["w"] > 300 and image["h"] > 150 and image["shown"] > 200, image
     assert any("Linearity" in i["alt"] for i in images)

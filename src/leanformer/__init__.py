@@ -2,13 +2,16 @@
 from .adapters import (DyLoRA, KronA, LoRA, LoRAXS, active_adapter, adapt, export_peft, merge, print_trainable_parameters,
                     set_adapter, set_rank, trainable_parameters, unmerge)
 from .compress import HQQ, RTN, Kashin, QuantizedLinear, quantize, size_report
-from .compress.prune import LinearReplacement, prune_layers
+from .compress.prune import LinearReplacement, PruneConfig, prune_layers
 from .convert import convert_llama2c
 from .errors import LeanformerError
-from .evaluation import embedding_cosine, evaluate_task, perplexity, sentence_embeddings
-from .inspection import Profile, inspect
+from .evaluation import EvalConfig, embedding_cosine, evaluate, evaluate_task, perplexity, sentence_embeddings
+from .generation import GenerateConfig, generate
+from .inspection import InspectConfig, Profile, inspect
 from .saving import load, save
 from .stack import applied
+from .train import finetune
+from .train.heal import heal
 from .train.pretrain import PretrainConfig, pretrain
 from .train.regularizers import CosineRegularizer
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -10,9 +11,12 @@ from tqdm.auto import tqdm
 
 from .tasks import Task
 
+from .configs import check_positive, with_overrides
 from .text import pad_batch
 from .errors import LeanformerError
 from .models import is_causal_lm
+
+SPLITS = ("dev", "train")
 
 
 def task_metrics(predictions, labels, names: Sequence[str]) -> dict[str, float]:
@@ -132,3 +136,43 @@ def embedding_cosine(model_a, model_b, tokenizer, texts: Sequence[str], batch_si
     eb = sentence_embeddings(model_b, tokenizer, texts, batch_size, max_length)
     cos = torch.nn.functional.cosine_similarity(ea, eb, dim=1)
     return {"embedding_cosine": float(cos.mean()), "embedding_cosine_min": float(cos.min()), "n_texts": len(texts)}
+
+
+@dataclass
+class EvalConfig:
+    max_seq_length: int = field(default=128, metadata={
+        "help": "tokens per sequence (perplexity: the window length)"})
+    batch_size: int = field(default=32, metadata={"help": "sequences (perplexity: windows) per forward pass"})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "evaluate on the first N examples / texts (none = all)"})
+    stride: int | None = field(default=None, metadata={
+        "help": "perplexity: window stride (none = half the window)"})
+    split: str = field(default="dev", metadata={"help": "task split to evaluate", "choices": SPLITS})
+
+    def __post_init__(self):
+        check_positive(self, "max_seq_length", "batch_size", "max_eval_samples", "stride")
+        if self.split not in SPLITS:
+            raise LeanformerError(f"split {self.split!r} is not one of {', '.join(SPLITS)}")
+
+
+def evaluate(model, tokenizer, config: EvalConfig | None = None, *, task: Task | None = None,
+             texts: Sequence[str] | None = None, reference=None, **overrides) -> dict:
+    """One verb over the three measures: with `task`, its metrics (evaluate_task); with `texts`, a
+    causal LM's perplexity, or for an encoder the cosine of its sentence embeddings to those of
+    `reference` (a model, e.g. the uncompressed one). Keywords override EvalConfig fields."""
+    config = with_overrides(EvalConfig, config, overrides)
+    if (task is None) == (texts is None):
+        raise LeanformerError("give exactly one of task= or texts= (--task or --text/--dataset)")
+    n = config.max_eval_samples
+    if task is not None:
+        result = evaluate_task(model, tokenizer, task, split=config.split, batch_size=config.batch_size,
+                               max_length=config.max_seq_length, max_samples=n)
+        return {"task": task.name, **result}
+    texts = list(texts)[:n]
+    if is_causal_lm(model):
+        return perplexity(model, tokenizer, texts, max_length=config.max_seq_length, stride=config.stride,
+                          batch_size=config.batch_size)
+    if reference is None:
+        raise LeanformerError(f"{type(model).__name__} is an encoder: pass a reference model (--reference MODEL) "
+                              "to compare sentence embeddings with (perplexity needs a causal LM)")
+    return embedding_cosine(model, reference, tokenizer, texts, config.batch_size, config.max_seq_length)

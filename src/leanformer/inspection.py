@@ -1,4 +1,4 @@
-"""inspect(): per-layer geometry of any HF model on any text (methods.md §1).
+"""inspect(): per-layer geometry of any HF model on any text.
 
 Capture h_0…h_L batch by batch and feed a streaming accumulator, so memory is O(L·d²) whatever the
 token count; intrinsic dimension uses a seeded sample of `sample_size` token positions. Windows are
@@ -18,13 +18,11 @@ from tqdm.auto import tqdm
 
 from .capture import capture, find_blocks
 from .text import pad_batch, token_chunks
+from .configs import check_positive, with_overrides
 from .errors import LeanformerError
 from .metrics import GeometryAccumulator, sample_positions
+from .metrics.schema import LAYER_METRICS, MLP_SPARSITY_EPS, TRANSITION_METRICS
 from .models import head_kind, model_label
-
-LAYER_METRICS = ("anisotropy", "intrinsic_dim", "mlp_sparsity")
-TRANSITION_METRICS = ("linearity", "linearity_wo_residual", "block_influence", "angular_distance")
-MLP_SPARSITY_EPS = 1e-2  # |a| ≤ this counts as (near-)zero; see metrics.mlp_sparsity
 
 
 @dataclass
@@ -46,25 +44,52 @@ class Profile:
                    info=obj.get("info", {}))
 
     def table(self) -> str:
-        head = (f"{'layer':>5} {'anisotropy':>10} {'intr.dim':>8} {'mlp_sparse':>10} │ {'block':>6} "
-                f"{'linearity':>9} {'lin-resid':>9} {'blk.infl':>8} {'angular':>7}")
+        """One row per hidden state h_i with its layer metrics, then the metrics of block h_i → h_{i+1};
+        columns as defined in metrics.schema."""
+        def cells(metrics, row) -> str:
+            return " ".join(f"{m.format(row[m.name]):>{len(m.short)}}" for m in metrics)
+
+        head = (f"{'layer':>5} " + " ".join(m.short for m in LAYER_METRICS) + f" │ {'block':>6} "
+                + " ".join(m.short for m in TRANSITION_METRICS))
         rows = [head, "─" * len(head)]
         for i, layer in enumerate(self.layers):
-            sparsity = "—" if layer["mlp_sparsity"] is None else f"{layer['mlp_sparsity']:.3f}"
-            dim = "—" if layer["intrinsic_dim"] is None else f"{layer['intrinsic_dim']:.2f}"
-            left = f"{i:>5} {layer['anisotropy']:>10.4f} {dim:>8} {sparsity:>10}"
+            line = f"{i:>5} " + cells(LAYER_METRICS, layer)
             if i < len(self.transitions):
-                t = self.transitions[i]
-                left += (f" │ {f'{i}→{i + 1}':>6} {t['linearity']:>9.4f} {t['linearity_wo_residual']:>9.4f} "
-                         f"{t['block_influence']:>8.4f} {t['angular_distance']:>7.4f}")
-            rows.append(left)
+                line += f" │ {f'{i}→{i + 1}':>6} " + cells(TRANSITION_METRICS, self.transitions[i])
+            rows.append(line)
         return "\n".join(rows)
 
 
-def inspect(model, tokenizer, texts: Sequence[str], tokens: int = 16384, max_length: int = 128, batch_size: int = 64,
-            seed: int = 0, sample_size: int = 4096, twonn_keep: float = 0.9, progress: bool = True) -> Profile:
-    if sample_size < 3:
-        raise LeanformerError(f"sample size must be at least 3 for TwoNN, got {sample_size}")
+@dataclass
+class InspectConfig:
+    """How much text `inspect` reads, and how it samples it."""
+    tokens: int = field(default=16384, metadata={"help": "number of tokens to profile"})
+    max_seq_length: int = field(default=128, metadata={"help": "tokens per sequence window"})
+    batch_size: int = field(default=64, metadata={"help": "sequences per forward pass"})
+    seed: int = field(default=0, metadata={"help": "seed of the token sample for intrinsic dimension"})
+    sample_size: int = field(default=4096, metadata={"help": "tokens sampled for intrinsic dimension (TwoNN)"})
+    twonn_keep: float = field(default=0.9, metadata={
+        "help": "TwoNN (Facco et al. 2017): fraction of the smallest distance ratios kept in the linear fit "
+                "(0.9 = scikit-dimension's default)"})
+
+    def __post_init__(self):
+        check_positive(self, "tokens", "batch_size")
+        if self.max_seq_length < 4:
+            raise LeanformerError(f"max_seq_length must be at least 4, got {self.max_seq_length}")
+        if self.sample_size < 3:
+            raise LeanformerError(f"sample_size must be at least 3 for TwoNN, got {self.sample_size}")
+        if not 0 < self.twonn_keep <= 1:
+            raise LeanformerError(f"twonn_keep must be in (0, 1], got {self.twonn_keep}")
+
+
+def inspect(model, tokenizer, texts: Sequence[str], config: InspectConfig | None = None, *, progress: bool = True,
+            **overrides) -> Profile:
+    """Per-layer geometry of `model` on `texts` (see Profile). `config` defaults to InspectConfig();
+    keyword overrides change single fields: inspect(model, tok, texts, tokens=4096). The old keyword
+    max_length is accepted for max_seq_length."""
+    config = with_overrides(InspectConfig, config, overrides, renamed={"max_length": "max_seq_length"})
+    tokens, max_length, batch_size = config.tokens, config.max_seq_length, config.batch_size
+    seed, sample_size, twonn_keep = config.seed, config.sample_size, config.twonn_keep
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise LeanformerError("no text to inspect: the input is empty")
@@ -77,8 +102,6 @@ def inspect(model, tokenizer, texts: Sequence[str], tokens: int = 16384, max_len
             f"only {n_tokens} tokens of text, but linearity needs more tokens than the hidden size ({hidden}): "
             f"give at least {hidden + 1} tokens (≥{10 * hidden} for a stable estimate) via more --text or --tokens")
     started = time.perf_counter()
-    if batch_size <= 0:
-        raise LeanformerError(f"--batch-size must be positive, got {batch_size}")
     acc = GeometryAccumulator(sample_positions(n_tokens, sample_size, seed))
     offsets = np.cumsum([0] + [len(c) for c in chunks])
     order = sorted(range(len(chunks)), key=lambda i: len(chunks[i]))

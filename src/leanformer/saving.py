@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import SafetensorError
 from torch import nn
 
@@ -37,9 +38,10 @@ from .errors import LeanformerError
 from .files import load_json, load_tensors, output_dir, save_json, save_tensors
 from .models import head_kind, load_pretrained, load_tokenizer, resolve
 from .stack import applied, record_base, set_base
+from .train import heal as _heal
 
 # transform name in leanformer.json → the function that rebuilds its structure on a model
-REPLAY = {"prune": _prune.replay, "quantize": _quantize.replay, "adapt": _adapters.replay}
+REPLAY = {"prune": _prune.replay, "quantize": _quantize.replay, "adapt": _adapters.replay, "heal": _heal.replay}
 # module types no plain transformers checkpoint can hold
 FOREIGN_MODULES = (_quantize.QuantizedLinear, AdaptedLinear, _prune.LinearReplacement)
 HF_WEIGHTS, LF_WEIGHTS = "model.safetensors", "leanformer.safetensors"
@@ -237,8 +239,6 @@ def _read_meta(path: Path) -> dict:
 
 
 def _transformers_class(name: str):
-    import transformers
-
     cls = getattr(transformers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise LeanformerError(f"recorded model class {name!r} is not a transformers model class")

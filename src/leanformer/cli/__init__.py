@@ -1,7 +1,10 @@
 """`leanformer` command line: each module in this package that defines COMMAND is a subcommand.
 
 A subcommand module defines COMMAND (its name), HELP (one line), add_arguments(parser) and
-run(args) -> int. The CLI stays thin: parse, call the library, print.
+run(args) -> int. The CLI stays thin: parse, call the library, print. Flags that set a config
+come from the config dataclass's fields (see _config_args); modules import those dataclasses at
+the top and keep the heavy imports (model loading, training, plotting) inside run(), so that
+`leanformer --help` stays fast.
 """
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..inspection import InspectConfig
 from ._common import add_device, add_out, add_text_source, check_device
+from ._config_args import add_config_arguments, add_deprecated_alias, config_from_args
 
 COMMAND = "inspect"
 HELP = "layer geometry (linearity, anisotropy, intrinsic dimension, …) of a model on text"
@@ -14,32 +16,26 @@ def add_arguments(p) -> None:
     p.add_argument("model", nargs="?", default="minilm", metavar="MODEL",
                    help="alias (minilm, stories260k), HF directory or hub id (default: minilm)")
     add_text_source(p)
-    p.add_argument("--tokens", type=int, default=16384, help="number of tokens to profile (default 16384)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence (default 128)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--sample-size", type=int, default=4096, help="tokens sampled for intrinsic dimension")
-    p.add_argument("--seed", type=int, default=0)
+    add_config_arguments(p, InspectConfig)
+    add_deprecated_alias(p, "--max-length", "--max-seq-length", dest="max_seq_length", type=int)
     add_out(p, required=False)
     add_device(p)
 
 
 def run(args) -> int:
-    from ..text import get_texts
-    from ..errors import LeanformerError
-    from ..inspection import inspect
     from ..files import output_dir, save_json
-    from ..saving import load
+    from ..inspection import inspect
     from ..report import plot_profile, write_report
+    from ..saving import load
+    from ..text import get_texts
 
-    if args.tokens <= 0:
-        raise LeanformerError(f"--tokens must be positive, got {args.tokens}")
+    config = config_from_args(InspectConfig, args)  # bad values fail before any slow work
     device = check_device(args.device)
     out = args.out or f"leanformer-inspect/{Path(str(args.model)).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with output_dir(out, overwrite=args.overwrite) as staging:  # checked before any slow work
         texts = get_texts(args.text, args.dataset)
         model, tokenizer = load(args.model, device=device)
-        profile = inspect(model, tokenizer, texts, tokens=args.tokens, max_length=args.max_length,
-                          batch_size=args.batch_size, seed=args.seed, sample_size=args.sample_size)
+        profile = inspect(model, tokenizer, texts, config)
         print(profile.table())
         save_json(staging / "metrics.json", profile.to_json())
         plots = plot_profile(profile, staging)

@@ -30,7 +30,7 @@ Both check that the layer's Kashin decomposition converges (alternating greedy t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import ClassVar
 
@@ -39,7 +39,7 @@ import torch
 from ..errors import LeanformerError
 from .kmeans import kmeans
 from .packing import fp16, pack_bits, unpack_bits
-from .quantization import NotConverged, QuantConfig, check_group_size
+from .quantization import NotConverged, QuantConfig, check_group_size, group_size_field
 
 TRANSFORMS = ("dct", "random")
 FORMS = ("vector", "matrix")
@@ -233,19 +233,26 @@ def closed_form(x: torch.Tensor, P: Transform, k: int, sweeps: int, shared: bool
 
 @dataclass
 class Kashin(QuantConfig):
-    bits: int = 4               # index bits per weight
-    transform: str = "dct"      # "dct" (sign-randomised DCT, O(N log N)) or "random" (dense orthogonal)
-    codebook: str = "closed"    # "closed" (greedy sign steps, LS step sizes) or "kmeans" (joint (u, v) codebook)
-    form: str = "vector"        # "vector" (per row / group) or "matrix" (U + Q1 V Q2ᵀ per layer; kmeans only)
-    group_size: int | None = None  # vector length (must divide the input width); None = whole rows
-    sweeps: int = 4             # closed form: refinement rounds over the sign vectors
-    step_sizes: str = "vector"  # closed form: "vector" (bits fp16 steps per vector) or "shared" (one set per
-                                # layer + one fp16 scale per vector: less metadata, for narrow layers)
-    col_scale: bool = True      # vector form: divide input columns by their RMS first (fp16, stored)
-    tol: float = 1e-3           # convergence: ‖residual‖ / ‖x‖ < tol ...
-    max_iter: int = 200         # ... within this many greedy iterations
-    kmeans_iters: int = 30
-    seed: int = 0
+    transform: str = field(default="dct", metadata={
+        "help": "orthogonal transform P: dct (sign-randomised DCT, O(N log N)) or random (dense orthogonal)",
+        "choices": TRANSFORMS})
+    codebook: str = field(default="closed", metadata={
+        "help": "factor quantizer: closed (greedy sign steps, least-squares step sizes) or kmeans "
+                "(joint (u, v) codebook)", "choices": CODEBOOKS})
+    form: str = field(default="vector", metadata={
+        "help": "vector (per row / group) or matrix (U + Q1 V Q2ᵀ per layer; kmeans only)", "choices": FORMS})
+    group_size: int | None = group_size_field(None)  # a group is one Kashin vector
+    sweeps: int = field(default=4, metadata={"help": "closed codebook: refinement rounds over the sign vectors"})
+    step_sizes: str = field(default="vector", metadata={
+        "help": "closed codebook: vector (bits fp16 step sizes per vector) or shared (one set per layer + one "
+                "fp16 scale per vector: less metadata, for narrow layers)", "choices": STEP_SIZES})
+    col_scale: bool = field(default=True, metadata={
+        "help": "vector form: divide input columns by their RMS first (one fp16 per column, stored)"})
+    tol: float = field(default=1e-3, metadata={
+        "help": "convergence: the decomposition's ‖residual‖ / ‖x‖ must fall below this within max_iter steps"})
+    max_iter: int = field(default=200, metadata={"help": "greedy iterations allowed to reach tol"})
+    kmeans_iters: int = field(default=30, metadata={"help": "kmeans codebook: Lloyd iterations"})
+    seed: int = field(default=0, metadata={"help": "seed of the transform's random signs / matrix"})
 
     method: ClassVar[str] = "kashin"
     SUPPORTED_BITS: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8)

@@ -1,4 +1,6 @@
-"""Layer pruning and linear replacement guided by layer geometry (methods.md §1.4, §3.2).
+"""Layer pruning and linear replacement guided by layer geometry (Razzhigaev et al.,
+"Your Transformer is Secretly Linear", ACL 2024; Men et al., ShortGPT, 2024; Gromov et al. 2024;
+Shopkhoev et al., ReplaceMe, 2025).
 
 A run of n consecutive blocks ℓ…ℓ+n−1 is either dropped (h_{ℓ+n} := h_ℓ) or replaced by one affine
 map h_{ℓ+n} ≈ h_ℓ A + b fitted by least squares on calibration hidden states (ReplaceMe's idea,
@@ -26,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..capture import capture, find_blocks
+from ..configs import check_positive, with_overrides
 from ..errors import LeanformerError
 from ..metrics import angular_distance, block_influence, linearity
 from ..stack import Applied, push, record_base
@@ -101,7 +104,7 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], tokens: int = 8
     if n < need:
         raise LeanformerError(
             f"calibration text gives {n} tokens; fitting and scoring a {d}-dimensional hidden state needs at "
-            f"least {need} (2 × (hidden size + 1)) — pass a longer --calibration text or raise --tokens")
+            f"least {need} (2 × (hidden size + 1)) — pass a longer calibration text (--text) or raise tokens (--tokens)")
     returns_tuple = []
     probe = blocks[0].register_forward_hook(lambda _m, _a, out: returns_tuple.append(isinstance(out, tuple)))
     states: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
@@ -148,40 +151,75 @@ def fit_linear_map(X: torch.Tensor, Y: torch.Tensor, ridge: float = 1e-4) -> tup
 # Pruning
 
 
-def _check(model: nn.Module, n: int, by: str, replace: str) -> tuple[nn.ModuleList, int]:
-    if by not in CRITERIA:
-        raise LeanformerError(f"unknown criterion by={by!r}; choose from {', '.join(CRITERIA)}")
-    if replace not in REPLACEMENTS:
-        raise LeanformerError(f"unknown replacement {replace!r}; choose from {', '.join(REPLACEMENTS)}")
+@dataclass
+class PruneConfig:
+    """Which run of blocks `prune_layers` removes, what replaces it, and the calibration it scores on."""
+    n: int = field(metadata={"help": "number of consecutive blocks to remove", "flag": "--layers", "metavar": "N"})
+    by: str = field(default="linearity", metadata={
+        "help": "how to pick the run: linearity, block_influence (ShortGPT), angular (Gromov et al.) or index",
+        "choices": CRITERIA})
+    replace: str = field(default="none", metadata={
+        "help": "none = drop the blocks; linear = replace them by an affine map fitted on calibration states",
+        "choices": REPLACEMENTS})
+    start: int | None = field(default=None, metadata={
+        "help": "with by=index: first block removed (none = the n blocks before the last)"})
+    tokens: int = field(default=8192, metadata={"help": "calibration tokens"})
+    max_seq_length: int = field(default=256, metadata={"help": "tokens per calibration sequence window"})
+    batch_size: int = field(default=8, metadata={"help": "calibration sequences per forward pass"})
+    ridge: float = field(default=1e-4, metadata={
+        "help": "replace=linear: ridge of the least-squares fit, pulling the map toward the identity"})
+
+    def __post_init__(self):
+        if self.by not in CRITERIA:
+            raise LeanformerError(f"unknown criterion by={self.by!r}; choose from {', '.join(CRITERIA)}")
+        if self.replace not in REPLACEMENTS:
+            raise LeanformerError(f"unknown replacement {self.replace!r}; choose from {', '.join(REPLACEMENTS)}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise LeanformerError(f"n must be a positive number of blocks, got {self.n!r}")
+        if self.start is not None and self.by != "index":
+            raise LeanformerError(f"start is only for by='index' (by={self.by!r} chooses the run itself)")
+        check_positive(self, "tokens", "batch_size")
+        if self.max_seq_length < 4:
+            raise LeanformerError(f"max_seq_length must be at least 4, got {self.max_seq_length}")
+        if self.ridge < 0:
+            raise LeanformerError(f"ridge must be ≥ 0, got {self.ridge}")
+
+
+def _check(model: nn.Module, n: int) -> tuple[nn.ModuleList, int]:
     blocks, _ = find_blocks(model)
     L = len(blocks)
     if any(isinstance(b, LinearReplacement) for b in blocks):
         raise LeanformerError("this model is already pruned with linear replacements; prune the original model")
-    if not isinstance(n, int) or n < 1 or n >= L:
+    if n >= L:
         raise LeanformerError(f"cannot remove {n} of {L} blocks: choose 1..{L - 1} (at least one block must stay)")
     return blocks, L
 
 
-def prune_layers(model: nn.Module, n: int, by: str = "linearity", replace: str = "none", *, tokenizer=None,
-                 texts: Sequence[str] | None = None, calibration: Calibration | None = None, start: int | None = None,
-                 tokens: int = 8192, max_length: int = 256, batch_size: int = 8, ridge: float = 1e-4) -> PruneResult:
+def prune_layers(model: nn.Module, config: PruneConfig | int, *, tokenizer=None, texts: Sequence[str] | None = None,
+                 calibration: Calibration | None = None, **overrides) -> PruneResult:
     """Remove (or linearly replace) the run of n consecutive blocks the criterion finds most removable.
 
-    In place. Calibration hidden states come from `calibration`, else from `texts` (default: the
-    built-in corpus) through `tokenizer`; by="index" with replace="none" needs neither."""
-    blocks, L = _check(model, n, by, replace)
+    In place. `config` is a PruneConfig, or the number of blocks n with the other fields as keywords
+    (prune_layers(model, 2, by="index", start=3); max_length= is accepted for max_seq_length).
+    Calibration hidden states come from `calibration`, else from `texts` (default: the built-in
+    corpus) through `tokenizer`; by="index" with replace="none" needs neither."""
+    renamed = {"max_length": "max_seq_length"}
+    if isinstance(config, PruneConfig):
+        config = with_overrides(PruneConfig, config, overrides, renamed)
+    else:
+        config = with_overrides(PruneConfig, None, {"n": config, **overrides}, renamed)
+    n, by, replace, start = config.n, config.by, config.replace, config.start
+    blocks, L = _check(model, n)
     if by == "index":
         start = L - n - 1 if start is None else start
         if not 0 <= start <= L - n:
             raise LeanformerError(f"start={start} with n={n}: the run must lie in blocks 0..{L - 1}, so start in 0..{L - n}")
-    elif start is not None:
-        raise LeanformerError(f"start= is only for by='index' (by={by!r} chooses the run itself)")
     if calibration is None and (by != "index" or replace == "linear"):
         if tokenizer is None:
             raise LeanformerError(f"by={by!r}, replace={replace!r} needs calibration text: pass tokenizer= (and texts=)")
         if texts is None:
             texts = default_corpus()
-        calibration = calibrate(model, tokenizer, texts, tokens, max_length, batch_size)
+        calibration = calibrate(model, tokenizer, texts, config.tokens, config.max_seq_length, config.batch_size)
     scores = score_runs(calibration, n) if calibration is not None else {}
     if by != "index":
         s = scores[by]
@@ -190,7 +228,7 @@ def prune_layers(model: nn.Module, n: int, by: str = "linearity", replace: str =
     record_base(model)
     new_blocks = list(blocks[:start])
     if replace == "linear":
-        A, b = fit_linear_map(calibration.states[start], calibration.states[start + n], ridge)
+        A, b = fit_linear_map(calibration.states[start], calibration.states[start + n], config.ridge)
         device = next(model.parameters()).device
         new_blocks.append(LinearReplacement(A, b, removed, calibration.returns_tuple).to(device))
     new_blocks += list(blocks[start + n:])
@@ -198,7 +236,7 @@ def prune_layers(model: nn.Module, n: int, by: str = "linearity", replace: str =
     result = PruneResult(removed, start, n, by, replace, scores, L, L - n)
     maps = [{"position": pos, "replaces": b.replaces, "returns_tuple": b.returns_tuple}
             for pos, b in enumerate(new_blocks) if _is_map(b)]
-    push(model, Applied("prune", {"n": n, "by": by, "replace": replace, "ridge": ridge},
+    push(model, Applied("prune", {"n": n, "by": by, "replace": replace, "ridge": config.ridge},
                         {"result": result.to_json(), "maps": maps}))
     return result
 
@@ -218,65 +256,6 @@ def replay(model: nn.Module, config: dict, state: dict) -> None:
     new_blocks += list(blocks[start + n:])
     set_blocks(model, new_blocks, _is_map)
     push(model, Applied("prune", config, state))
-
-
-def heal(model: nn.Module, tokenizer, texts: Sequence[str], steps: int = 100, rank: int = 8,
-         learning_rate: float = 1e-3, batch_size: int = 8, max_length: int = 256, teacher: nn.Module | None = None,
-         seed: int = 0) -> dict[str, float]:
-    """Short LoRA fine-tune of a pruned model (all linear layers, rank `rank`; fitted maps train whole),
-    then merged back so the checkpoint stays ordinary. Causal LMs learn next-token prediction on `texts`;
-    other models need `teacher` (e.g. the unpruned model) and match its last hidden state (MSE)."""
-    from ..adapters import LoRA, adapt, merge
-    from ..adapters.base import strip_adapters
-    from ..text import batches, token_chunks
-    from ..models import is_causal_lm
-
-    causal = is_causal_lm(model)
-    if not causal and teacher is None:
-        raise LeanformerError(f"healing {type(model).__name__} (not a causal LM) needs teacher= (the unpruned "
-                              "model) to distil its last hidden state")
-    if steps < 1:
-        raise LeanformerError(f"heal steps must be positive, got {steps}")
-    torch.manual_seed(seed)
-    chunks = token_chunks(tokenizer, texts, max_length=max_length)
-    if not chunks:
-        raise LeanformerError("no healing text: the calibration texts produced no token windows")
-    adapt(model, LoRA(rank=rank, alpha=2.0 * rank, targets="all-linear"), name="heal")
-    maps = [m for m in model.modules() if isinstance(m, LinearReplacement)]
-    for m in maps:
-        m.weight.requires_grad_(True)
-        m.bias.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    device = next(model.parameters()).device
-    order = torch.randperm(len(chunks)).tolist()
-    model.train()
-    losses = []
-    bar = tqdm(range(steps), desc="heal", leave=False)
-    for step in bar:
-        idx = [order[(step * batch_size + j) % len(order)] for j in range(batch_size)]
-        batch = next(iter(batches(tokenizer, [chunks[i] for i in idx], batch_size)))
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        if causal:
-            labels = ids.masked_fill(mask == 0, -100)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        else:
-            with torch.no_grad():
-                target = teacher(input_ids=ids, attention_mask=mask).last_hidden_state
-            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            m = mask.unsqueeze(-1).to(out.dtype)
-            loss = ((out - target).pow(2) * m).sum() / (m.sum() * out.shape[-1])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    model.eval()
-    merge(model)
-    strip_adapters(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return {"heal_steps": steps, "heal_loss_first": losses[0], "heal_loss_last": sum(losses[-10:]) / len(losses[-10:])}
 
 
 def pruned_copy(model: nn.Module, n: int, start: int, replace: str, calibration: Calibration | None = None,

@@ -35,18 +35,16 @@ class NotConverged(Exception):
 
 @dataclass
 class QuantConfig:
-    """Fields every method shares.
+    """Fields every method shares (each field's help is in its metadata)."""
 
-    bits: index bits per weight (metadata is counted on top by size_report).
-    targets: which Linear layers (see leanformer.targets: None = every Linear except heads,
-    a regex string, or name suffixes); filter_fn(module, name) narrows them further.
-    cache: keep the rebuilt weight in memory (faster, costs full-precision memory).
-    """
-
-    bits: int = 4
-    targets: Targets = None
-    cache: bool = False
-    filter_fn: FilterFn | None = field(default=None, repr=False, compare=False)
+    bits: int = field(default=4, metadata={"help": "index bits per weight (metadata is counted on top)"})
+    targets: Targets = field(default=None, metadata={
+        "help": "which Linear layers: module names or name suffixes, one regex, or all-linear "
+                "(none = every Linear except embeddings and heads)"})
+    cache: bool = field(default=False, metadata={
+        "help": "keep each rebuilt weight in memory (faster forward, costs full-precision memory)"})
+    filter_fn: FilterFn | None = field(default=None, repr=False, compare=False, metadata={
+        "help": "filter_fn(module, name) -> bool keeps only the layers it accepts", "cli": False})
 
     method: ClassVar[str] = ""
     SUPPORTED_BITS: ClassVar[tuple[int, ...]] = ()
@@ -87,6 +85,13 @@ def method_class(method: str) -> type[QuantConfig]:
     if method not in METHODS:
         raise LeanformerError(f"unknown quantization method {method!r}; known: {', '.join(sorted(METHODS))}")
     return METHODS[method]
+
+
+def group_size_field(default: int | None):
+    """The `group_size` field of a method: one help text, each method's own default."""
+    return field(default=default, metadata={
+        "help": "weights per group (Kashin: per vector); must divide each layer's input width "
+                "(none = one group per row)"})
 
 
 def check_group_size(group_size: int | None, width: int, name: str) -> int:

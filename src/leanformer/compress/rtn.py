@@ -11,13 +11,12 @@ from typing import ClassVar
 import torch
 
 from .packing import fp16, pack_bits, unpack_bits
-from .quantization import QuantConfig, check_group_size
+from .quantization import QuantConfig, check_group_size, group_size_field
 
 
 @dataclass
 class RTN(QuantConfig):
-    bits: int = 4
-    group_size: int | None = 128  # None = one group per output row
+    group_size: int | None = group_size_field(128)
 
     method: ClassVar[str] = "rtn"
     SUPPORTED_BITS: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8)

@@ -1,22 +1,28 @@
-"""Small-decoder pretraining from scratch, for the cosine-regulariser experiment (methods.md §3.2).
+"""Small-decoder pretraining from scratch, for the cosine-regulariser experiment of Razzhigaev et al.,
+"Your Transformer is Secretly Linear" (ACL 2024, arXiv:2405.12250), who add a cosine-similarity
+term to the loss when pretraining small models.
 
 A Llama-shaped decoder (a few layers, dim 128) learns next-token prediction on a token stream, with
-an optional CosineRegularizer added to the loss. Batches are random windows drawn from their own
-seeded generator, so runs that differ only in λ see exactly the same data in the same order and
-start from the same initial weights. Runs through `accelerate` (CPU here; a GPU when present).
+an optional CosineRegularizer added to the loss: `RegularizedTrainer`, a transformers.Trainer whose
+compute_loss is CE + λ·Σ(1 − cos(h_i, h_{i−1})) over the residual stream. Batches are random
+windows drawn up front from their own seeded generator and fed in order, so runs that differ only
+in λ see exactly the same data in the same order and start from the same initial weights. Trainer
+places it (a GPU when present) and `torchrun` / `accelerate launch` distribute it.
 """
 from __future__ import annotations
 
 import math
 import statistics
-import time
+import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
-from ..errors import LeanformerError
 from ..capture import residual_stream
+from ..errors import LeanformerError
+from .callbacks import RecordingTrainer, show_progress_bar_only
 from .regularizers import CosineRegularizer
 
 
@@ -40,9 +46,7 @@ class PretrainConfig:
     profile_tokens: int = 4096  # validation tokens for the linearity profile
 
 
-def make_model(cfg: PretrainConfig):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def make_model(cfg: PretrainConfig) -> LlamaForCausalLM:
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
                          num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -98,59 +102,80 @@ def linearity_profile(model, stream: torch.Tensor, seq_len: int, max_tokens: int
     return out
 
 
-def pretrain(cfg: PretrainConfig, train_ids: torch.Tensor, val_ids: torch.Tensor, progress: bool = True):
-    """Train from scratch; returns (model, results dict with history, final profile and timings)."""
-    from accelerate import Accelerator
+class RegularizedTrainer(RecordingTrainer):
+    """Trainer on token windows (batch["input_ids"], seq_len + 1 tokens each) whose loss is the
+    next-token cross-entropy plus `regularizer` over the residual stream h_0…h_L of the same forward
+    pass. `last_ce` / `last_reg` hold the latest step's two terms (detached)."""
 
+    def __init__(self, *args, regularizer: CosineRegularizer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.regularizer = regularizer
+        self.model_accepts_loss_kwargs = False  # the loss is a mean over this batch's tokens
+        self.last_ce = self.last_reg = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids = inputs["input_ids"]
+        with residual_stream(self.accelerator.unwrap_model(model)) as states:
+            outputs = model(input_ids=ids[:, :-1], use_cache=False)
+            ce = F.cross_entropy(outputs.logits.float().flatten(0, 1), ids[:, 1:].flatten())
+            reg = self.regularizer(states) if self.regularizer.lam > 0 else torch.zeros((), device=ce.device)
+        self.last_ce, self.last_reg = ce.detach(), reg.detach()
+        loss = ce + reg
+        return (loss, outputs) if return_outputs else loss
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return [n for n, p in model.named_parameters() if p.ndim >= 2]  # weight decay on matrices only
+
+
+class ValidationHistory(TrainerCallback):
+    """Every `every` steps and at the last one: the step's training terms and the validation NLL."""
+
+    def __init__(self, trainer: RegularizedTrainer, val_ids: torch.Tensor, cfg: PretrainConfig):
+        self.trainer, self.val_ids, self.cfg = trainer, val_ids, cfg
+        self.history: list[dict] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.cfg.eval_every and state.global_step != state.max_steps:
+            return
+        model.eval()
+        nll = validation_nll(model, self.val_ids, self.cfg.seq_len, self.cfg.eval_tokens)
+        model.train()
+        self.history.append({"step": state.global_step, "train_ce": float(self.trainer.last_ce),
+                             "train_reg": float(self.trainer.last_reg), "val_nll": nll,
+                             "val_perplexity": math.exp(nll)})
+
+
+def pretrain(cfg: PretrainConfig, train_ids: torch.Tensor, val_ids: torch.Tensor, progress: bool = True):
+    """Train from scratch; returns (model, results dict with history, final profile and timings).
+
+    AdamW (β = 0.9, 0.95; weight decay on matrices), linear warmup then cosine decay to 10 % of the
+    learning rate, gradient norm clipped to 1."""
     if len(train_ids) <= cfg.seq_len + 1:
         raise LeanformerError(f"training stream has {len(train_ids)} tokens; need more than seq_len+1={cfg.seq_len + 1}")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    _windows(val_ids, cfg.seq_len, cfg.eval_tokens)  # a too-short validation stream fails before training
     model = make_model(cfg)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate, betas=(0.9, 0.95))
-
-    def lr_at(step):  # linear warmup, cosine decay to 10 %
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    model, opt, sched = accelerator.prepare(model, opt, sched)
-    reg = CosineRegularizer(cfg.lam)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the data order: identical whatever λ
-    history, step_times = [], []
-    bar = tqdm(range(cfg.steps), desc=f"pretrain λ={cfg.lam}", disable=not progress)
-    for step in bar:
-        model.train()
-        starts = torch.randint(0, len(train_ids) - cfg.seq_len - 1, (cfg.batch_size,), generator=data_gen)
-        chunk = torch.stack([train_ids[s:s + cfg.seq_len + 1] for s in starts.tolist()]).to(accelerator.device)
-        t0 = time.perf_counter()
-        with residual_stream(model) as states:
-            logits = model(input_ids=chunk[:, :-1]).logits
-            ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
-            r = reg(states) if cfg.lam > 0 else torch.zeros((), device=ce.device)
-        accelerator.backward(ce + r)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step_times.append(time.perf_counter() - t0)
-        ce, r = ce.detach(), r.detach()
-        bar.set_postfix(ce=f"{float(ce):.3f}", reg=f"{float(r):.3f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            model.eval()
-            nll = validation_nll(model, val_ids, cfg.seq_len, cfg.eval_tokens)
-            history.append({"step": step + 1, "train_ce": float(ce), "train_reg": float(r), "val_nll": nll,
-                            "val_perplexity": math.exp(nll)})
+    starts = torch.randint(0, len(train_ids) - cfg.seq_len - 1, (cfg.steps * cfg.batch_size,), generator=data_gen)
+    windows = [{"input_ids": train_ids[s:s + cfg.seq_len + 1]} for s in starts.tolist()]
+    with tempfile.TemporaryDirectory(prefix="leanformer-pretrain-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, adam_beta1=0.9, adam_beta2=0.95,
+            max_grad_norm=1.0, optim="adamw_torch", lr_scheduler_type="cosine_with_min_lr",
+            lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
+            train_sampling_strategy="sequential", save_strategy="no", logging_strategy="no", report_to="none",
+            remove_unused_columns=False, disable_tqdm=not progress)
+        trainer = RegularizedTrainer(model=model, args=args, train_dataset=windows,
+                                     regularizer=CosineRegularizer(cfg.lam))
+        history = ValidationHistory(trainer, val_ids, cfg)
+        trainer.add_callback(history)  # after the StepLog: validation is not part of a step's time
+        show_progress_bar_only(trainer, progress)
+        trainer.train()
     model.eval()
-    model = accelerator.unwrap_model(model)
-    final = history[-1]
-    results = {"config": asdict(cfg), "history": history, "val_nll": final["val_nll"],
+    final = history.history[-1]
+    results = {"config": asdict(cfg), "history": history.history, "val_nll": final["val_nll"],
                "val_perplexity": final["val_perplexity"],
                "profile": linearity_profile(model, val_ids, cfg.seq_len, cfg.profile_tokens),
-               "train_seconds_per_step": statistics.median(step_times),
+               "train_seconds_per_step": statistics.median(trainer.step_log.seconds),
                "total_params": sum(p.numel() for p in model.parameters())}
     return model, results

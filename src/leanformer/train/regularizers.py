@@ -1,6 +1,7 @@
 """Training-time regularisers on the residual stream.
 
-CosineRegularizer ("Your Transformer is Secretly Linear", methods.md §3.2): λ Σ_i (1 − cos(h_i, h_{i−1}))
+CosineRegularizer (Razzhigaev et al., "Your Transformer is Secretly Linear", ACL 2024,
+arXiv:2405.12250, the regularisation of their pretraining experiments): λ Σ_i (1 − cos(h_i, h_{i−1}))
 over the block transitions i = 1…L, each term the mean over valid (non-padding) tokens. The paper uses
 it in pretraining with λ = 0.5 to lower layer linearity. The states are the residual stream captured
 with block hooks (h_0 = input of block 0, h_i = output of block i−1), i.e. before any final norm,

@@ -1,0 +1,245 @@
+"""Fine-tuning on a sequence classification / regression task with transformers.Trainer.
+
+`finetune(model, tokenizer, task, args)` trains the model's trainable parameters — an adapter added
+with `lf.adapt` (and its modules_to_save, e.g. the classifier head), or every weight with
+method="full" — under `args`, a transformers.TrainingArguments (learning rate, epochs, batch size,
+warmup, clipping, seed, checkpoints, train_sampling_strategy="group_by_length", …), then evaluates
+on the dev split and returns the metrics the `finetune` command writes to metrics.json: the task's
+metrics by name, trainable_params, total_params, train_seconds_per_step (median), peak_rss_mb,
+train_steps, train_samples, train_loss (mean of the last 50 steps), seed, processes.
+
+Because it is Trainer, the same call scales with `torchrun` / `accelerate launch` (DDP), DeepSpeed
+and FSDP, writes Trainer checkpoints every `save_steps`, and resumes from them
+(`resume_from_checkpoint`). On SIGTERM or Ctrl-C it finishes the current step, writes a checkpoint
+and raises TrainingInterrupted; the same call with resume_from_checkpoint=True then ends exactly
+where an uninterrupted run would (same data order, RNG, optimizer and scheduler state).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import statistics
+from enum import Enum
+
+import torch
+from torch import nn
+from transformers import DataCollatorWithPadding, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from ..adapters.base import AdapterConfig, adapt
+from ..errors import LeanformerError
+from ..evaluation import evaluate_task
+from ..models import classifier_head_name
+from ..runtime import peak_rss_mb
+from ..tasks import Split, Task
+from .callbacks import TRAINER_STATE, RecordingTrainer, SaveAndStopOnSignal, StepLog, TrainingInterrupted
+
+# TrainingArguments that decide what a run computes; a checkpoint resumes only under the same values.
+RESULT_ARGUMENTS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+                    "max_grad_norm", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "optim", "seed",
+                    "data_seed", "train_sampling_strategy", "label_smoothing_factor", "bf16", "fp16")
+LOSS_WINDOW = 50  # train_loss: mean over this many last steps
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' LengthGroupedSampler (train_sampling_strategy="group_by_length": batches of
+    similar length inside shuffled mega-batches) with its own generator seeded by (seed, epoch). The
+    stock sampler draws its permutation from the global RNG when an epoch starts, so a resumed run
+    (and each process of a distributed one) would see another order."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Trainer (through accelerate) at each epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed * 100003 + self.epoch)
+        return super().__iter__()
+
+
+class TaskTrainer(RecordingTrainer):
+    """Trainer for sequence classification / regression: the task head can have its own learning
+    rate (a separate optimizer param group), group-by-length batches come in a seeded order, and
+    each batch's loss is taken as what it is, a mean over that batch.
+
+    Why the last point: transformers treats a model whose forward accepts **kwargs as normalising its
+    loss by `num_items_in_batch` over the whole accumulated, all-process batch, and then multiplies
+    the loss by the process count and skips the division by the accumulation steps. Classification
+    heads return a plain per-batch mean, so that would scale the gradient by the number of processes
+    (or accumulation steps)."""
+
+    def __init__(self, *args, head_learning_rate: float | None = None, lengths: list[int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_learning_rate = head_learning_rate
+        self.lengths = lengths
+        self.model_accepts_loss_kwargs = False
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or self.head_learning_rate is None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        head = classifier_head_name(opt_model)
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in opt_model.named_parameters():
+            if p.requires_grad:
+                # the head's own name inside the path: "classifier.weight", or a peft model's
+                # "base_model.model.classifier.modules_to_save.default.weight"
+                groups.setdefault((head is not None and head in name.split("."), name in decay), []).append(p)
+        param_groups = [{"params": groups[key], "weight_decay": self.args.weight_decay if key[1] else 0.0,
+                         "lr": self.head_learning_rate if key[0] else self.args.learning_rate}
+                        for key in sorted(groups)]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy == "group_by_length" and self.lengths is not None:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return SeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                              self.lengths, seed)
+        return super()._get_train_sampler(train_dataset)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def train_indices(n: int, max_train_samples: int | None) -> list[int]:
+    """All n examples, or a fixed random sample of max_train_samples of them: drawn with seed 0,
+    so it is the same whatever the training seed, and seeds vary only the training."""
+    if n == 0:
+        raise LeanformerError("the task's training split is empty")
+    if max_train_samples is None or max_train_samples >= n:
+        return list(range(n))
+    if max_train_samples <= 0:
+        raise LeanformerError(f"max_train_samples must be positive, got {max_train_samples}")
+    g = torch.Generator().manual_seed(0)
+    return sorted(torch.randperm(n, generator=g)[:max_train_samples].tolist())
+
+
+def encode_split(tokenizer, split: Split, indices: list[int], max_seq_length: int) -> list[dict]:
+    """One dict per example (input ids, masks, label), truncated to max_seq_length, unpadded: the
+    collator pads each batch to its own longest example."""
+    a = [split.text_a[i] for i in indices]
+    b = [split.text_b[i] for i in indices] if split.text_b is not None else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_seq_length)
+    return [{**{k: enc[k][j] for k in enc}, "labels": split.labels[i]} for j, i in enumerate(indices)]
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete Trainer checkpoint in output_dir (trainer_state.json is its last file)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [(int(m.group(1)), name) for name in os.listdir(output_dir)
+             if (m := re.fullmatch(r"checkpoint-(\d+)", name))
+             and os.path.isfile(os.path.join(output_dir, name, TRAINER_STATE))]
+    return os.path.join(output_dir, max(steps)[1]) if steps else None
+
+
+def _run_settings(args: TrainingArguments, model: nn.Module, task: Task, n_train: int, **options) -> dict:
+    trainable = [(n, list(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+    settings = {k: getattr(args, k) for k in RESULT_ARGUMENTS}
+    settings = {k: v.value if isinstance(v, Enum) else v for k, v in settings.items()}
+    settings.update(options, task=task.name, train_samples=n_train,
+                    trainable=hashlib.sha256(json.dumps(trainable).encode()).hexdigest()[:16])
+    return json.loads(json.dumps(settings, default=str))  # as it reads back from trainer_state.json
+
+
+# ------------------------------------------------------------------------------------------------
+# The verb
+
+
+def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *,
+             method: AdapterConfig | str | None = None, max_seq_length: int = 128,
+             max_train_samples: int | None = None, max_eval_samples: int | None = None,
+             head_learning_rate: float | None = None, resume_from_checkpoint: str | bool | None = None,
+             callbacks: list | tuple = (), evaluate: bool = True) -> dict:
+    """Train `model` (a sequence-classification model with task.num_labels outputs) on task.train
+    with transformers.Trainer under `args`; evaluate on task.dev; return the metrics dict.
+
+    method: None trains what requires grad (a model adapted with lf.adapt: its adapter and
+    modules_to_save; a model fresh from from_pretrained: everything); "full" unfreezes and trains
+    every weight; an adapter config (lf.LoRA(...), …) is applied first with lf.adapt, the task head
+    added to its modules_to_save. resume_from_checkpoint: a checkpoint directory, or True for the
+    newest complete one in args.output_dir; it must come from a run with the same settings.
+    Raises TrainingInterrupted when SIGTERM / Ctrl-C stopped training after writing a checkpoint."""
+    n_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if n_labels is not None and n_labels != task.num_labels:
+        raise LeanformerError(f"the model's head has {n_labels} outputs but task {task.name} has "
+                              f"{task.num_labels} label(s) {task.label_names or '(regression)'}")
+    if max_seq_length < 2:
+        raise LeanformerError(f"max_seq_length must be at least 2, got {max_seq_length}")
+    if head_learning_rate is not None and head_learning_rate <= 0:
+        raise LeanformerError(f"head_learning_rate must be positive, got {head_learning_rate}")
+    if resume_from_checkpoint is True:
+        resume_from_checkpoint = last_checkpoint(args.output_dir)
+        if resume_from_checkpoint is None:
+            raise LeanformerError(f"resume_from_checkpoint=True, but {args.output_dir} holds no complete "
+                                  "checkpoint-N directory")
+    resume_from_checkpoint = resume_from_checkpoint or None
+    head = classifier_head_name(model)
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif isinstance(method, AdapterConfig):
+        keep = list(method.modules_to_save) + ([head] if head and head not in method.modules_to_save else [])
+        adapt(model, dataclasses.replace(method, modules_to_save=keep))
+    elif method is not None:
+        raise LeanformerError(f"method must be None, 'full' or an adapter config (lf.LoRA(...), …), got {method!r}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise LeanformerError("the model has no trainable parameters: adapt it (lf.adapt, or method=lf.LoRA(...)) "
+                              "or pass method='full'")
+
+    indices = train_indices(len(task.train), max_train_samples)
+    rows = encode_split(tokenizer, task.train, indices, max_seq_length)
+    run = _run_settings(args, model, task, len(indices), max_seq_length=max_seq_length,
+                        head_learning_rate=head_learning_rate)
+    # A Trainer checkpoint holds torch.save'd files (optimizer.pt, scheduler.pt, rng_state.pth: pickles).
+    # transformers 5.24 reads them only with torch.load(weights_only=True), which refuses arbitrary
+    # objects (Trainer._load_optimizer_and_scheduler, _load_rng_state), and never reads training_args.bin;
+    # leanformer itself reads only trainer_state.json (JSON). Keep it that way: no other loader for them.
+    step_log = StepLog.from_checkpoint(resume_from_checkpoint, run) if resume_from_checkpoint else StepLog(run)
+    stopper = SaveAndStopOnSignal()
+    trainer = TaskTrainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer),
+                          callbacks=[stopper, *callbacks], step_log=step_log, head_learning_rate=head_learning_rate,
+                          lengths=[len(r["input_ids"]) for r in rows])
+    try:
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    finally:
+        stopper.restore()
+    state = trainer.state
+    if stopper.stopped_at is not None and state.global_step < state.max_steps:
+        raise TrainingInterrupted(
+            f"{stopper.stopped_by}: stopped after step {state.global_step} of {state.max_steps} and wrote "
+            f"{os.path.join(args.output_dir, f'checkpoint-{state.global_step}')}; run again with the same arguments "
+            "(and resume_from_checkpoint) to continue")
+    model.eval()
+
+    metrics: dict = {}
+    if evaluate:
+        metrics.update(evaluate_task(model, tokenizer, task, "dev", args.per_device_eval_batch_size, max_seq_length,
+                                     max_eval_samples))
+    losses = step_log.losses[-LOSS_WINDOW:]
+    train_loss = float(sum(losses) / len(losses)) if losses else None
+    if train_loss is not None and args.world_size > 1:  # each process logged the loss of its own batches
+        train_loss = float(trainer.accelerator.reduce(torch.tensor(train_loss, device=args.device), "mean"))
+    metrics.update({
+        "trainable_params": trainable,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "train_seconds_per_step": statistics.median(step_log.seconds) if step_log.seconds else None,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "train_steps": state.global_step,
+        "train_samples": len(indices),
+        "train_loss": train_loss,
+        "seed": args.seed,
+        "processes": args.world_size,
+    })
+    return metrics
