@@ -17,7 +17,7 @@ from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassificati
                           TrainerCallback, TrainingArguments)
 
 import leanformer as lf
-from leanformer.cli import finetune as finetune_command
+from leanformer.train import finetuning
 from leanformer.cli import main
 from leanformer.errors import LeanformerError
 from leanformer.models import alias_path
@@ -279,8 +279,8 @@ def test_bad_inputs_give_clear_errors(tiny_dir, csv_task, tmp_path, capsys):
 def test_finetune_command_resumes_after_sigterm(tiny_dir, csv_task, tmp_path, monkeypatch, capsys):
     argv = ["finetune", str(tiny_dir), "--task", csv_task, "--method", "lora", "--save-steps", "2", *FLAGS]
     assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
-    real = finetune_command.finetune
-    monkeypatch.setattr(finetune_command, "finetune", lambda *a, **k: real(*a, **k, callbacks=[SigtermDuringStep(5)]))
+    real = finetuning.finetune  # the command imports it when it runs
+    monkeypatch.setattr(finetuning, "finetune", lambda *a, **k: real(*a, **k, callbacks=[SigtermDuringStep(5)]))
     assert main([*argv, "--out", str(tmp_path / "run")]) == 130
     assert "stopped after step 5 of 12" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and (tmp_path / ".run.checkpoints" / "checkpoint-5").is_dir()

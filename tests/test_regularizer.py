@@ -9,7 +9,7 @@ from torch import nn
 
 from leanformer.capture import find_blocks
 from leanformer.errors import LeanformerError
-from leanformer.train import pretrain as pretrain_module
+import leanformer.train.pretrain as pretrain_module
 from leanformer.train.pretrain import PretrainConfig, linearity_profile, make_model, pretrain, split_stream
 from leanformer.capture import residual_stream
 from leanformer.train.regularizers import CosineRegularizer

@@ -10,9 +10,18 @@ from .generation import GenerateConfig, generate
 from .inspection import InspectConfig, Profile, inspect
 from .saving import load, save
 from .stack import applied
-from .train import finetune
-from .train.heal import heal
-from .train.pretrain import PretrainConfig, pretrain
 from .train.regularizers import CosineRegularizer
 
 __version__ = "0.1.0"
+
+# The training verbs run on transformers.Trainer, whose import costs seconds (torch.compile's stack);
+# they are imported on first use so that `import leanformer` and `leanformer --help` stay quick.
+_TRAINING = {"finetune": "finetuning", "heal": "heal", "pretrain": "pretrain", "PretrainConfig": "pretrain"}
+
+
+def __getattr__(name: str):
+    if name in _TRAINING:
+        import importlib
+
+        return getattr(importlib.import_module(f".train.{_TRAINING[name]}", __name__), name)
+    raise AttributeError(f"module 'leanformer' has no attribute {name!r}")

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .errors import LeanformerError
 from .files import load_json, output_dir, save_json
@@ -101,6 +99,10 @@ def _permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def llama2c_to_hf(hdr: dict, t: dict[str, torch.Tensor]):
+    # imported here: transformers' model classes pull in its whole modelling stack (about 3 s), which
+    # `import leanformer` should not pay; the same holds for every model-class import in this package
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     """A transformers LlamaForCausalLM holding the checkpoint's weights."""
     d, nh, nkv = hdr["dim"], hdr["n_heads"], hdr["n_kv_heads"]
     config = LlamaConfig(
@@ -190,6 +192,9 @@ def _piece(i: int, b: bytes) -> str:
 
 def build_tokenizer(vocab: list[tuple[bytes, float]], model_max_length: int = 512):
     """A PreTrainedTokenizerFast that encodes exactly like llama2.c (see the module docstring)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     try:
         pieces = [_piece(i, b) for i, (b, _) in enumerate(vocab)]
     except UnicodeDecodeError as e:

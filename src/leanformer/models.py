@@ -10,9 +10,6 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import try_to_load_from_cache
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer)
-from transformers.utils import logging as hf_logging
 
 from .constants import ALIASES, CLASSIFIER_HEAD_NAMES, HEADS
 from .convert import CONVERTER_VERSION, convert_llama2c
@@ -98,6 +95,10 @@ def classifier_head_name(model: torch.nn.Module) -> str | None:
 
 def model_class(config, head: str = "auto"):
     """The transformers Auto class that loads `config` with the given head ("auto": as recorded)."""
+    # transformers' Auto classes are imported where they are used: they pull in its modelling and
+    # tokenizer stacks, a second or more that `import leanformer` / `leanformer --help` should not pay
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
     if head == "auto":
         head = head_kind(config)
     return {"base": AutoModel, "causal-lm": AutoModelForCausalLM,
@@ -112,6 +113,8 @@ def ensure_pad_token(tokenizer):
 
 
 def load_tokenizer(source: str | os.PathLike, required: bool = True):
+    from transformers import AutoTokenizer
+
     try:
         return ensure_pad_token(AutoTokenizer.from_pretrained(str(source)))
     except (OSError, ValueError):
@@ -127,6 +130,9 @@ def load_pretrained(name_or_path: str | os.PathLike, head: str = "auto", num_lab
     head: "auto" (from the checkpoint's architecture), "base" (AutoModel), "causal-lm" or
     "sequence-classification" (then num_labels; 1 means regression).
     """
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()  # weight loading is instant for our sizes; keep output readable
     if head not in HEADS:
         raise LeanformerError(f"unknown head {head!r}; choose from {HEADS}")

@@ -37,11 +37,18 @@ from .constants import HEAD_MODULE_NAMES, SAVE_FORMAT
 from .errors import LeanformerError
 from .files import load_json, load_tensors, output_dir, save_json, save_tensors
 from .models import head_kind, load_pretrained, load_tokenizer, resolve
-from .stack import applied, record_base, set_base
-from .train import heal as _heal
+from .stack import Applied, applied, push, record_base, set_base
 
 # transform name in leanformer.json → the function that rebuilds its structure on a model
-REPLAY = {"prune": _prune.replay, "quantize": _quantize.replay, "adapt": _adapters.replay, "heal": _heal.replay}
+def _replay_weights_only(transform: str):
+    """Replay of a transform whose whole effect is in the stored weights (healing): record it again."""
+    def replay(model: nn.Module, config: dict, state: dict) -> None:
+        push(model, Applied(transform, config, state))
+    return replay
+
+
+REPLAY = {"prune": _prune.replay, "quantize": _quantize.replay, "adapt": _adapters.replay,
+          "heal": _replay_weights_only("heal")}
 # module types no plain transformers checkpoint can hold
 FOREIGN_MODULES = (_quantize.QuantizedLinear, AdaptedLinear, _prune.LinearReplacement)
 HF_WEIGHTS, LF_WEIGHTS = "model.safetensors", "leanformer.safetensors"
@@ -177,14 +184,15 @@ def fingerprint(model: nn.Module) -> str:
 def load(name_or_path: str | os.PathLike, head: str = "auto", num_labels: int | None = None, device: str = "cpu",
          dtype: torch.dtype = torch.float32, base: nn.Module | None = None):
     """(model, tokenizer) in eval mode: a directory written by `save` (its stack replayed), or else an
-    alias, a Hugging Face directory or a hub id (see models.load_pretrained for head / num_labels).
+    alias, a Hugging Face directory or a hub id (see models.load_pretrained for head / num_labels /
+    dtype; a saved directory keeps the head it was saved with, and its tensors are loaded into the
+    recorded architecture built in float32).
 
     base: for a directory that references its base (adapters only), the base model to apply it to,
     in place, instead of loading the recorded one by name (its weights must match the fingerprint)."""
     source = resolve(name_or_path)
     if not (Path(source) / "leanformer.json").is_file():
-        return load_pretrained(source if source != str(name_or_path) else name_or_path, head=head,
-                               num_labels=num_labels, device=device, dtype=dtype)
+        return load_pretrained(name_or_path, head=head, num_labels=num_labels, device=device, dtype=dtype)
     path = Path(source)
     meta = _read_meta(path)
     weights = path / meta["weights"]["file"]

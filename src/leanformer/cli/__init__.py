@@ -25,18 +25,23 @@ def _commands():
             yield module
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only that subcommand's flags are built (some cost imports:
+    finetune's come from transformers.TrainingArguments), the others list their one-line help."""
     parser = argparse.ArgumentParser(prog="leanformer", description=__import__("leanformer").__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in _commands():
         p = sub.add_parser(module.COMMAND, help=module.HELP, description=module.HELP)
-        module.add_arguments(p)
+        if command is None or command == module.COMMAND:
+            module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except LeanformerError as e:

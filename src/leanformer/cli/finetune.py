@@ -22,16 +22,12 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from transformers import HfArgumentParser, TrainingArguments, set_seed
-
 from ..adapters import DyLoRA, KronA, LoRA, LoRAXS, set_rank, trainable_parameters
 from ..errors import LeanformerError
 from ..evaluation import evaluate_task
 from ..models import classifier_head_name
 from ..saving import load, save
 from ..tasks import load_task
-from ..train.callbacks import TrainingInterrupted
-from ..train.finetuning import finetune, last_checkpoint
 from ._common import check_device
 from ._config_args import parse_targets
 
@@ -77,6 +73,10 @@ class FinetuneArguments:
 
 
 def add_arguments(p) -> None:
+    # imported here (as in run): TrainingArguments imports peft and transformers' modelling stack,
+    # seconds that only `leanformer finetune` should pay
+    from transformers import HfArgumentParser, TrainingArguments
+
     p.add_argument("model", help="alias (minilm), HF model directory, or hub id")
     hf = HfArgumentParser((FinetuneArguments, TrainingArguments), add_help=False)
     hf.set_defaults(**TRAINING_DEFAULTS)
@@ -102,6 +102,11 @@ def build_config(opts: FinetuneArguments, head: str):
 
 
 def run(args) -> int:
+    from transformers import TrainingArguments, set_seed
+
+    from ..train.callbacks import TrainingInterrupted
+    from ..train.finetuning import finetune, last_checkpoint
+
     opts = _from_namespace(FinetuneArguments, args)
     out = Path(opts.out)
     if out.is_dir() and any(out.iterdir()) and not opts.overwrite:  # fail before the long part

@@ -1,3 +1,2 @@
 """Training on transformers.Trainer: task fine-tuning (finetuning), regularised pretraining
 (pretrain), healing after pruning (heal)."""
-from .finetuning import finetune

@@ -8,8 +8,8 @@ non-padding positions; e.g. the unpruned model). Training runs on transformers.T
 the adapters are merged into the weights and removed, so the result is as ordinary as before.
 
 Healing changes the base weights, so it is recorded on the model's transform stack
-(Applied("heal", config, {})); its `replay` only records it again, since the healed weights are
-what `lf.save` stores.
+(Applied("heal", config, {})); `lf.load` only records it again, since the healed weights are what
+`lf.save` stores.
 """
 from __future__ import annotations
 
@@ -109,8 +109,3 @@ def heal(model: nn.Module, tokenizer, texts: Sequence[str], steps: int = 100, ra
     last = losses[-LAST_LOSSES:]
     return {"heal_steps": steps, "heal_loss_first": losses[0], "heal_loss_last": sum(last) / len(last)}
 
-
-def replay(model: nn.Module, config: dict, state: dict) -> None:
-    """Record a healing on a model being rebuilt by `lf.load`: the healed weights come from the
-    saved tensors, so there is nothing to redo."""
-    push(model, Applied("heal", config, state))
