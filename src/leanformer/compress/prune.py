@@ -236,8 +236,7 @@ def prune_layers(model: nn.Module, config: PruneConfig | int, *, tokenizer=None,
     result = PruneResult(removed, start, n, by, replace, scores, L, L - n)
     maps = [{"position": pos, "replaces": b.replaces, "returns_tuple": b.returns_tuple}
             for pos, b in enumerate(new_blocks) if _is_map(b)]
-    push(model, Applied("prune", {"n": n, "by": by, "replace": replace, "ridge": config.ridge},
-                        {"result": result.to_json(), "maps": maps}))
+    push(model, Applied("prune", asdict(config), {"result": result.to_json(), "maps": maps}))
     return result
 
 
