@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import leanformer as lf
 from leanformer.adapters.base import AdaptedLinear
@@ -16,11 +16,9 @@ from leanformer.errors import LeanformerError
 IDS = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(1))
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+@pytest.fixture
+def tiny_llama(make_tiny_llama):
+    return lambda seed=0: make_tiny_llama(layers=4, seed=seed, vocab_size=64)
 
 
 def prune(model):
@@ -49,7 +47,7 @@ STACKS = [list(p) for p in itertools.permutations(TRANSFORMS, 2)] + [["prune", "
 
 
 @pytest.mark.parametrize("stack", STACKS, ids=["→".join(s) for s in STACKS])
-def test_every_pair_and_the_triple_reload_exactly(stack, tmp_path):
+def test_every_pair_and_the_triple_reload_exactly(stack, tmp_path, tiny_llama):
     model = tiny_llama()
     for name in stack:
         TRANSFORMS[name](model)
@@ -72,7 +70,7 @@ def test_every_pair_and_the_triple_reload_exactly(stack, tmp_path):
         torch.testing.assert_close(lf.load(tmp_path / "again")[0](IDS).logits, expected, atol=1e-6, rtol=0)
 
 
-def test_adapted_quantized_model_trains_only_the_adapter(tmp_path):
+def test_adapted_quantized_model_trains_only_the_adapter(tmp_path, tiny_llama):
     model = tiny_llama()
     quantize(model)
     adapt(model)
@@ -82,7 +80,7 @@ def test_adapted_quantized_model_trains_only_the_adapter(tmp_path):
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == trainable
 
 
-def test_untransformed_and_block_dropped_models_are_plain_checkpoints(tmp_path):
+def test_untransformed_and_block_dropped_models_are_plain_checkpoints(tmp_path, tiny_llama):
     model = tiny_llama()
     lf.save(model, None, tmp_path / "plain")
     lf.prune_layers(model, 1, by="index", start=2)
@@ -96,7 +94,7 @@ def test_untransformed_and_block_dropped_models_are_plain_checkpoints(tmp_path):
 
 
 @pytest.fixture
-def saved(tmp_path):
+def saved(tmp_path, tiny_llama):
     model = tiny_llama()
     quantize(model)
     adapt(model)
@@ -149,7 +147,7 @@ def test_header_promising_the_wrong_packed_size_is_corrupt(saved):
         lf.load(saved)
 
 
-def test_referenced_base_that_changed_names_both(tmp_path):
+def test_referenced_base_that_changed_names_both(tmp_path, tiny_llama):
     tiny_llama().save_pretrained(tmp_path / "base")
     model, _ = lf.load(tmp_path / "base")
     adapt(model)
@@ -160,7 +158,7 @@ def test_referenced_base_that_changed_names_both(tmp_path):
         lf.load(tmp_path / "ad")
 
 
-def test_failed_save_leaves_nothing_and_existing_dirs_are_kept(tmp_path, monkeypatch):
+def test_failed_save_leaves_nothing_and_existing_dirs_are_kept(tmp_path, monkeypatch, tiny_llama):
     model = tiny_llama()
     quantize(model)
     lf.save(model, None, tmp_path / "m")

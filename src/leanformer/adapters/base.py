@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -21,18 +21,20 @@ from torch import nn
 
 from ..errors import LeanformerError
 from ..stack import Applied, applied, push, record_base, remove
-from ..targets import Targets, register_wrapper_type, select_linear, set_module
+from ..targets import FilterFn, Targets, register_wrapper_type, select_linear, set_module
 
 
 @dataclass
 class AdapterConfig:
     """Fields every method shares. `targets`: module-name suffixes ("query" matches
     "...attention.self.query"), a regex string matched against whole names, or "all-linear" (see
-    leanformer.targets). `modules_to_save`: whole modules trained alongside the adapter and saved with
-    it (e.g. a classifier head)."""
+    leanformer.targets); `filter_fn(module, name)` narrows them further (code, not saved: a saved
+    adapter records the layers it chose). `modules_to_save`: whole modules trained alongside the
+    adapter and saved with it (e.g. a classifier head)."""
     targets: Targets = ("query", "value")
     dropout: float = 0.0
     modules_to_save: Sequence[str] = ()
+    filter_fn: FilterFn | None = field(default=None, repr=False, compare=False, metadata={"cli": False})
 
     method = "base"  # registry key; set by each subclass
 
@@ -40,7 +42,7 @@ class AdapterConfig:
         raise NotImplementedError
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "filter_fn"}
         d["targets"] = d["targets"] if isinstance(d["targets"], str) else list(d["targets"])
         d["modules_to_save"] = list(d["modules_to_save"])
         return {"method": self.method, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
@@ -141,7 +143,7 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = "default", *, lay
         raise LeanformerError(f"adapter {name!r} already exists on this model; adapters: {list(registry)}")
     if any(isinstance(m, AdaptedLinear) and m.merged for m in model.modules()):
         raise LeanformerError("an adapter is merged into this model; unmerge(model) before adding another")
-    chosen = select_linear(model, config.targets) if layers is None else select_linear(model, layers)
+    chosen = select_linear(model, config.targets, config.filter_fn) if layers is None else select_linear(model, layers)
     if hasattr(config, "prepare"):
         config.prepare(model)
     built = []
