@@ -188,7 +188,8 @@ def write_report(results: dict) -> None:
 def heal_bench(root: Path, steps: int, tokens: int, eval_tokens: int) -> None:
     """stories260K: the runs the linearity criterion picks (n = 1, 2), dropped or linearly replaced,
     before and after a short LoRA heal on the calibration text."""
-    from leanformer.compress.prune import calibrate, heal, pruned_copy, score_runs
+    from leanformer.compress.prune import calibrate, pruned_copy, score_runs
+    from leanformer.train.heal import heal
     from leanformer.files import atomic_write_bytes, save_json
 
     model, tok, calib_texts, quality, qdesc = setup_stories(root, eval_tokens)

@@ -68,7 +68,7 @@ def configs():
 
 
 def dir_bytes(path: Path) -> dict:
-    weights = (path / "model.safetensors").stat().st_size
+    weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
     return {"safetensors_bytes": weights, "dir_bytes": total}
 
