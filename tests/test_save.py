@@ -119,6 +119,12 @@ def test_newer_format_asks_for_an_upgrade(saved):
         lf.load(saved)
 
 
+def test_previous_format_is_named(saved):
+    edit_meta(saved, lambda m: m.update(format=1, kind="quantized"))
+    with pytest.raises(LeanformerError, match="format 1.*'quantized'.*re-create it with lf.save"):
+        lf.load(saved)
+
+
 def test_truncated_weights_file_is_reported(saved):
     f = saved / "leanformer.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
