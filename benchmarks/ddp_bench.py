@@ -101,8 +101,10 @@ def launch(name: str, processes: int, stock: bool, args) -> dict:
 
 
 def git_commit() -> str:
+    """HEAD, marked when the code differs from it (this benchmark's own results/ files do not count)."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!results"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
     return head + ("+uncommitted changes" if dirty else "")
 
 
