@@ -40,9 +40,3 @@ def check_positive(config, *names: str) -> None:
         value = getattr(config, name)
         if value is not None and not value > 0:
             raise LeanformerError(f"{name} must be positive, got {value!r}")
-
-
-def check_choice(config, name: str, choices) -> None:
-    value = getattr(config, name)
-    if value not in choices:
-        raise LeanformerError(f"{name} {value!r} is not one of {', '.join(map(str, choices))}")
