@@ -9,12 +9,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .tasks import Task
-
 from .configs import check_positive, with_overrides
-from .text import pad_batch
 from .errors import LeanformerError
-from .models import is_causal_lm
+from .models import classifier_head_name, is_causal_lm
+from .tasks import Task
+from .text import pad_batch
 
 SPLITS = ("dev", "train")
 
@@ -57,7 +56,7 @@ def predict(model, tokenizer, text_a: Sequence[str], text_b: Sequence[str] | Non
 
 def evaluate_task(model, tokenizer, task: Task, split: str = "dev", batch_size: int = 64, max_length: int = 128,
                   max_samples: int | None = None) -> dict[str, float]:
-    if not hasattr(model, "score") and not hasattr(model, "classifier"):
+    if classifier_head_name(model) is None:
         raise LeanformerError(f"{type(model).__name__} has no classification head; fine-tune it first "
                               "(leanformer finetune MODEL --task ...)")
     data = getattr(task, split)

@@ -37,7 +37,7 @@ from .constants import HEAD_MODULE_NAMES, SAVE_FORMAT
 from .errors import LeanformerError
 from .files import load_json, load_tensors, output_dir, save_json, save_tensors
 from .models import head_kind, load_pretrained, load_tokenizer, resolve
-from .stack import Applied, applied, push, record_base, set_base
+from .stack import Applied, applied, base_of, push, set_base
 
 # transform name in leanformer.json → the function that rebuilds its structure on a model
 def _replay_weights_only(transform: str):
@@ -69,8 +69,9 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, overwrite: bool =
     if base_weights not in ("auto", "stored", "referenced"):
         raise LeanformerError(f"base_weights must be 'auto', 'stored' or 'referenced', got {base_weights!r}")
     entries = applied(model)
-    base = dict(record_base(model))
-    why_not = _why_not_referenced(model, entries, base)
+    base = dict(base_of(model))
+    # resolving the base may probe the hub: only when a reference is wanted
+    why_not = _why_not_referenced(model, entries, base) if base_weights != "stored" else "stored was asked for"
     if base_weights == "referenced" and why_not:
         raise LeanformerError(f"cannot reference the base weights: {why_not}; save with base_weights='stored'")
     referenced = base_weights != "stored" and not why_not

@@ -47,20 +47,23 @@ def remove(model: nn.Module, entry: Applied) -> None:
     setattr(model, STACK_ATTR, [e for e in stack if e is not entry])
 
 
+def describe_base(model: nn.Module) -> dict:
+    """The model as a base: its class, its config as it is now, and where it came from."""
+    config = getattr(model, "config", None)
+    return {"model_class": type(model).__name__, "name_or_path": str(getattr(model, "name_or_path", "") or ""),
+            "config": copy.deepcopy(config.to_dict()) if config is not None else None}
+
+
 def record_base(model: nn.Module) -> dict:
     """What the base looked like before the first transform (kept once; later calls return it)."""
-    info = getattr(model, BASE_ATTR, None)
-    if info is None:
-        config = getattr(model, "config", None)
-        info = {"model_class": type(model).__name__,
-                "name_or_path": str(getattr(model, "name_or_path", "") or ""),
-                "config": copy.deepcopy(config.to_dict()) if config is not None else None}
-        setattr(model, BASE_ATTR, info)
-    return info
+    if getattr(model, BASE_ATTR, None) is None:
+        setattr(model, BASE_ATTR, describe_base(model))
+    return getattr(model, BASE_ATTR)
 
 
-def base(model: nn.Module) -> dict | None:
-    return getattr(model, BASE_ATTR, None)
+def base_of(model: nn.Module) -> dict:
+    """The recorded base, or the model itself when nothing was applied yet (nothing is stored)."""
+    return getattr(model, BASE_ATTR, None) or describe_base(model)
 
 
 def set_base(model: nn.Module, info: dict) -> None:

@@ -106,7 +106,7 @@ def token_chunks(tokenizer, texts: Iterable[str], max_length: int, tokens: int |
     if tokens is not None and tokens <= 0:
         raise LeanformerError(f"--tokens must be positive, got {tokens}")
     if max_length < 4:
-        raise LeanformerError(f"--max-length must be at least 4, got {max_length}")
+        raise LeanformerError(f"max_seq_length must be at least 4, got {max_length}")
     chunks: list[list[int]] = []
     total = 0
     texts = list(texts)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LeanformerError
-from .base import AdapterModule, LowRankConfig, active_adapter, register
+from .base import AdapterModule, LowRankConfig, adapted_layers, register
 from .lora import _dropout
 
 
@@ -74,10 +74,13 @@ class DyLoRA(LowRankConfig):
 
     def on_adapt(self, model: nn.Module, name: str, modules: list[DyLoRAModule]) -> None:
         r_max = self.rank
+        # set_adapter switches every wrapper at once, so one of them tells whether this adapter is active
+        # (looked up once here: this hook runs before every forward)
+        holder = next(layer for _, layer in adapted_layers(model) if name in layer.adapters)
 
         def sample_rank(_module, _args):
             # One rank per step for every layer, drawn from torch's global RNG (seeded runs repeat).
-            if active_adapter(model) != name or not model.training:
+            if holder.active != name or not model.training:
                 return
             b = int(torch.randint(1, r_max + 1, (1,)).item())
             for m in modules:

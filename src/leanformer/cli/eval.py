@@ -35,7 +35,8 @@ def run(args) -> int:
     from ..evaluation import evaluate
     from ..files import output_dir, save_json
     from ..models import is_causal_lm
-    from ..runtime import count_parameters, peak_rss_mb
+    from ..adapters import trainable_parameters
+    from ..runtime import peak_rss_mb
     from ..saving import load
     from ..tasks import load_task
     from ..text import get_texts
@@ -60,8 +61,9 @@ def run(args) -> int:
         result = evaluate(model, tokenizer, config, texts=texts, reference=ref_model)
         if reference is not None:
             result["reference"] = reference
-    trainable, total = count_parameters(model)
-    metrics = {"model": str(args.model), **result, "trainable_params": trainable, "total_params": total,
+    counts = trainable_parameters(model)
+    metrics = {"model": str(args.model), **result, "trainable_params": counts["trainable"],
+               "total_params": counts["total"],
                "train_seconds_per_step": None, "eval_seconds": time.perf_counter() - started,
                "peak_rss_mb": peak_rss_mb()}
     for k, v in metrics.items():

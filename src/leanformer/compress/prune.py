@@ -27,12 +27,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..capture import capture, find_blocks
+from ..capture import find_blocks, iter_hidden_states
 from ..configs import check_positive, with_overrides
 from ..errors import LeanformerError
 from ..metrics import angular_distance, block_influence, linearity
 from ..stack import Applied, push, record_base
-from ..text import batches, default_corpus, token_chunks
+from ..text import default_corpus, token_chunks
 from .surgery import set_blocks
 
 CRITERIA = ("linearity", "block_influence", "angular", "index")
@@ -110,9 +110,8 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], tokens: int = 8
     states: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
     lasts, offset = [], 0
     try:
-        for batch in tqdm(batches(tokenizer, chunks, batch_size), total=-(-len(chunks) // batch_size),
-                          desc="calibrate", leave=False):
-            hs, last, _ = capture(model, batch)
+        for hs, last, _ in tqdm(iter_hidden_states(model, tokenizer, chunks, batch_size),
+                                total=-(-len(chunks) // batch_size), desc="calibrate", leave=False):
             for i, h in enumerate(hs):
                 states[i].append(h.cpu())
             lasts.append(last.cpu() + offset)
