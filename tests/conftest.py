@@ -63,6 +63,22 @@ def tiny_llama(tokenizer):
     return tiny_llama_model(layers=3, vocab_size=tokenizer.vocab_size)
 
 
+@pytest.fixture
+def tiny_bert_dir(tmp_path, tiny_bert, tokenizer):
+    """tiny_bert and the minilm tokenizer saved as a Hugging Face directory (what the CLI loads)."""
+    tiny_bert.save_pretrained(tmp_path / "tiny-bert")
+    tokenizer.save_pretrained(tmp_path / "tiny-bert")
+    return tmp_path / "tiny-bert"
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path, tiny_llama, tokenizer):
+    """tiny_llama and the minilm tokenizer saved as a Hugging Face directory."""
+    tiny_llama.save_pretrained(tmp_path / "tiny-llama")
+    tokenizer.save_pretrained(tmp_path / "tiny-llama")
+    return tmp_path / "tiny-llama"
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     root = data_root()

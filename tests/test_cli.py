@@ -39,14 +39,6 @@ def parsers():
 
 
 @pytest.fixture
-def llama_dir(tmp_path, tiny_llama, tokenizer):
-    path = tmp_path / "tiny-llama"
-    tiny_llama.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def text_file(tmp_path):
     path = tmp_path / "stories.txt"
     path.write_text(TEXT)
@@ -158,15 +150,15 @@ def test_deprecated_aliases_still_work_and_are_hidden(parsers, capsys):
 # ------------------------------------------------------------------------------ errors
 
 
-def test_bad_values_name_the_flag(llama_dir, tmp_path, capsys):
-    assert main(["inspect", str(llama_dir), "--tokens", "0", "--out", str(tmp_path / "a")]) == 2
+def test_bad_values_name_the_flag(tiny_llama_dir, tmp_path, capsys):
+    assert main(["inspect", str(tiny_llama_dir), "--tokens", "0", "--out", str(tmp_path / "a")]) == 2
     assert "--tokens must be positive, got 0" in capsys.readouterr().err
-    assert main(["prune", str(llama_dir), "--layers", "1", "--start", "1", "--out", str(tmp_path / "b")]) == 2
+    assert main(["prune", str(tiny_llama_dir), "--layers", "1", "--start", "1", "--out", str(tmp_path / "b")]) == 2
     assert "--start is only for by='index'" in capsys.readouterr().err
-    assert main(["compress", str(llama_dir), "--method", "rtn", "--transform", "random", "--out", str(tmp_path / "c")]) == 2
+    assert main(["compress", str(tiny_llama_dir), "--method", "rtn", "--transform", "random", "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "--transform applies to kashin, not to --method rtn; rtn takes --bits, --targets, --cache, --group-size" in err
-    assert main(["eval", str(llama_dir), "--text", "x.txt", "--max-eval-samples", "0"]) == 2
+    assert main(["eval", str(tiny_llama_dir), "--text", "x.txt", "--max-eval-samples", "0"]) == 2
     assert "--max-eval-samples must be positive" in capsys.readouterr().err
     assert {p.name for p in tmp_path.iterdir()} == {"tiny-llama"}  # nothing written
 
@@ -181,9 +173,9 @@ def test_api_keywords_are_checked_against_the_config(tiny_llama, tokenizer):
 # ------------------------------------------------------------------------------ round trips
 
 
-def test_compress_then_eval_round_trip(llama_dir, text_file, tmp_path):
+def test_compress_then_eval_round_trip(tiny_llama_dir, text_file, tmp_path):
     out, ev = tmp_path / "rtn", tmp_path / "ev"
-    assert main(["compress", str(llama_dir), "--method", "rtn", "--bits", "4", "--group-size", "16",
+    assert main(["compress", str(tiny_llama_dir), "--method", "rtn", "--bits", "4", "--group-size", "16",
                  "--targets", r".*\.(q|v)_proj", "--out", str(out)]) == 0
     model, tok = lf.load(out)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
@@ -197,9 +189,9 @@ def test_compress_then_eval_round_trip(llama_dir, text_file, tmp_path):
     assert metrics["n_tokens"] == expected["n_tokens"]
 
 
-def test_compress_kashin_only_flags_reach_the_saved_layers(llama_dir, tmp_path):
+def test_compress_kashin_only_flags_reach_the_saved_layers(tiny_llama_dir, tmp_path):
     out = tmp_path / "k3"
-    assert main(["compress", str(llama_dir), "--method", "kashin", "--bits", "3", "--step-sizes", "shared",
+    assert main(["compress", str(tiny_llama_dir), "--method", "kashin", "--bits", "3", "--step-sizes", "shared",
                  "--no-col-scale", "--targets", "down_proj", "--out", str(out)]) == 0
     model, _ = lf.load(out)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
@@ -207,16 +199,16 @@ def test_compress_kashin_only_flags_reach_the_saved_layers(llama_dir, tmp_path):
     assert all("col_scale" not in m.tensor_names and "scale" in m.tensor_names for m in layers)
 
 
-def test_prune_round_trip(llama_dir, text_file, tmp_path):
+def test_prune_round_trip(tiny_llama_dir, text_file, tmp_path):
     out = tmp_path / "pruned"
-    assert main(["prune", str(llama_dir), "--layers", "1", "--by", "linearity", "--replace", "linear",
+    assert main(["prune", str(tiny_llama_dir), "--layers", "1", "--by", "linearity", "--replace", "linear",
                  "--text", str(text_file), "--tokens", "600", "--max-seq-length", "32", "--ridge", "0.01",
                  "--out", str(out)]) == 0
     model, tok = lf.load(out)
     blocks = find_blocks(model)[0]
     assert len(blocks) == 3 and sum(isinstance(b, LinearReplacement) for b in blocks) == 1
     assert lf.generate(model, tok, "the fox", max_new_tokens=3)  # still runs end to end
-    assert main(["prune", str(llama_dir), "--layers", "2", "--by", "index", "--start", "0",
+    assert main(["prune", str(tiny_llama_dir), "--layers", "2", "--by", "index", "--start", "0",
                  "--out", str(tmp_path / "plain")]) == 0
     plain, _ = lf.load(tmp_path / "plain")
     assert len(find_blocks(plain)[0]) == 1
@@ -234,9 +226,9 @@ def test_prune_api_takes_a_config_or_the_old_keywords(tiny_llama):
 # ------------------------------------------------------------------------------ generate
 
 
-def test_generate_cli_matches_the_library_and_sampling_is_seeded(llama_dir, tiny_bert, capsys):
-    model, tok = lf.load(llama_dir)
-    assert main(["generate", str(llama_dir), "--prompt", "the fox", "--max-new-tokens", "5"]) == 0
+def test_generate_cli_matches_the_library_and_sampling_is_seeded(tiny_llama_dir, tiny_bert, capsys):
+    model, tok = lf.load(tiny_llama_dir)
+    assert main(["generate", str(tiny_llama_dir), "--prompt", "the fox", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip() == lf.generate(model, tok, "the fox", max_new_tokens=5)
     state = torch.get_rng_state()
     one = lf.generate(model, tok, "the fox", lf.GenerateConfig(max_new_tokens=8, temperature=1.0, seed=3))

@@ -110,19 +110,11 @@ def test_model_without_blocks_is_named(tokenizer):
         lf.inspect(NoBlocks(), tokenizer, TEXTS, progress=False)
 
 
-@pytest.fixture
-def tiny_dir(tmp_path, tiny_bert, tokenizer):
-    path = tmp_path / "tiny-bert"
-    tiny_bert.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_cli_writes_metrics_plots_and_report(tiny_dir, tmp_path, capsys):
+def test_cli_writes_metrics_plots_and_report(tiny_bert_dir, tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(TEXTS))
     out = tmp_path / "run"
-    assert main(["inspect", str(tiny_dir), "--text", str(text), "--tokens", "800", "--max-seq-length", "64",
+    assert main(["inspect", str(tiny_bert_dir), "--text", str(text), "--tokens", "800", "--max-seq-length", "64",
                  "--sample-size", "300", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     # the metrics.json contract: exactly these keys
@@ -139,32 +131,32 @@ def test_cli_writes_metrics_plots_and_report(tiny_dir, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]  # no staging left behind
 
 
-def test_cli_errors_are_clear_and_leave_nothing_behind(tiny_dir, tmp_path, capsys):
+def test_cli_errors_are_clear_and_leave_nothing_behind(tiny_bert_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["inspect", str(tmp_path / "missing-model"), "--out", str(out)]) == 2
     assert "model path not found" in capsys.readouterr().err
-    assert main(["inspect", str(tiny_dir), "--tokens", "0", "--out", str(out)]) == 2
+    assert main(["inspect", str(tiny_bert_dir), "--tokens", "0", "--out", str(out)]) == 2
     assert "--tokens must be positive" in capsys.readouterr().err
     short = tmp_path / "short.txt"
     short.write_text("Too short.")
-    assert main(["inspect", str(tiny_dir), "--text", str(short), "--out", str(out)]) == 2
+    assert main(["inspect", str(tiny_bert_dir), "--text", str(short), "--out", str(out)]) == 2
     assert "at least 33" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert main(["inspect", str(tiny_dir), "--text", str(empty), "--out", str(out)]) == 2
+    assert main(["inspect", str(tiny_bert_dir), "--text", str(empty), "--out", str(out)]) == 2
     assert "empty" in capsys.readouterr().err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
     out.mkdir()
     (out / "old.txt").write_text("from an earlier run")
-    assert main(["inspect", str(tiny_dir), "--out", str(out)]) == 2
+    assert main(["inspect", str(tiny_bert_dir), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "old.txt").exists()
 
 
-def test_unwritable_out_fails_before_work(tiny_dir, tmp_path, capsys):
+def test_unwritable_out_fails_before_work(tiny_bert_dir, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert main(["inspect", str(tiny_dir), "--out", str(blocker / "run")]) == 2
+    assert main(["inspect", str(tiny_bert_dir), "--out", str(blocker / "run")]) == 2
     assert "cannot write" in capsys.readouterr().err
 
 
