@@ -70,11 +70,12 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, overwrite: bool =
         raise LeanformerError(f"base_weights must be 'auto', 'stored' or 'referenced', got {base_weights!r}")
     entries = applied(model)
     base = dict(base_of(model))
-    # resolving the base may probe the hub: only when a reference is wanted
-    why_not = _why_not_referenced(model, entries, base) if base_weights != "stored" else "stored was asked for"
-    if base_weights == "referenced" and why_not:
-        raise LeanformerError(f"cannot reference the base weights: {why_not}; save with base_weights='stored'")
-    referenced = base_weights != "stored" and not why_not
+    referenced = False
+    if base_weights != "stored":  # resolving the base may probe the hub: only when a reference is wanted
+        why_not = _why_not_referenced(model, entries, base)
+        if base_weights == "referenced" and why_not:
+            raise LeanformerError(f"cannot reference the base weights: {why_not}; save with base_weights='stored'")
+        referenced = why_not is None
     active = next((layer.active for _, layer in adapted_layers(model)), None)
     merged = next((layer.merged for _, layer in adapted_layers(model) if layer.merged), None)
     if referenced:
