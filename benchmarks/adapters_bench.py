@@ -1,197 +1,166 @@
-"""Adapters side by side: minilm on SST-2 — full fine-tuning, peft LoRA, our LoRA, LoRA-XS, DyLoRA
-(evaluated at several ranks from one training), KronA and peft LoKr.
+"""Adapters out of the box: minilm on SST-2, CoLA, MRPC and RTE with every method's default recipe.
 
-Each (method, seed) trains in its own subprocess (so peak RSS is per run) on one fixed sample of the
-training split, one epoch, and is evaluated on the full dev set. Step-time targets are measured
-separately in one process, interleaving the two contenders step by step on the same batches so that
-the load on a shared machine hits both alike. Every process uses torch.set_num_threads(1).
+Methods: full fine-tuning, peft LoRA, our LoRA, LoRA-XS at ranks 4/8/16/25, DyLoRA, KronA, peft
+LoKr — each with its published recipe (leanformer.adapters.recipe: learning rates, targets, scale,
+warm-up, weight decay; peft's methods take the recipe of their leanformer twin) — plus our LoRA with
+`--learning-rate auto` (a range test on training batches) and at two more fixed learning rates, so
+that auto can be compared with the best fixed rate (picked on dev: an oracle auto does not have).
+Nothing is tuned per task, nothing on dev.
 
-    .venv/bin/python benchmarks/adapters_bench.py            # → results/adapters/{results.json,results.md,*.png}
+Every method gets the same step budget (--steps optimizer steps of --batch-size examples, a fixed
+random training sample, max length --max-seq-length with dynamic padding), is evaluated on the
+full dev set, and saves its per-example dev predictions, trainable parameters, adapter file size
+and the commit hash. Each (method, seed) runs in its own subprocess with one thread, --workers at a
+time (the machine has 2 cores); a rerun skips finished runs.
+
+    flock /tmp/leanformer-bench.lock .venv/bin/python benchmarks/adapters_bench.py   # → results/adapters/
+    .venv/bin/python benchmarks/adapters_bench.py --report-only                      # table + plots again
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-R_LORA = 8
-TARGETS_QV = ["query", "value"]
-# LoRA-XS: the paper's GLUE targets (query, value, attention.output.dense, output.dense), rank 16.
-XS_RANK, XS_TARGETS = 16, ["query", "value", "output.dense"]
-DYLORA_EVAL_RANKS = [1, 2, 4, 8]
-# Per-method learning rates (no sweep was affordable here): the usual values for each family.
-LR = {"full": 5e-5, "peft_lora": 5e-4, "lora": 5e-4, "lora_xs": 2e-3, "dylora": 5e-4, "krona": 1e-3,
-      "peft_lokr": 1e-3,
-      # Sensitivity check added after the first full run, once lora_xs at 2e-3 had missed its target:
-      # the same LoRA-XS with a 5× larger lr. Chosen after seeing dev results, so not a tuned result.
-      "lora_xs_lr1e-2": 1e-2}
-HEAD_LR = 1e-3
-METHODS = list(LR)
+TASKS = ("SST-2", "CoLA", "MRPC", "RTE")
+PRIMARY = {"SST-2": "accuracy", "CoLA": "mcc", "MRPC": "accuracy", "RTE": "accuracy"}
+XS_RANKS = (4, 8, 16, 25)
+FIXED_LRS = (2e-3, 8e-3)  # with the recipe's 5e-4: the fixed-rate grid auto is compared with
+METHODS = (["full", "peft_lora", "lora"] + [f"lora_xs_r{r}" for r in XS_RANKS] + ["dylora", "krona", "peft_lokr"]
+           + ["lora_auto"] + [f"lora_lr{lr:g}" for lr in FIXED_LRS])
 
 
-def build(method: str, num_labels: int):
-    """(model, tokenizer) ready to train for one benchmark method."""
+def git_state() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
+    return {"commit": commit, "dirty": dirty}
+
+
+# ---------------------------------------------------------------------------------------------
+# One (method, seed): all four tasks
+
+
+def build(method: str, model):
+    """(method argument for lf.finetune, the model (peft wraps it), recipe, head lr, range test)."""
     import peft
 
     import leanformer as lf
+    from leanformer.adapters.recipe import FULL_FINETUNING
+    from leanformer.architectures import adapter_targets
+    from leanformer.train.lr_finder import RangeTest
 
-    model, tok = lf.load("minilm", head="sequence-classification", num_labels=num_labels)
     if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    elif method == "peft_lora":
-        model = peft.get_peft_model(model, peft.LoraConfig(r=R_LORA, lora_alpha=16, target_modules=TARGETS_QV,
-                                                           modules_to_save=["classifier"]))
-    elif method == "peft_lokr":
-        # Same ΔW factor shapes as our KronA (w1 16×16, w2 24×24: near-square), full w2 (r ≥ 24/2), scale α/r = 1.
-        model = peft.get_peft_model(model, peft.LoKrConfig(r=24, alpha=24, target_modules=TARGETS_QV,
-                                                           modules_to_save=["classifier"]))
-    else:
-        cfg = {"lora": lambda: lf.LoRA(rank=R_LORA, alpha=16, targets=TARGETS_QV),
-               "lora_xs": lambda: lf.LoRAXS(rank=XS_RANK, alpha=16, targets=XS_TARGETS),
-               "lora_xs_lr1e-2": lambda: lf.LoRAXS(rank=XS_RANK, alpha=16, targets=XS_TARGETS),
-               "dylora": lambda: lf.DyLoRA(rank=R_LORA, alpha=16, targets=TARGETS_QV),
-               "krona": lambda: lf.KronA(alpha=1.0, targets=TARGETS_QV)}[method]()
-        cfg.modules_to_save = ["classifier"]
-        lf.adapt(model, cfg)
-    return model, tok
+        return "full", model, FULL_FINETUNING, None, None
+    if method.startswith("lora_xs_r"):
+        rank, recipe = int(method.rsplit("r", 1)[1]), lf.LoRAXS.recipe
+        cfg = lf.LoRAXS(rank=rank, alpha=recipe.alpha, targets=adapter_targets(model, recipe.roles))
+        return cfg, model, recipe, recipe.head_learning_rate, None
+    if method in ("peft_lora", "peft_lokr"):
+        recipe = (lf.LoRA if method == "peft_lora" else lf.KronA).recipe
+        targets = adapter_targets(model, recipe.roles)
+        if method == "peft_lora":
+            pcfg = peft.LoraConfig(r=8, lora_alpha=recipe.alpha, target_modules=targets, modules_to_save=["classifier"])
+        else:  # the same ΔW factor shapes as our KronA (near-square), w2 full (r ≥ max side / 2), scale α/r = alpha
+            pcfg = peft.LoKrConfig(r=24, alpha=24 * recipe.alpha, target_modules=targets, modules_to_save=["classifier"])
+        return None, peft.get_peft_model(model, pcfg), recipe, recipe.head_learning_rate, None
+    family = {"lora": lf.LoRA, "dylora": lf.DyLoRA, "krona": lf.KronA}[method.split("_")[0]]
+    recipe = family.recipe
+    kwargs = dict(targets=adapter_targets(model, recipe.roles), alpha=recipe.alpha)
+    cfg = family(**kwargs) if family is lf.KronA else family(rank=8, **kwargs)
+    if method.startswith("lora_lr"):
+        from dataclasses import replace
+
+        recipe = replace(recipe, learning_rate=float(method[len("lora_lr"):]))
+    return cfg, model, recipe, recipe.head_learning_rate, RangeTest() if method == "lora_auto" else None
+
+
+def adapter_file_bytes(method: str, model, scratch: Path) -> int:
+    """Bytes of the weights file a user keeps for this fine-tune (adapter + head; the whole model for full)."""
+    import leanformer as lf
+
+    out = scratch / "saved"
+    if method.startswith("peft_"):
+        model.save_pretrained(str(out))
+        return (out / "adapter_model.safetensors").stat().st_size
+    if method == "full":
+        model.save_pretrained(str(out))
+        return (out / "model.safetensors").stat().st_size
+    lf.save(model, None, out)
+    return (out / "leanformer.safetensors").stat().st_size
+
+
+def dev_predictions(model, tok, task, max_len: int):
+    """Per-example dev predictions, batched in length order (less padding), returned in dev order."""
+    import numpy as np
+
+    from leanformer.evaluation import predict
+
+    d = task.dev
+    lengths = [len(tok(a, b)["input_ids"]) for a, b in zip(d.text_a, d.text_b or [None] * len(d.text_a))]
+    order = np.argsort(lengths, kind="stable")
+    sub = lambda xs: [xs[i] for i in order]  # noqa: E731
+    p = predict(model, tok, sub(d.text_a), sub(d.text_b) if d.text_b else None, 64, max_len, task.is_regression)
+    out = np.empty_like(p)
+    out[order] = p
+    return out
 
 
 def child(method: str, seed: int, args) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    from transformers import TrainingArguments, set_seed
+    from transformers.utils import logging as hf_logging
+
     import leanformer as lf
-    import tempfile
-
-    from transformers import TrainingArguments
-
-    from leanformer.tasks import load_task
-    from leanformer.evaluation import evaluate_task
-
-    task = load_task(args.task)
-    torch.manual_seed(seed)  # adapter / head initialisation depends on the seed too
-    model, tok = build(method, task.num_labels)
-    with tempfile.TemporaryDirectory() as scratch:
-        training = TrainingArguments(
-            output_dir=scratch, learning_rate=LR[method], num_train_epochs=args.epochs, warmup_steps=0.06,
-            per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64, seed=seed, optim="adamw_torch",
-            train_sampling_strategy="group_by_length", save_strategy="no", report_to="none", disable_tqdm=True,
-            use_cpu=True)
-        res = lf.finetune(model, tok, task, training, max_seq_length=args.max_seq_length,
-                          max_train_samples=args.train_samples, head_learning_rate=None if method == "full" else HEAD_LR)
-    res.update(method=method, seed=seed, lr=LR[method])
-    if method == "dylora":
-        res["by_rank"] = {}
-        for r in DYLORA_EVAL_RANKS:
-            lf.set_rank(model, r)
-            res["by_rank"][str(r)] = evaluate_task(model, tok, task, "dev", 64, args.max_seq_length)["accuracy"]
-    return res
-
-
-# ---------------------------------------------------------------------------------------------
-# Interleaved step-time comparisons
-
-
-def _batches(args, n: int):
-    import torch
-
+    from leanformer.adapters import trainable_parameters
+    from leanformer.evaluation import task_metrics
     from leanformer.tasks import load_task
 
-    task = load_task(args.task)
-    g = torch.Generator().manual_seed(123)
-    idx = torch.randperm(len(task.train), generator=g)[: n * args.batch_size].tolist()
-    return task, [(
-        [task.train.text_a[i] for i in idx[k * args.batch_size:(k + 1) * args.batch_size]],
-        torch.tensor([task.train.labels[i] for i in idx[k * args.batch_size:(k + 1) * args.batch_size]]))
-        for k in range(n)]
-
-
-def interleaved(contenders: dict, steps: int, warmup: int = 3) -> dict:
-    """contenders: name → step() callable; alternate them; median seconds per step each."""
-    times = {k: [] for k in contenders}
-    for i in range(warmup + steps):
-        for name, step in (contenders.items() if i % 2 == 0 else reversed(list(contenders.items()))):
+    hf_logging.set_verbosity_error()
+    results = {}
+    for name in args.tasks:
+        task = load_task(str(Path(args.data) / name))
+        set_seed(seed)  # the head's and the adapter's initialisation follow the seed
+        model, tok = lf.load("minilm", head="sequence-classification", num_labels=task.num_labels)
+        cfg, model, recipe, head_lr, range_test = build(method, model)
+        with tempfile.TemporaryDirectory() as scratch:
+            training = TrainingArguments(
+                output_dir=scratch, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                per_device_eval_batch_size=64, seed=seed, save_strategy="no", report_to="none", disable_tqdm=True,
+                logging_steps=10, train_sampling_strategy="group_by_length", use_cpu=True,
+                **recipe.training_arguments())
             t = time.perf_counter()
-            step(i)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t)
-    return {k: {"median_s": statistics.median(v), "n": len(v)} for k, v in times.items()}
-
-
-def timing(args) -> dict:
-    import torch
-
-    torch.set_num_threads(1)
-    import leanformer as lf
-
-    task, batches = _batches(args, args.timing_steps + 3)
-    out = {}
-
-    def trainer(method):
-        torch.manual_seed(0)
-        model, tok = build(method, task.num_labels)
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        encoded = [(tok(a, truncation=True, max_length=args.max_seq_length, padding="max_length",
-                        return_tensors="pt"), y) for a, y in batches]
-
-        def step(i):
-            enc, y = encoded[i % len(encoded)]
-            model(**enc, labels=y).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
-    # Full-model training steps at the same rank / targets (inputs padded to max-seq-length).
-    r = interleaved({"lora": trainer("lora"), "peft_lora": trainer("peft_lora")}, args.timing_steps)
-    r["ratio_ours_over_peft"] = r["lora"]["median_s"] / r["peft_lora"]["median_s"]
-    out["train_step_lora_vs_peft_lora"] = r
-    r = interleaved({"krona": trainer("krona"), "peft_lokr": trainer("peft_lokr")}, args.timing_steps)
-    r["ratio_ours_over_peft"] = r["krona"]["median_s"] / r["peft_lokr"]["median_s"]
-    out["train_step_krona_vs_peft_lokr"] = r
-
-    # One Linear, forward+backward of the adapter path only: where the Kronecker trick shows.
-    import peft
-    from torch import nn
-
-    layer_results = {}
-    for shape in [(384, 384), (1536, 384), (384, 1536)]:
-        torch.manual_seed(0)
-        out_f, in_f = shape
-        x = torch.randn(args.batch_size * args.max_seq_length, in_f, requires_grad=True)
-        ours = nn.Sequential(nn.Linear(in_f, out_f))
-        lf.adapt(ours, lf.KronA(targets=["0"]))
-        theirs = peft.get_peft_model(nn.Sequential(nn.Linear(in_f, out_f)),
-                                     peft.LoKrConfig(r=max(out_f, in_f), alpha=max(out_f, in_f), target_modules=["0"]))
-        a_shape = tuple(ours[0].adapters["default"].kron_A.shape)
-        w1_shape = tuple(theirs.base_model.model[0].lokr_w1["default"].shape)
-
-        def fb(model):
-            def step(i):
-                model(x).sum().backward()
-            return step
-        res = interleaved({"krona": fb(ours), "peft_lokr": fb(theirs)}, args.timing_steps)
-        res.update(ratio_ours_over_peft=res["krona"]["median_s"] / res["peft_lokr"]["median_s"],
-                   krona_A=a_shape, lokr_w1=w1_shape, tokens=x.shape[0])
-        layer_results[f"{out_f}x{in_f}"] = res
-    out["linear_fwd_bwd_krona_vs_peft_lokr"] = layer_results
-    return out
+            res = lf.finetune(model, tok, task, training, method=cfg, max_seq_length=args.max_seq_length,
+                              max_train_samples=args.train_samples, head_learning_rate=head_lr,
+                              learning_rate_test=range_test, evaluate=False)
+            train_s = time.perf_counter() - t
+            model.eval()
+            preds = dev_predictions(model, tok, task, args.max_seq_length)
+            file_bytes = adapter_file_bytes(method, model, Path(scratch))
+        metrics = task_metrics(preds, task.dev.labels, task.metrics)
+        results[name] = {**metrics, "primary": metrics[PRIMARY[name]],
+                         "trainable_params": trainable_parameters(model)["trainable"], "file_bytes": file_bytes,
+                         "learning_rate": res["learning_rate"], "head_learning_rate": head_lr,
+                         "train_loss": res["train_loss"], "loss_curve": res["loss_curve"],
+                         "train_seconds": train_s, "train_seconds_per_step": res["train_seconds_per_step"],
+                         "warnings": res["warnings"], "lr_range_test": res.get("learning_rate_test"),
+                         "predictions": preds.tolist()}
+    return {"method": method, "seed": seed, "recipe": recipe.to_json(), "tasks": results, **git_state()}
 
 
 # ---------------------------------------------------------------------------------------------
 # Report
 
 
-def summarize(runs: list[dict], timings: dict, args) -> tuple[dict, str]:
+def summarize(runs: list[dict], args) -> tuple[dict, str]:
     import numpy as np
 
     rows = []
@@ -199,56 +168,78 @@ def summarize(runs: list[dict], timings: dict, args) -> tuple[dict, str]:
         rs = [r for r in runs if r["method"] == method]
         if not rs:
             continue
-        acc = np.array([r["accuracy"] for r in rs]) * 100
-        rows.append({"method": method, "accuracy_mean": float(acc.mean()),
-                     "accuracy_spread": float((acc.max() - acc.min()) / 2), "accuracy_runs": acc.tolist(),
-                     "trainable_params": rs[0]["trainable_params"],
-                     "train_seconds_per_step": float(np.median([r["train_seconds_per_step"] for r in rs])),
-                     "peak_rss_mb": float(max(r["peak_rss_mb"] for r in rs)), "lr": rs[0]["lr"], "seeds": len(rs)})
-        if method == "dylora":
-            per_rank = {}
-            for k in rs[0]["by_rank"]:
-                a = np.array([r["by_rank"][k] for r in rs]) * 100
-                per_rank[k] = {"mean": float(a.mean()), "spread": float((a.max() - a.min()) / 2)}
-            rows[-1]["by_rank"] = per_rank
+        row = {"method": method, "seeds": len(rs), "tasks": {}}
+        for name in args.tasks:
+            vals = np.array([r["tasks"][name]["primary"] for r in rs]) * 100
+            row["tasks"][name] = {"mean": float(vals.mean()), "half_range": float((vals.max() - vals.min()) / 2),
+                                  "runs": vals.tolist(),
+                                  "learning_rate": [r["tasks"][name]["learning_rate"] for r in rs]}
+        per_seed_mean = [np.mean([r["tasks"][n]["primary"] * 100 for n in args.tasks]) for r in rs]
+        row["mean"] = float(np.mean(per_seed_mean))
+        row["mean_half_range"] = float((max(per_seed_mean) - min(per_seed_mean)) / 2)
+        first = rs[0]["tasks"][args.tasks[0]]
+        row["trainable_params"] = first["trainable_params"]
+        row["file_bytes"] = first["file_bytes"]
+        row["learning_rate"] = rs[0]["recipe"]["learning_rate"] if method != "lora_auto" else "auto"
+        row["head_learning_rate"] = rs[0]["recipe"]["head_learning_rate"]
+        row["train_seconds_per_step"] = float(np.median([r["tasks"][n]["train_seconds_per_step"]
+                                                         for r in rs for n in args.tasks]))
+        rows.append(row)
     by = {r["method"]: r for r in rows}
-    targets = {}
-    t = timings.get("train_step_lora_vs_peft_lora")
-    if t:
-        targets["lora_step_time_le_1.05x_peft"] = {"ratio": t["ratio_ours_over_peft"], "met": t["ratio_ours_over_peft"] <= 1.05}
-    if "lora" in by and "lora_xs" in by:
-        gap = by["lora"]["accuracy_mean"] - by["lora_xs"]["accuracy_mean"]
-        fewer = by["lora"]["trainable_params"] / by["lora_xs"]["trainable_params"]
-        targets["lora_xs_within_1pt_with_10x_fewer"] = {"accuracy_gap_points": gap, "param_ratio": fewer,
-                                                        "met": gap <= 1.0 and fewer >= 10}
-    t = timings.get("linear_fwd_bwd_krona_vs_peft_lokr")
-    if t:
-        targets["krona_fwd_bwd_faster_than_lokr"] = {
-            "ratios": {k: v["ratio_ours_over_peft"] for k, v in t.items()},
-            "full_model_step_ratio": timings["train_step_krona_vs_peft_lokr"]["ratio_ours_over_peft"],
-            "met": all(v["ratio_ours_over_peft"] < 1 for v in t.values())}
 
-    lines = [f"# Adapters on SST-2 (minilm, {args.train_samples} training sentences, {args.epochs:g} epoch(s), full dev set of 872,"
-             f" {len(args.seeds)} seeds, batch {args.batch_size}, max length {args.max_seq_length}, torch threads 1)", "",
-             "| method | dev accuracy % (mean ± half-range) | trainable params | median train step (s) | peak RSS (MB) | lr |",
-             "|---|---|---|---|---|---|"]
+    targets = {}
+    if {"lora", "full"} <= set(by):
+        gap = by["full"]["mean"] - by["lora"]["mean"]
+        targets["lora_within_1pt_of_full"] = {"gap_points": gap, "met": gap <= 1.0}
+    for r in XS_RANKS:
+        xs = by.get(f"lora_xs_r{r}")
+        if xs and "lora" in by:
+            gap = by["lora"]["mean"] - xs["mean"]
+            fewer = by["lora"]["trainable_params"] / xs["trainable_params"]
+            smaller = by["peft_lora"]["file_bytes"] / xs["file_bytes"] if "peft_lora" in by else None
+            targets[f"lora_xs_r{r}_within_1pt_of_lora_10x_fewer_10x_smaller"] = {
+                "gap_points": gap, "param_ratio": fewer, "file_ratio_vs_peft_lora": smaller,
+                "met": gap <= 1.0 and fewer >= 10 and (smaller or 0) >= 10}
+    if {"krona", "lora"} <= set(by):
+        gap = by["lora"]["mean"] - by["krona"]["mean"]
+        targets["krona_within_1pt_of_lora"] = {"gap_points": gap, "met": gap <= 1.0}
+    fixed = [m for m in ["lora"] + [f"lora_lr{lr:g}" for lr in FIXED_LRS] if m in by]
+    if "lora_auto" in by and fixed:
+        best = max(fixed, key=lambda m: by[m]["mean"])
+        gap = by[best]["mean"] - by["lora_auto"]["mean"]
+        targets["lr_auto_within_1pt_of_best_fixed_lr"] = {
+            "best_fixed": best, "best_fixed_lr": by[best]["learning_rate"], "gap_points": gap, "met": gap <= 1.0}
+
+    state = git_state()
+    commits = sorted({r["commit"] for r in runs})
+    lines = [f"# Adapters with their default recipes: minilm on {', '.join(args.tasks)}", "",
+             f"Budget: {args.steps} optimizer steps of {args.batch_size} examples for every method (a fixed random "
+             f"sample of at most {args.train_samples} training examples), max length {args.max_seq_length} with "
+             f"dynamic padding, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), full dev sets, one thread "
+             "per run. No per-task tuning; lora_auto's range test adds 40 training batches before its run (no dev data).",
+             f"Runs at commit(s) {', '.join(c[:10] for c in commits)}; dirty working tree: "
+             f"{any(r['dirty'] for r in runs)} (other work in progress was uncommitted). Report written at "
+             f"{state['commit'][:10]}.", "",
+             "Scores: SST-2 / MRPC / RTE accuracy, CoLA Matthews correlation, ×100, mean ± half-range over seeds; "
+             "mean = the four tasks' mean.", "",
+             "| method | " + " | ".join(args.tasks) + " | mean | trainable params | adapter file | lr (head lr) |",
+             "|---|" + "---|" * len(args.tasks) + "---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['accuracy_mean']:.2f} ± {r['accuracy_spread']:.2f} | {r['trainable_params']:,} |"
-                     f" {r['train_seconds_per_step']:.3f} | {r['peak_rss_mb']:.0f} | {r['lr']:g} |")
-        for k, v in r.get("by_rank", {}).items():
-            lines.append(f"| ↳ dylora evaluated at rank {k} | {v['mean']:.2f} ± {v['spread']:.2f} | | | | |")
-    if "lora_xs_lr1e-2" in by:
-        lines += ["", "lora_xs_lr1e-2 is a sensitivity check added after the first run (lr picked after seeing "
-                  "lora_xs's dev accuracy at 2e-3); the LoRA-XS target below is judged on the preset lora_xs row."]
-    lines += ["", "Step times in the table come from the training runs (two runs shared 2 CPU cores with other jobs,"
-              " so compare them loosely); the targets below use interleaved same-process timing.", "",
-              "| target | measured | met |", "|---|---|---|"]
+        cells = " | ".join(f"{r['tasks'][n]['mean']:.1f} ± {r['tasks'][n]['half_range']:.1f}" for n in args.tasks)
+        lr = r["learning_rate"] if isinstance(r["learning_rate"], str) else f"{r['learning_rate']:g}"
+        if r["method"] == "lora_auto":
+            picked = sorted({f"{v:.2g}" for n in args.tasks for v in r["tasks"][n]["learning_rate"]})
+            lr = f"auto: {', '.join(picked)}"
+        head = f" ({r['head_learning_rate']:g})" if r["head_learning_rate"] else ""
+        lines.append(f"| {r['method']} | {cells} | {r['mean']:.1f} ± {r['mean_half_range']:.1f} | "
+                     f"{r['trainable_params']:,} | {r['file_bytes'] / 1024:,.1f} KiB | {lr}{head} |")
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
     for k, v in targets.items():
-        shown = {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items() if kk != "met"}
-        if "ratios" in shown:
-            shown["ratios"] = {kk: round(vv, 3) for kk, vv in shown["ratios"].items()}
+        shown = {kk: (round(vv, 2) if isinstance(vv, float) else vv) for kk, vv in v.items() if kk != "met"}
         lines.append(f"| {k} | {json.dumps(shown)} | {'yes' if v['met'] else '**no**'} |")
-    return {"rows": rows, "targets": targets, "timings": timings, "runs": runs, "settings": vars(args)}, "\n".join(lines) + "\n"
+    summary = {"rows": rows, "targets": targets, "settings": vars(args), "methods": METHODS, **state,
+               "run_commits": commits}
+    return summary, "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -257,29 +248,20 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.errorbar(r["trainable_params"], r["accuracy_mean"], yerr=r["accuracy_spread"], fmt="o", capsize=3)
-        # Pairs share an x (same parameter count): put peft's / the sensitivity row's label below.
-        below = r["method"].startswith("peft") or r["method"] == "lora_xs_lr1e-2"
-        ax.annotate(r["method"], (r["trainable_params"], r["accuracy_mean"]), textcoords="offset points",
-                    xytext=(6, -12 if below else 4))
-        if r["method"] == "dylora":
-            # DyLoRA at rank b uses b of its r_max components: b·(in+out) per module, plus the head.
-            head = 384 * 2 + 2
-            full_adapter = r["trainable_params"] - head
-            ks = sorted(r["by_rank"], key=int)
-            xs = [full_adapter * int(k) / R_LORA + head for k in ks]
-            ax.plot(xs, [r["by_rank"][k]["mean"] for k in ks], "--", color="gray", lw=1)
-            for k, x in zip(ks, xs):
-                ax.annotate(f"b={k}", (x, r["by_rank"][k]["mean"]), fontsize=7, color="gray")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log)")
-    ax.set_ylabel("SST-2 dev accuracy (%)")
-    ax.set_title("minilm on SST-2: accuracy vs trainable parameters")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for ax, key, label in ((axes[0], "trainable_params", "trainable parameters"),
+                           (axes[1], "file_bytes", "adapter file size (bytes)")):
+        for r in rows:
+            ax.errorbar(r[key], r["mean"], yerr=r["mean_half_range"], fmt="o", capsize=3)
+            ax.annotate(r["method"], (r[key], r["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{label} (log)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean dev score over the tasks (×100)")
+    fig.suptitle("minilm, default recipes, same step budget: quality vs cost")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> int:
@@ -288,23 +270,22 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     root = data_root()
-    p.add_argument("--task", default=str(root / "glue" / "SST-2") if root else None)
-    p.add_argument("--train-samples", type=int, default=8000)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-seq-length", type=int, default=64)
+    p.add_argument("--data", default=str(root / "glue") if root else None, help="directory holding the GLUE tasks")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    p.add_argument("--workers", type=int, default=2, help="training runs in parallel (one thread each)")
-    p.add_argument("--timing-steps", type=int, default=20)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--train-samples", type=int, default=4000)
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--out", default=str(ROOT / "results" / "adapters"))
     p.add_argument("--child", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
-    p.add_argument("--timing-only", action="store_true", help="redo only the interleaved timings, then the report")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from saved per-run results")
     args = p.parse_args()
-    if not args.task:
-        print("no data: set LEANFORMER_DATA or pass --task", file=sys.stderr)
+    if not args.data:
+        print("no data: set LEANFORMER_DATA or pass --data", file=sys.stderr)
         return 2
     if args.child:
         res = child(args.child[0], int(args.child[1]), args)
@@ -316,41 +297,35 @@ def main() -> int:
     out = Path(args.out)
     runs_dir = out / "per_run"  # (not "runs/": that name is git-ignored)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    rerun_runs = not (args.timing_only or args.report_only)
-    jobs = [(m, s) for s in args.seeds for m in args.methods] if rerun_runs else []
+    jobs = [] if args.report_only else [(m, s) for s in args.seeds for m in args.methods]
 
     def run_one(job):
         m, s = job
         path = runs_dir / f"{m}_seed{s}.json"
         if path.is_file():  # finished earlier: a rerun continues where an interrupted one stopped
-            return json.loads(path.read_text())
-        cmd = [sys.executable, __file__, "--child", m, str(s), "--child-out", str(path), "--task", args.task,
-               "--train-samples", str(args.train_samples), "--epochs", str(args.epochs),
-               "--batch-size", str(args.batch_size), "--max-seq-length", str(args.max_seq_length)]
+            return
+        cmd = [sys.executable, __file__, "--child", m, str(s), "--child-out", str(path), "--data", args.data,
+               "--tasks", *args.tasks, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--train-samples", str(args.train_samples), "--max-seq-length", str(args.max_seq_length)]
         t = time.time()
-        env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                   TOKENIZERS_PARALLELISM="false")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
-            raise RuntimeError(f"{m} seed {s} failed:\n{proc.stderr[-3000:]}")
+            print(f"{m} seed {s} failed:\n{proc.stderr[-3000:]}", flush=True)
+            return
         res = json.loads(path.read_text())
-        print(f"{m:>10} seed {s}: acc {res['accuracy']:.4f}  step {res['train_seconds_per_step']:.3f}s  "
-              f"({time.time() - t:.0f}s)", flush=True)
-        return res
+        scores = "  ".join(f"{n} {v['primary'] * 100:.1f}" for n, v in res["tasks"].items())
+        print(f"{m:>14} seed {s}: {scores}  ({time.time() - t:.0f}s)", flush=True)
 
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        runs = list(pool.map(run_one, jobs))
-    timing_path = runs_dir / "timings.json"
-    if timing_path.is_file() and not args.timing_only:
-        timings = json.loads(timing_path.read_text())
-    else:
-        timings = timing(args)
-        timing_path.write_text(json.dumps(timings))
-    if not rerun_runs:
-        runs = [json.loads(f.read_text()) for f in sorted(runs_dir.glob("*_seed*.json"))]
-    summary, table = summarize(runs, timings, args)
+        list(pool.map(run_one, jobs))
+    runs = [json.loads(f.read_text()) for f in sorted(runs_dir.glob("*_seed*.json"))]
+    runs = [r for r in runs if r["method"] in args.methods and r["seed"] in args.seeds]
+    summary, table = summarize(runs, args)
     save_json(out / "results.json", summary)
     (out / "results.md").write_text(table)
-    plot(summary["rows"], out / "accuracy_vs_params.png")
+    plot(summary["rows"], out / "score_vs_cost.png")
     print(table)
     return 0
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -381,3 +382,50 @@ def test_randomized_svd_close_to_exact():
         torch.testing.assert_close(vv @ vv.T, right, atol=1e-3, rtol=0)
     approx = (u * s) @ v.T
     assert (approx.double() - w_8).norm() < 1e-2 * w_8.norm()
+
+
+def test_lora_xs_file_holds_only_the_cores_and_checks_the_rebuilt_factors(ids, tmp_path, tiny_classifier):
+    """A saved LoRA-XS adapter stores the r×r cores and a checksum of the SVD factors, not the factors:
+    they are rebuilt from the base at load (canonical signs) and must match the checksum."""
+    from safetensors import safe_open
+
+    model = named_tiny(tiny_classifier, tmp_path)
+    r = 4
+    lf.adapt(model, lf.LoRAXS(rank=r, targets=["query", "value"], modules_to_save=["classifier"]))
+    randomize_trainable(model)
+    y = model(ids).logits
+    lf.save(model, None, tmp_path / "xs")
+    with safe_open(str(tmp_path / "xs" / "leanformer.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    adapter = {k: s for k, s in shapes.items() if ".adapters." in k}
+    assert sorted({k.rsplit(".", 1)[1] for k in adapter}) == ["xs_R", "xs_check"]
+    assert all(s == (r, r) for k, s in adapter.items() if k.endswith("xs_R")) and len(adapter) == 2 * 2 * 2
+    torch.testing.assert_close(lf.load(tmp_path / "xs")[0](ids).logits, y, atol=0, rtol=0)
+    other = tiny_classifier()
+    with torch.no_grad():  # an adapted layer's weight is outside the base fingerprint: only the checksum sees it
+        w = other.bert.encoder.layer[1].attention.self.value.weight
+        w.copy_(w + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(LeanformerError, match=r"layer\.1\.attention\.self\.value.*do not match the checksum"):
+        lf.load(tmp_path / "xs", base=other)
+
+
+def test_canonical_svd_signs_do_not_depend_on_the_input_sign():
+    """svd_flip convention: each column of U has its largest-magnitude entry positive, so W and a
+    re-run give the same factors, and −W gives the same U with V negated."""
+    w = torch.randn(24, 16, generator=torch.Generator().manual_seed(0))
+    u, s, v = truncated_svd(w, 5)
+    assert (u.gather(0, u.abs().argmax(0, keepdim=True)) > 0).all()
+    u2, s2, v2 = truncated_svd(-w, 5)
+    torch.testing.assert_close(u2, u)
+    torch.testing.assert_close(v2, -v)
+
+
+def test_peft_export_records_a_base_path_peft_can_resolve(tmp_path):
+    """An alias ("minilm") is not a path peft can fetch: the export records the alias's local directory."""
+    import json
+
+    model, _ = lf.load("minilm", head="sequence-classification", num_labels=2)
+    lf.adapt(model, lf.LoRA(rank=2))
+    lf.export_peft(model, tmp_path / "peft")
+    recorded = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded != "minilm" and (Path(recorded) / "config.json").is_file()

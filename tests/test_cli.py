@@ -81,7 +81,7 @@ def _value(cls, f, hint):
     inner = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     if inner is bool:
         return (not default), [("--no-" if default else "--") + flag_name(f)[2:]]
-    v = {int: default + 1 if default else 3, float: (default or 0.5) / 2}[inner]
+    v = {int: default + 1 if default else 3, float: (default or 0.5) / 2, str: f"{default}.x"}[inner]
     return v, [flag_name(f), str(v)]
 
 
@@ -119,7 +119,8 @@ def test_the_same_flags_mean_the_same_on_every_command(parsers):
               "--text": ("inspect", "prune", "eval"), "--dataset": ("inspect", "prune", "eval"),
               "--out": ("inspect", "prune", "eval", "compress"), "--overwrite": ("inspect", "prune", "eval", "compress"),
               "--device": ("inspect", "prune", "eval", "compress", "generate"),
-              "--seed": ("inspect", "prune", "compress", "generate"), "--tokens": ("inspect", "prune")}
+              "--seed": ("inspect", "prune", "compress", "generate"), "--tokens": ("inspect", "prune"),
+              "--blocks": ("inspect", "prune")}
     for flag, commands in shared.items():
         found = [actions(parsers[c]).get(flag) for c in commands]
         assert all(found), f"{flag} missing from {[c for c, a in zip(commands, found) if a is None]}"

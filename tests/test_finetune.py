@@ -317,10 +317,91 @@ def test_minilm_sst2_end_to_end(tmp_path):
                  "--max-train-samples", "64", "--max-steps", "2", "--max-eval-samples", "32",
                  "--max-seq-length", "32", "--disable-tqdm", "true", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["trainable_params"] == 2 * 6 * 16 + 384 * 2 + 2 and m["train_steps"] == 2 and m["train_samples"] == 64
+    # the recipe's targets: query, value, attention.output.dense, output.dense (roles q, v, o, mlp_out)
+    assert m["trainable_params"] == 4 * 6 * 16 + 384 * 2 + 2 and m["train_steps"] == 2 and m["train_samples"] == 64
+    assert m["settings"]["source"]["targets"] == "recipe" and m["task_layout"].startswith("GLUE SST-2")
     # the saved adapter reproduces the reported accuracy on exactly the 32 evaluated sentences
     model, tok = lf.load(out)
     from leanformer.evaluation import evaluate_task
 
     again = evaluate_task(model, tok, load_task(str(root / "glue" / "SST-2")), max_length=32, max_samples=32)
     assert again["accuracy"] == m["accuracy"] and (m["accuracy"] * 32).is_integer()
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes, --learning-rate auto, training you can see, same seed same result
+
+VOLATILE = ("train_seconds_per_step", "peak_rss_mb", "wall_seconds", "optimizer_state_bytes")
+
+
+def test_recipe_values_are_used_unless_a_flag_overrides(tiny_dir, csv_task, tmp_path):
+    base = ["--num-train-epochs", "1", "--max-seq-length", "16", "--disable-tqdm", "true"]
+    out = tmp_path / "recipe"
+    assert main(["finetune", str(tiny_dir), "--task", csv_task, "--method", "lora_xs", "--rank", "4", *base,
+                 "--out", str(out)]) == 0
+    s = json.loads((out / "metrics.json").read_text())["settings"]
+    r = lf.LoRAXS.recipe
+    assert (s["learning_rate"], s["head_learning_rate"], s["alpha"], s["weight_decay"], s["warmup_steps"]) == \
+        (r.learning_rate, r.head_learning_rate, r.alpha, r.weight_decay, r.warmup_ratio)
+    assert set(s["source"].values()) == {"recipe"} and "LoRA-XS" in s["recipe"]["source"]
+    out = tmp_path / "flags"
+    assert main(["finetune", str(tiny_dir), "--task", csv_task, "--method", "lora_xs", "--rank", "4", *base,
+                 "--learning-rate", "3e-3", "--alpha", "4", "--weight-decay", "0", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["settings"]["learning_rate"], m["settings"]["alpha"], m["settings"]["weight_decay"]) == (3e-3, 4, 0)
+    assert m["settings"]["source"]["learning_rate"] == "flag" and m["settings"]["source"]["warmup_steps"] == "recipe"
+    assert m["learning_rate"] == 3e-3
+
+
+def test_learning_rate_auto_runs_a_range_test_on_training_batches(tiny_dir, tmp_path):
+    d = tmp_path
+    task = f"{write_csv(d / 'tr.csv', toy_rows(160, 0))},{write_csv(d / 'dv.csv', toy_rows(16, 1))}"
+    out = d / "auto"
+    assert main(["finetune", str(tiny_dir), "--task", task, "--method", "lora", "--learning-rate", "auto",
+                 "--per-device-train-batch-size", "4", "--max-steps", "8", "--max-seq-length", "16",
+                 "--disable-tqdm", "true", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    t = m["learning_rate_test"]
+    assert m["settings"]["source"]["learning_rate"] == "auto" and m["learning_rate"] == t["learning_rate"]
+    assert t["learning_rate"] == pytest.approx(t["min_loss_lr"] / 10) and 1e-6 <= t["learning_rate"] <= 0.1
+    assert len(t["lrs"]) <= 40 and t["lrs"] == sorted(t["lrs"]) and (out / "lr_range_test.png").is_file()
+
+
+def test_learning_rate_auto_on_a_task_too_small_says_how_many_batches(tiny_dir, csv_task, tmp_path, capsys):
+    assert main(["finetune", str(tiny_dir), "--task", csv_task, "--learning-rate", "auto", *FLAGS[:4],
+                 "--max-seq-length", "16", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "40 training batches" in err and "only 6 batch(es) of 16" in err and "at least 640" in err
+
+
+def test_loss_curve_periodic_eval_and_a_warning_when_the_loss_does_not_move(tiny_dir, csv_task, tmp_path):
+    out = tmp_path / "flat"
+    with pytest.warns(UserWarning, match="has not moved"):
+        assert main(["finetune", str(tiny_dir), "--task", csv_task, "--method", "lora", "--learning-rate", "1e-9",
+                     "--num-train-epochs", "3", "--per-device-train-batch-size", "16", "--logging-steps", "3",
+                     "--eval-steps", "5", "--max-seq-length", "16", "--disable-tqdm", "true", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["loss_curve"]["every"] == 3 and m["loss_curve"]["step"] == [3, 6, 9, 12, 15, 18]
+    assert [e["step"] for e in m["eval_curve"]] == [5, 10, 15] and "accuracy" in m["eval_curve"][0]
+    assert "--learning-rate auto" in m["warnings"][0] and (out / "loss_curve.png").is_file()
+    out = tmp_path / "moving"  # a learning run: no warning
+    assert main(["finetune", str(tiny_dir), "--task", csv_task, "--method", "lora", *FLAGS[2:], "--learning-rate",
+                 "3e-2", "--num-train-epochs", "4", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["warnings"] == [] and m["loss_curve"]["loss"][-1] < m["loss_curve"]["loss"][0] - 0.05
+
+
+def test_same_command_twice_in_new_processes_gives_identical_metrics(tiny_dir, csv_task, tmp_path):
+    """Everything random (head and adapter initialisation, dropout, batch order, DyLoRA's rank draws)
+    follows --seed: two fresh processes agree to the last bit."""
+    results = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        cmd = [sys.executable, "-m", "leanformer.cli", "finetune", str(tiny_dir), "--task", csv_task, "--method",
+               "dylora", "--rank", "4", *FLAGS, "--seed", "3", "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONHASHSEED": str(i)})  # hash order must not matter
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        m = json.loads((out / "metrics.json").read_text())
+        results.append({k: v for k, v in m.items() if k not in VOLATILE})
+    assert results[0] == results[1]

@@ -65,7 +65,8 @@ def synthetic_profile(model: str = "tiny", info: dict | None = None) -> lf.Profi
 
 
 def test_metric_schema_covers_the_metrics_json_rows():
-    assert [m.name for m in LAYER_METRICS] == ["anisotropy", "intrinsic_dim", "mlp_sparsity"]
+    assert [m.name for m in LAYER_METRICS] == ["anisotropy", "intrinsic_dim", "mlp_sparsity", "logit_lens_loss",
+                                               "logit_lens_agreement"]
     assert [m.name for m in TRANSITION_METRICS] == ["linearity", "linearity_wo_residual", "block_influence",
                                                     "angular_distance"]
     assert {m.axis for m in LAYER_METRICS} == {"layer"} and {m.axis for m in TRANSITION_METRICS} == {"transition"}
@@ -73,7 +74,8 @@ def test_metric_schema_covers_the_metrics_json_rows():
 
 def test_table_columns_follow_the_schema():
     table = synthetic_profile().table().splitlines()
-    assert table[0].split() == ["layer", *(m.short for m in LAYER_METRICS), "│", "block",
+    # the logit-lens columns have no value in this (encoder-like) profile, so the table leaves them out
+    assert table[0].split() == ["layer", *(m.short for m in LAYER_METRICS[:3]), "│", "block",
                                 *(m.short for m in TRANSITION_METRICS)]
     assert len(table) == 2 + 3 and len({len(line) for line in table[:4]}) == 1  # aligned columns
     assert table[2].split() == ["0", "0.1000", "—", "—", "│", "0→1", "0.9000", "0.5000", "0.1250", "0.0625"]
@@ -83,16 +85,18 @@ def test_table_columns_follow_the_schema():
 def test_report_page_follows_the_schema_and_escapes_text(tmp_path):
     profile = synthetic_profile("<script>alert(1)</script>", info={"note": "a < b & c", "seconds": 1.23456})
     plots = plot_profile(profile, tmp_path)
-    assert [p.name for p in plots] == [f"{m.name}.png" for m in TRANSITION_METRICS + LAYER_METRICS]
+    layer_metrics = LAYER_METRICS[:3]  # no logit lens in this profile: no column, no plot
+    assert [p.name for p in plots] == [f"{m.name}.png" for m in TRANSITION_METRICS + layer_metrics]
     page = write_report(profile, plots, tmp_path / "report.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<b>note</b>: a &lt; b &amp; c" in page and "<b>seconds</b>: 1.2346" in page
-    headers = ["layer", *(m.label for m in LAYER_METRICS), "block", *(m.label for m in TRANSITION_METRICS)]
-    assert re.findall(r"<th(?: [^>]*)?>(.*?)</th>", page) == headers
+    headers = ["layer", *(m.label for m in layer_metrics), "block", *(m.label for m in TRANSITION_METRICS)]
+    first_table = page.split("</table>")[0]
+    assert re.findall(r"<th(?: [^>]*)?>(.*?)</th>", first_table) == headers
     rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr><td>.*?</tr>", page, re.S)]
     assert rows[0] == ["0", "0.1000", "—", "—", "0→1", "0.9000", "0.5000", "0.1250", "0.0625"]
     assert rows[2] == ["2", "0.3000", "4.00", "0.500", "", "—", "—", "—", "—"]
-    titles = [m.title for m in TRANSITION_METRICS + LAYER_METRICS]
+    titles = [m.title for m in TRANSITION_METRICS + layer_metrics]
     assert re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', page) == titles
     assert re.findall(r"<figcaption>(.*?)</figcaption>", page) == titles
     assert "http" not in without_embedded_images(page)  # self-contained
@@ -106,7 +110,7 @@ def test_model_without_blocks_is_named(tokenizer):
             super().__init__()
             self.linear = torch.nn.Linear(8, 8)
 
-    with pytest.raises(lf.LeanformerError, match="cannot find the transformer block list of NoBlocks.*model.layers"):
+    with pytest.raises(lf.LeanformerError, match="cannot find the transformer block list of NoBlocks"):
         lf.inspect(NoBlocks(), tokenizer, TEXTS, progress=False)
 
 
@@ -120,7 +124,11 @@ def test_cli_writes_metrics_plots_and_report(tiny_bert_dir, tmp_path, capsys):
     # the metrics.json contract: exactly these keys
     assert set(metrics) == {"model", "n_tokens", "hidden_size", "layers", "transitions", "info"}
     assert metrics["n_tokens"] == 800 and metrics["hidden_size"] == 32
-    assert all(set(layer) == {"index", "anisotropy", "intrinsic_dim", "mlp_sparsity"} for layer in metrics["layers"])
+    assert all(set(layer) == {"index", "anisotropy", "intrinsic_dim", "mlp_sparsity", "logit_lens_loss",
+                              "logit_lens_agreement"} for layer in metrics["layers"])
+    assert all(layer["logit_lens_loss"] is None for layer in metrics["layers"])  # an encoder: no lens
+    assert metrics["info"]["logit_lens"].startswith("skipped: not a causal LM")
+    assert metrics["info"]["id_estimator"] == "twonn-skdim"
     assert all(set(t) == {"from", "to", "linearity", "linearity_wo_residual", "block_influence", "angular_distance"}
                for t in metrics["transitions"])
     pngs = sorted(p.name for p in out.glob("*.png"))
@@ -186,3 +194,61 @@ def test_minilm_profile_end_to_end():
     assert all(0.5 < v < 1 for v in lin)  # residual stream: strongly but not exactly linear
     assert all(t["linearity_wo_residual"] < t["linearity"] + 0.3 for t in p.transitions)
     assert all(1 < layer["intrinsic_dim"] < 60 for layer in p.layers)
+
+
+def test_id_estimator_is_a_choice_recorded_with_the_profile(tiny_bert, tokenizer):
+    from leanformer.metrics import GeometryAccumulator
+
+    kwargs = dict(tokens=1200, max_length=48, sample_size=500, progress=False)
+    skdim = lf.inspect(tiny_bert, tokenizer, TEXTS, **kwargs)
+    paper = lf.inspect(tiny_bert, tokenizer, TEXTS, id_estimator="twonn-paper", **kwargs)
+    assert skdim.info["id_estimator"] == "twonn-skdim" and paper.info["id_estimator"] == "twonn-paper"
+    assert "Facco" in skdim.info["intrinsic_dim_estimator"] and "N//5" in paper.info["intrinsic_dim_estimator"]
+    # same points, another fit: the paper's estimate is the smallest-fifth fit of the same sample
+    assert [l["anisotropy"] for l in skdim.layers] == [l["anisotropy"] for l in paper.layers]
+    assert any(abs(a["intrinsic_dim"] - b["intrinsic_dim"]) > 1e-3 for a, b in zip(skdim.layers[1:], paper.layers[1:]))
+    with pytest.raises(lf.LeanformerError, match="unknown id_estimator 'twonn'; choose from twonn-skdim, twonn-paper"):
+        lf.inspect(tiny_bert, tokenizer, TEXTS, id_estimator="twonn", **kwargs)
+
+
+def test_logit_lens_of_a_causal_lm_ends_at_the_models_own_loss(tiny_llama, tokenizer):
+    p = lf.inspect(tiny_llama, tokenizer, TEXTS, tokens=900, max_length=64, batch_size=5, sample_size=300,
+                   progress=False)
+    chunks = token_chunks(tokenizer, TEXTS, 64, tokens=900)
+    total, targets = 0.0, 0
+    with torch.no_grad():
+        for c in chunks:  # the model's own next-token loss, window by window, no padding
+            ids = torch.tensor([c])
+            total += float(tiny_llama(input_ids=ids, labels=ids).loss) * (len(c) - 1)
+            targets += len(c) - 1
+    last = p.layers[-1]
+    assert last["logit_lens_loss"] == pytest.approx(total / targets, rel=1e-5)
+    assert last["logit_lens_agreement"] == 1.0
+    assert all(0 <= l["logit_lens_agreement"] <= 1 and l["logit_lens_loss"] > 0 for l in p.layers)
+    assert "logit_lens_loss" in p.table().splitlines()[0].replace("lens_loss", "logit_lens_loss")
+
+
+def test_logit_lens_is_skipped_with_a_reason_when_it_cannot_reproduce_the_logits(tiny_llama, tokenizer):
+    def soft_cap(_module, _args, out):  # the model post-processes its logits (as Gemma-2 soft-caps them)
+        out.logits = 30 * torch.tanh(out.logits / 30) + 1
+        return out
+
+    tiny_llama.register_forward_hook(soft_cap)
+    p = lf.inspect(tiny_llama, tokenizer, TEXTS, tokens=600, max_length=64, sample_size=200, progress=False)
+    assert all(l["logit_lens_loss"] is None for l in p.layers)
+    assert p.info["logit_lens"].startswith("skipped: decoding h_L with the final norm and LM head differs")
+    p = lf.inspect(tiny_llama, tokenizer, TEXTS, tokens=600, max_length=64, sample_size=200, logit_lens=False,
+                   progress=False)
+    assert p.info["logit_lens"] == "skipped: turned off (logit_lens=False)"
+
+
+@pytest.mark.parametrize("by", ["linearity", "block_influence", "angular"])
+def test_pruning_candidates_are_the_blocks_prune_removes(by, make_tiny_llama, tokenizer):
+    model = make_tiny_llama(layers=4, vocab_size=tokenizer.vocab_size, seed=1)
+    p = lf.inspect(model, tokenizer, TEXTS, tokens=1500, max_length=64, batch_size=8, sample_size=200,
+                   logit_lens=False, progress=False)
+    result = lf.prune_layers(model, 1, by=by, tokenizer=tokenizer, texts=TEXTS, tokens=1500, max_length=64)
+    candidates = p.pruning_candidates()[by]
+    assert candidates[0]["block"] == result.start
+    assert candidates[0]["value"] == pytest.approx(result.scores[by][result.start], abs=1e-6)
+    assert len(candidates) == 3 and len({c["block"] for c in candidates}) == 3

@@ -50,3 +50,32 @@ def test_errors_name_the_layers(make_tiny_bert):
         select_linear(model, "([")
     with pytest.raises(LeanformerError, match="empty"):
         select_linear(model, [])
+
+
+def test_conv1d_is_a_linear_layer_with_its_weight_seen_as_out_in():
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    from transformers.pytorch_utils import Conv1D
+
+    from leanformer.targets import dense_weight, is_transposed, linear_shape
+
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=50, n_embd=16, n_head=2, n_layer=1, n_positions=16,
+                                                     pad_token_id=0))
+    # the body's four Conv1D projections; the score head and the (tied) embedding are not body
+    assert select_linear(model, "all-linear") == [f"transformer.h.0.{s}" for s in
+                                                  ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    c_fc = model.transformer.h[0].mlp.c_fc
+    assert isinstance(c_fc, Conv1D) and is_transposed(c_fc) and linear_shape(c_fc) == (16, 64)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(c_fc(x), x @ dense_weight(c_fc).T + c_fc.bias)
+    assert dense_weight(c_fc).data_ptr() == c_fc.weight.data_ptr()  # a view: merging writes through
+
+
+def test_task_heads_of_any_architecture_are_not_body():
+    from transformers import T5Config, T5ForSequenceClassification
+
+    model = T5ForSequenceClassification(T5Config(vocab_size=50, d_model=16, d_kv=8, num_heads=2, d_ff=32,
+                                                 num_layers=1))
+    chosen = select_linear(model, "all-linear")
+    assert chosen and not any("classification_head" in n for n in chosen)

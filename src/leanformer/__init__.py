@@ -1,6 +1,6 @@
 """leanformer: make pretrained transformers cheaper to adapt, store and run, and see where their capacity goes."""
-from .adapters import (DyLoRA, KronA, LoRA, LoRAXS, active_adapter, adapt, export_peft, merge, print_trainable_parameters,
-                    set_adapter, set_rank, trainable_parameters, unmerge)
+from .adapters import (DyLoRA, KronA, LoRA, LoRAXS, MeProp, SparseGrad, active_adapter, adapt, export_peft, merge,
+                       print_trainable_parameters, set_adapter, set_rank, trainable_parameters, unmerge)
 from .compress import HQQ, RTN, Kashin, QuantizedLinear, quantize, size_report
 from .compress.prune import LinearReplacement, PruneConfig, prune_layers
 from .convert import convert_llama2c
@@ -8,9 +8,12 @@ from .errors import LeanformerError
 from .evaluation import EvalConfig, embedding_cosine, evaluate, evaluate_task, perplexity, sentence_embeddings
 from .generation import GenerateConfig, generate
 from .inspection import InspectConfig, Profile, inspect
+from .comparison import Comparison, compare
 from .saving import load, save
 from .stack import applied
 from .train.regularizers import CosineRegularizer
+from .train.randomized_backprop import RandomizedBackprop
+from . import optim
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """Hidden states h_0…h_L (and MLP activations) via hooks, padding removed, streamed in batches.
 
-Hooks on the block list give the residual stream uniformly for every architecture: h_0 is the
-input of block 0 (embedding output), h_i the output of block i−1. For decoders this is the
+Hooks on the block list (leanformer.architectures.find_blocks) give the residual stream uniformly
+for every architecture: h_0 is the input of block 0 (embedding output), h_i the output of block i−1. For decoders this is the
 pre-final-norm residual — unlike `output_hidden_states`, whose last entry often has the final norm
 applied (the states Razzhigaev et al. 2024 measure linearity on).
 """
@@ -13,47 +13,11 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .text import batches
+from .architectures import find_blocks, find_mlp_activation
 from .errors import LeanformerError
+from .text import batches
 
-# Where common architectures keep their blocks (the first that exists wins), then a generic search.
-BLOCK_PATHS = ("model.layers", "model.decoder.layers", "encoder.layer", "transformer.h", "gpt_neox.layers",
-               "transformer.layers", "layers", "h", "blocks", "encoder.layers", "decoder.layers")
-ACTIVATION_NAMES = ("intermediate_act_fn", "act_fn", "activation_fn", "act")
-
-
-def _get(module: nn.Module, path: str):
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
-
-
-def find_blocks(model: nn.Module) -> tuple[nn.ModuleList, str]:
-    """The transformer's block list and its attribute path (relative to `model`)."""
-    for root_name in ("", "base_model."):
-        root = model if not root_name else getattr(model, "base_model", None)
-        if root is None:
-            continue
-        for path in BLOCK_PATHS:
-            blocks = _get(root, path)
-            if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-                return blocks, root_name + path
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and n_layers and len(module) == n_layers:
-            return module, name
-    raise LeanformerError(
-        f"cannot find the transformer block list of {type(model).__name__}: looked for "
-        f"{', '.join(BLOCK_PATHS)} and any nn.ModuleList of config.num_hidden_layers ({n_layers}) modules")
-
-
-def find_mlp_activation(block: nn.Module) -> nn.Module | None:
-    for name, module in block.named_modules():
-        if name.rsplit(".", 1)[-1] in ACTIVATION_NAMES and not list(module.children()):
-            return module
-    return None
+__all__ = ["find_blocks", "residual_stream", "capture", "iter_hidden_states"]
 
 
 def _first_tensor(output):
@@ -89,20 +53,24 @@ def capture(model: nn.Module, batch: dict[str, torch.Tensor], mlp_eps: float | N
     mlp_near_zero: with `mlp_eps`, per block (count of valid MLP activations with |a| ≤ mlp_eps,
     count of valid activations), reduced inside the hook so the (tokens × d_ff) activations are
     never kept; None when not requested or no activation module is found."""
-    blocks, _ = find_blocks(model)
+    blocks, path = find_blocks(model)
     counts: list[tuple[int, int] | None] = [None] * len(blocks)
     device = next(model.parameters()).device
     mask = batch["attention_mask"].to(device).bool()
 
-    def count_near_zero(i, out):
-        valid = out[mask]
-        counts[i] = (int((valid.abs() <= mlp_eps).sum()), valid.numel())
+    def count_near_zero(i, name, out):
+        valid = _valid_tokens(out, mask, name)
+        # in row slices: small temporaries are reused by the allocator, where whole-batch
+        # (tokens × d_ff) ones cost a fresh mapping each (≈2× slower on minilm)
+        near = sum(int((valid[s:s + 1024].abs() <= mlp_eps).sum()) for s in range(0, valid.shape[0], 1024))
+        counts[i] = (near, valid.numel())
 
     handles = []
     for i, block in enumerate(blocks):
-        act = find_mlp_activation(block) if mlp_eps is not None else None
+        act = find_mlp_activation(model, block) if mlp_eps is not None else None
         if act is not None:
-            handles.append(act.register_forward_hook(lambda _m, _a, out, i=i: count_near_zero(i, out)))
+            name = f"{path}.{i}." + next(n for n, m in block.named_modules() if m is act)
+            handles.append(act.register_forward_hook(lambda _m, _a, out, i=i, name=name: count_near_zero(i, name, out)))
     try:
         with residual_stream(model) as outputs:
             getattr(model, "base_model", model)(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
@@ -111,11 +79,23 @@ def capture(model: nn.Module, batch: dict[str, torch.Tensor], mlp_eps: float | N
             h.remove()
     if any(o is None for o in outputs):
         raise LeanformerError(f"{type(model).__name__}: its blocks did not all run; cannot capture hidden states")
-    flat = mask.reshape(-1)
-    states = [o.reshape(-1, o.shape[-1])[flat].float() for o in outputs]
+    states = [_valid_tokens(o, mask, f"{path}.{max(i - 1, 0)} ({'input' if i == 0 else 'output'})").float()
+              for i, o in enumerate(outputs)]
     lengths = mask.sum(dim=1)
     last_token = torch.cumsum(lengths, 0) - 1
     return states, last_token, (counts if all(c is not None for c in counts) else None)
+
+
+def _valid_tokens(t: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+    """(n_valid_tokens, features) rows of a (batch, seq, …) tensor, or of one whose tokens are already
+    flattened to (batch·seq, …) as OPT's MLP does; any other shape names the module."""
+    if t.dim() >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
+        return t[mask].reshape(int(mask.sum()), -1)
+    if t.dim() >= 1 and t.shape[0] == mask.numel():
+        return t[mask.reshape(-1)].reshape(int(mask.sum()), -1)
+    raise LeanformerError(
+        f"{name}: output of shape {tuple(t.shape)} does not line up with the batch's {tuple(mask.shape)} "
+        "(batch, sequence) tokens, nor with them flattened; cannot tell which entries belong to which token")
 
 
 def iter_hidden_states(model: nn.Module, tokenizer, chunks: Sequence[Sequence[int]], batch_size: int = 16,

@@ -89,8 +89,16 @@ def is_causal_lm(model) -> bool:
 
 
 def classifier_head_name(model: torch.nn.Module) -> str | None:
-    """The attribute name of a sequence-classification head ("classifier", "score"), or None."""
-    return next((n for n in CLASSIFIER_HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)), None)
+    """The attribute name of a sequence-classification head ("classifier", "score", or the last task
+    head module another architecture's classifier class adds, e.g. T5's "classification_head"), or None.
+    All of a head's modules (DistilBERT's pre_classifier too): architectures.head_modules."""
+    from .architectures import head_modules
+
+    named = next((n for n in CLASSIFIER_HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)), None)
+    if named is not None or head_kind(model) != "sequence-classification":
+        return named
+    heads = head_modules(model)
+    return heads[-1] if heads else None
 
 
 def model_class(config, head: str = "auto"):

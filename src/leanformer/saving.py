@@ -152,10 +152,13 @@ def _in_saved_module(key: str, suffixes: set[str]) -> bool:
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors (trained and frozen factors: LoRA-XS's SVD factors are saved, not recomputed,
-    so a load is bit-exact) and the parameters of every modules_to_save."""
+    """Adapter tensors and the parameters of every modules_to_save, less the buffers an adapter
+    rebuilds from the base weights at load (its `rebuilt_buffers`: LoRA-XS's SVD factors, checked
+    against a saved checksum by its `check_rebuilt`)."""
     saved = _modules_to_save(model)
-    return {k: v for k, v in model.state_dict().items() if ".adapters." in k or _in_saved_module(k, saved)}
+    rebuilt = {f"{n}.{b}" for n, m in model.named_modules() for b in getattr(m, "rebuilt_buffers", ())}
+    return {k: v for k, v in model.state_dict().items()
+            if k not in rebuilt and (".adapters." in k or _in_saved_module(k, saved))}
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -220,6 +223,9 @@ def load(name_or_path: str | os.PathLike, head: str = "auto", num_labels: int | 
     if meta["weights"]["base"] == "referenced":
         _check_fingerprint(path, model, meta["base"])
     _load_tensors(path, model, tensors, meta)
+    for name, module in model.named_modules():  # adapters that rebuilt factors from the base check them
+        if hasattr(module, "check_rebuilt"):
+            module.check_rebuilt(f"{path}: {name}")
     if meta.get("adapters"):
         merged = meta["adapters"].get("merged")
         for _, layer in adapted_layers(model):

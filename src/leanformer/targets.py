@@ -1,4 +1,9 @@
-"""Which Linear layers a transform applies to: one selection rule shared by `adapt` and `quantize`.
+"""Which Linear layers a transform applies to: one selection rule shared by `adapt` and `quantize`,
+and the one way to read a Linear-like layer's shape and (out, in) weight.
+
+"Linear layers" are nn.Linear (and subclasses) and transformers' Conv1D (GPT-2's family), which
+computes the same y = x Wᵀ + b but stores W transposed, as (in, out): `linear_shape` and
+`dense_weight` hide the difference from every transform.
 
 `targets` is one of
   None or "all-linear"  every Linear of the transformer body: task / pooling heads and the output
@@ -17,7 +22,9 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence
 
+import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .constants import HEAD_MODULE_NAMES
 from .errors import LeanformerError
@@ -25,7 +32,7 @@ from .errors import LeanformerError
 Targets = Sequence[str] | str | None
 FilterFn = Callable[[nn.Module, str], bool]
 
-LINEAR_TYPES: list[type[nn.Module]] = [nn.Linear]  # modules that compute y = x Wᵀ + b
+LINEAR_TYPES: list[type[nn.Module]] = [nn.Linear, Conv1D]  # modules that compute y = x Wᵀ + b
 WRAPPER_TYPES: list[type[nn.Module]] = []  # modules holding a Linear-like `base_layer`
 
 
@@ -39,6 +46,34 @@ def register_wrapper_type(cls: type[nn.Module]) -> type[nn.Module]:
     if cls not in WRAPPER_TYPES:
         WRAPPER_TYPES.append(cls)
     return cls
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True for a layer that stores its weight as (in, out) (Conv1D), also behind a wrapper."""
+    module = getattr(module, "base_layer", module)
+    return isinstance(module, Conv1D)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear-like layer, a Conv1D, or a wrapper of one."""
+    module = getattr(module, "base_layer", module)
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    raise LeanformerError(f"{type(module).__name__} is not a Linear-like layer (no in_features/out_features)")
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight a Linear-like layer computes with: a view of nn.Linear's weight, the
+    transpose view of a Conv1D's, a quantized layer's rebuilt weight."""
+    module = getattr(module, "base_layer", module)
+    if isinstance(module, Conv1D):
+        return module.weight.T
+    weight = getattr(module, "weight", None)  # a quantized layer's property rebuilds it
+    if isinstance(weight, torch.Tensor):
+        return weight
+    raise LeanformerError(f"{type(module).__name__} holds no dense weight")
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -56,11 +91,20 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def is_head(model: nn.Module, name: str, module: nn.Module) -> bool:
+def head_names(model: nn.Module) -> set[str]:
+    """Names of what is not transformer body: the usual head names (HEAD_MODULE_NAMES) and the task
+    head modules this architecture's head class adds (architectures.head_modules)."""
+    from .architectures import head_modules
+
+    return set(HEAD_MODULE_NAMES) | set(head_modules(model))
+
+
+def is_head(model: nn.Module, name: str, module: nn.Module, heads: set[str] | None = None) -> bool:
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out_emb is not None and (module is out_emb or getattr(module, "base_layer", None) is out_emb):
         return True
-    return any(part in HEAD_MODULE_NAMES for part in name.split("."))
+    heads = head_names(model) if heads is None else heads
+    return any(part in heads for part in name.split("."))
 
 
 def _matches_suffix(name: str, suffixes: Sequence[str]) -> bool:
@@ -72,7 +116,8 @@ def select_linear(model: nn.Module, targets: Targets = None, filter_fn: FilterFn
     layers = linear_layers(model)
     names = list(layers)
     if targets is None or targets == "all-linear":
-        chosen = [n for n in names if not is_head(model, n, layers[n])]
+        heads = head_names(model)
+        chosen = [n for n in names if not is_head(model, n, layers[n], heads)]
     elif isinstance(targets, str):
         try:
             pattern = re.compile(targets)

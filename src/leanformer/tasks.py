@@ -29,6 +29,7 @@ class Task:
     dev: Split
     label_names: list[str] = field(default_factory=list)  # empty for regression
     metrics: tuple[str, ...] = ("accuracy",)
+    layout: str = ""  # how the files were read (which GLUE layout / which columns), for the user to check
 
     @property
     def is_regression(self) -> bool:
@@ -57,16 +58,42 @@ def _read_tsv(path: Path) -> list[list[str]]:
         return [row for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
 
-def _glue_layout(directory: Path, header: list[str]) -> str | None:
-    name = directory.name.upper().replace("_", "-")
-    for key in _GLUE:
-        if key.upper() == name or key.upper().replace("-", "") == name.replace("-", ""):
-            return key
-    for key, spec in _GLUE.items():  # fall back to the header's columns
-        if spec.get("header", True) and isinstance(spec["a"], str) and spec["a"] in header \
-                and spec["label"] in header and (spec["b"] is None or spec["b"] in header):
-            return key
-    return None
+def _layout_fits(key: str, header: list[str]) -> bool:
+    """Every column layout `key` reads is present (CoLA, headerless: four fields, a 0/1 label second)."""
+    spec = _GLUE[key]
+    if not spec.get("header", True):
+        return len(header) == 4 and header[1] in ("0", "1")
+    return all(c in header for c in (spec["a"], spec["b"], spec["label"]) if c is not None)
+
+
+def _specificity(key: str) -> int:
+    return sum(c is not None for c in (_GLUE[key]["a"], _GLUE[key]["b"], _GLUE[key]["label"]))
+
+
+def _glue_layout(directory: Path, header: list[str]) -> tuple[str | None, str]:
+    """(layout, why) for a GLUE-format directory whose train.tsv starts with `header`.
+
+    A layout counts only when all its columns are present. The directory's name decides among
+    those (a "QNLI" directory reads as QNLI); otherwise the most specific fitting layout wins —
+    pair layouts (two text columns + label) before single-sentence ones — so a QNLI-format
+    directory under another name is not read as SST-2 because it also has `sentence` and `label`."""
+    fitting = sorted((k for k in _GLUE if _layout_fits(k, header)), key=_specificity, reverse=True)
+    name = directory.name.upper().replace("_", "-").replace("-", "")
+    named = next((k for k in _GLUE if k.upper().replace("-", "") == name), None)
+    if named in fitting:
+        return named, f"{named} (directory name; columns present)"
+    if not fitting:
+        return None, ""
+    tied = [k for k in fitting if _specificity(k) == _specificity(fitting[0])]
+    if len(tied) > 1:
+        raise LeanformerError(f"{directory}: the columns {header} fit GLUE layouts {tied} equally; name the "
+                              f"directory after one of them (e.g. {directory.parent / tied[0]})")
+    chosen = fitting[0]
+    spec = _GLUE[chosen]
+    cols = ", ".join(str(c) for c in (spec["a"], spec["b"], spec["label"]) if c is not None)
+    why = f"{chosen} (columns {cols}" + (f"; directory name {directory.name!r} matches no layout)" if named is None
+                                         else f"; directory name says {named}, whose columns are missing)")
+    return chosen, why
 
 
 def _glue_split(path: Path, key: str, labels_known: list[str]) -> Split:
@@ -132,7 +159,8 @@ def _records_task(name: str, train: list[dict], dev: list[dict], where: str) -> 
                      _encode_labels([r[label_col] if is_float else str(r[label_col]) for r in rows], names, w))
 
     metrics = ("pearson", "spearman") if is_float else (("accuracy", "f1") if len(names) == 2 else ("accuracy",))
-    return Task(name, split(train, f"{where} (train)"), split(dev, f"{where} (dev)"), names, metrics)
+    layout = f"columns {a}" + (f" + {b}" if b else "") + f" → {label_col}" + (" (regression)" if is_float else "")
+    return Task(name, split(train, f"{where} (train)"), split(dev, f"{where} (dev)"), names, metrics, layout=layout)
 
 
 def load_task(spec: str) -> Task:
@@ -156,11 +184,11 @@ def load_task(spec: str) -> Task:
                                   f"found {sorted(p.name for p in path.iterdir())[:20]}")
         if ext == ".tsv":
             header = _read_tsv(train)[0] if train.stat().st_size else []
-            key = _glue_layout(path, header)
+            key, why = _glue_layout(path, header)
             if key is not None:
                 spec_ = _GLUE[key]
                 return Task(key, _glue_split(train, key, spec_["names"]), _glue_split(dev, key, spec_["names"]),
-                            list(spec_["names"]), spec_["metrics"])
+                            list(spec_["names"]), spec_["metrics"], layout=f"GLUE {why}")
         return _records_task(path.name, _read_records(train), _read_records(dev), str(path))
     if path.exists() or spec.startswith((".", "/", "~")):
         raise LeanformerError(f"task path {spec!r} is not a directory or a 'TRAIN,DEV' file pair")

@@ -5,4 +5,5 @@ from .dylora import DyLoRA
 from .krona import KronA
 from .lora import LoRA
 from .lora_xs import LoRAXS
+from .sparsegrad import MeProp, SparseGrad
 from .peft_export import export_peft

@@ -21,17 +21,19 @@ from torch import nn
 
 from ..errors import LeanformerError
 from ..stack import Applied, applied, push, record_base, remove
-from ..targets import FilterFn, Targets, register_wrapper_type, select_linear, set_module
+from ..targets import (FilterFn, Targets, dense_weight, linear_shape, register_wrapper_type,
+                       select_linear, set_module)
 
 
 @dataclass
 class AdapterConfig:
-    """Fields every method shares. `targets`: module-name suffixes ("query" matches
-    "...attention.self.query"), a regex string matched against whole names, or "all-linear" (see
-    leanformer.targets); `filter_fn(module, name)` narrows them further (code, not saved: a saved
+    """Fields every method shares. `targets`: None (the architecture's attention query and value
+    projections, peft's default choice: see leanformer.architectures.adapter_targets; resolved at
+    adapt time and recorded), module-name suffixes ("query" matches "...attention.self.query"), a
+    regex string matched against whole names, or "all-linear" (see leanformer.targets); `filter_fn(module, name)` narrows them further (code, not saved: a saved
     adapter records the layers it chose). `modules_to_save`: whole modules trained alongside the
     adapter and saved with it (e.g. a classifier head)."""
-    targets: Targets = ("query", "value")
+    targets: Targets = None
     dropout: float = 0.0
     modules_to_save: Sequence[str] = ()
     filter_fn: FilterFn | None = field(default=None, repr=False, compare=False, metadata={"cli": False})
@@ -43,7 +45,7 @@ class AdapterConfig:
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "filter_fn"}
-        d["targets"] = d["targets"] if isinstance(d["targets"], str) else list(d["targets"])
+        d["targets"] = d["targets"] if d["targets"] is None or isinstance(d["targets"], str) else list(d["targets"])
         d["modules_to_save"] = list(d["modules_to_save"])
         return {"method": self.method, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
 
@@ -55,13 +57,14 @@ class LowRankConfig(AdapterConfig):
     alpha: float = 16.0
 
     def check_rank(self, base: nn.Linear, name: str, max_rank: int | None = None) -> None:
-        limit = min(base.in_features, base.out_features) if max_rank is None else max_rank
+        in_f, out_f = linear_shape(base)
+        limit = min(in_f, out_f) if max_rank is None else max_rank
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise LeanformerError(f"{self.method}: rank must be a positive integer, got {self.rank!r}")
         if self.rank > limit:
             raise LeanformerError(
                 f"{self.method}: rank {self.rank} is larger than layer {name} allows "
-                f"({base.out_features}×{base.in_features}: at most {limit})")
+                f"({out_f}×{in_f}: at most {limit})")
 
 
 class AdapterModule(nn.Module):
@@ -76,7 +79,9 @@ class AdapterModule(nn.Module):
 
 @register_wrapper_type
 class AdaptedLinear(nn.Module):
-    """A frozen nn.Linear plus named adapters; at most one active, at most one merged into W."""
+    """A frozen Linear-like layer (nn.Linear, Conv1D, a quantized layer) plus named adapters; at most
+    one active, at most one merged into W. Adapters work on the (out, in) weight whatever the base's
+    storage: merging into a Conv1D adds ΔWᵀ to its (in, out) weight."""
 
     def __init__(self, base: nn.Linear):
         super().__init__()
@@ -96,11 +101,11 @@ class AdaptedLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return linear_shape(self.base_layer)[0]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return linear_shape(self.base_layer)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -112,10 +117,10 @@ class AdaptedLinear(nn.Module):
     def merge(self, name: str) -> None:
         if self.merged is not None:
             raise LeanformerError(f"adapter {self.merged!r} is already merged; unmerge it first")
-        if not isinstance(getattr(self.base_layer, "weight", None), torch.Tensor):
+        if not isinstance(getattr(self.base_layer, "weight", None), nn.Parameter):
             raise LeanformerError(f"cannot merge into a {type(self.base_layer).__name__} (its weight is not stored "
                                   "densely); keep the adapter unmerged")
-        w = self.base_layer.weight
+        w = dense_weight(self.base_layer)  # a view: (out, in) even for a Conv1D's (in, out) storage
         w += self.adapters[name].delta_weight().to(w.dtype)
         self.merged = name
 
@@ -123,7 +128,7 @@ class AdaptedLinear(nn.Module):
     def unmerge(self) -> None:
         if self.merged is None:
             return
-        w = self.base_layer.weight
+        w = dense_weight(self.base_layer)
         w -= self.adapters[self.merged].delta_weight().to(w.dtype)
         self.merged = None
 
@@ -137,13 +142,24 @@ def adapt(model: nn.Module, config: AdapterConfig, name: str = "default", *, lay
 
     All base weights are frozen; the adapter's parameters and `config.modules_to_save` train.
     Adding a second name to an adapted model keeps the first (switch with `set_adapter`).
+    `config.targets=None` resolves to the architecture's default (adapter_targets), which the
+    recorded config then holds.
     """
     registry = adapter_configs(model)
     if name in registry:
         raise LeanformerError(f"adapter {name!r} already exists on this model; adapters: {list(registry)}")
     if any(isinstance(m, AdaptedLinear) and m.merged for m in model.modules()):
         raise LeanformerError("an adapter is merged into this model; unmerge(model) before adding another")
-    chosen = select_linear(model, config.targets, config.filter_fn) if layers is None else select_linear(model, layers)
+    if config.targets is None and layers is None and not hasattr(config, "default_layers"):
+        from ..architectures import adapter_targets
+
+        config = dataclasses.replace(config, targets=adapter_targets(model))
+    if layers is not None:
+        chosen = select_linear(model, layers)
+    elif config.targets is None and hasattr(config, "default_layers"):  # a method's own default (SparseGrad: the MLP)
+        chosen = config.default_layers(model)
+    else:
+        chosen = select_linear(model, config.targets, config.filter_fn)
     if hasattr(config, "prepare"):
         config.prepare(model)
     built = []

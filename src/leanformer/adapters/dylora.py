@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LeanformerError
+from ..targets import linear_shape
 from .base import AdapterModule, LowRankConfig, adapted_layers, register
 from .lora import _dropout
+from .recipe import Recipe
 
 
 class DyLoRAModule(AdapterModule):
@@ -67,10 +69,15 @@ class DyLoRA(LowRankConfig):
     """LoRA up to `rank` (= r_max), trained with a random rank per step; any rank ≤ r_max at inference."""
     frozen: bool = False
     method = "dylora"
+    # huawei-noah/Efficient-NLP, DyLoRA/examples/NLU/roberta_base_mrpc.sh (and _rte.sh): RoBERTa-base,
+    # query and value, r_max 8, α 16, lr 4e-4, warm-up ratio 0.06, weight decay 0.1, batch 16.
+    recipe = Recipe(learning_rate=4e-4, head_learning_rate=None, roles=("q", "v"), alpha=16.0, warmup_ratio=0.06,
+                    weight_decay=0.1, source="Valipour et al. 2023 (DyLoRA); Efficient-NLP DyLoRA/examples/NLU/"
+                                             "roberta_base_mrpc.sh")
 
     def build(self, base: nn.Linear, name: str) -> DyLoRAModule:
         self.check_rank(base, name)
-        return DyLoRAModule(base.in_features, base.out_features, self.rank, self.alpha, self.dropout, self.frozen)
+        return DyLoRAModule(*linear_shape(base), self.rank, self.alpha, self.dropout, self.frozen)
 
     def on_adapt(self, model: nn.Module, name: str, modules: list[DyLoRAModule]) -> None:
         r_max = self.rank

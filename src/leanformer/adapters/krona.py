@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LeanformerError
+from ..targets import LINEAR_TYPES, linear_shape
 from .base import AdapterConfig, AdapterModule, adapted_layers, register
 from .lora import _dropout
 
@@ -118,13 +119,13 @@ class KronA(AdapterConfig):
     def build(self, base: nn.Linear, name: str) -> KronAModule:
         if self.variant not in VARIANTS:
             raise LeanformerError(f"krona: unknown variant {self.variant!r}; choose from {VARIANTS}")
-        in_f = base.in_features
+        in_f, out_f = linear_shape(base)
         if self.variant != "linear":
             in_f = self._block_module_for(name)[1]
-            if self.variant == "block_res" and in_f != base.out_features:
+            if self.variant == "block_res" and in_f != out_f:
                 raise LeanformerError(f"krona block_res needs the FFN input width ({in_f}) to equal the output "
-                                      f"width of {name} ({base.out_features})")
-        a, b = self.shapes(base.out_features, in_f, name)
+                                      f"width of {name} ({out_f})")
+        a, b = self.shapes(out_f, in_f, name)
         return KronAModule(a, b, self.alpha, self.dropout, self.variant)
 
     # -- block variants: find the feed-forward block whose input the adapter reads -----------------
@@ -147,6 +148,17 @@ class KronA(AdapterConfig):
                 width = _input_width(mod)
                 if width is not None and full != target:
                     return full, width
+        if not self.block_input:  # no FFN module (OPT keeps fc1/fc2 in the block): the MLP input layer's input
+            from ..architectures import find_blocks, role_layers
+
+            blocks_path = find_blocks(model)[1] + "."
+            block = blocks_path + target[len(blocks_path):].split(".", 1)[0] + "." if target.startswith(blocks_path) else None
+            try:
+                mlp_in = [n for n in role_layers(model, ("mlp_in",)) if block and n.startswith(block) and n != target]
+            except LeanformerError:
+                mlp_in = []
+            if mlp_in:
+                return mlp_in[0], _input_width(model.get_submodule(mlp_in[0]))
         raise LeanformerError(
             f"krona {self.variant}: found no feed-forward block ({', '.join(candidates)}) around {target}; "
             "set block_input to the module whose input is the FFN input")
@@ -171,12 +183,8 @@ class KronA(AdapterConfig):
 
 
 def _input_width(module: nn.Module) -> int | None:
-    """in_features of the first Linear inside `module` (the FFN's input width)."""
-    if isinstance(module, nn.Linear):
-        return module.in_features
+    """in_features of the first Linear-like layer inside `module` (the FFN's input width)."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            return m.in_features
-        if hasattr(m, "base_layer") and isinstance(m.base_layer, nn.Linear):
-            return m.base_layer.in_features
+        if isinstance(m, tuple(LINEAR_TYPES)) or isinstance(getattr(m, "base_layer", None), tuple(LINEAR_TYPES)):
+            return linear_shape(m)[0]
     return None

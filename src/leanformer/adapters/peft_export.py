@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import LeanformerError
 from ..files import output_dir
+from ..targets import is_transposed
 from .base import active_adapter, adapted_layers, adapter_configs, set_rank, strip_adapters
 
 
@@ -60,12 +61,19 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str | None = No
     if cfg.method == "krona" and cfg.variant != "linear":
         raise LeanformerError(f"krona variant {cfg.variant!r} spans a whole feed-forward block; peft has no "
                               "equivalent (only variant='linear' exports to LoKr)")
-    base = _unadapted_copy(model)  # carries the trained modules_to_save values into peft's copies
     targets = [n for n, _ in layers]
+    transposed = [n for n in targets if is_transposed(model.get_submodule(n))]
+    if cfg.method == "krona" and transposed:  # peft 0.21's LoKr accepts nn.Linear / Conv1d / Conv2d only
+        raise LeanformerError(f"krona on transformers' Conv1D layers ({transposed[0]}, …) cannot be exported: peft's "
+                              "LoKr does not wrap Conv1D; lf.save keeps the adapter, or train lora / lora_xs / dylora, "
+                              "which export to peft exactly")
+    base = _unadapted_copy(model)  # carries the trained modules_to_save values into peft's copies
     if cfg.method in ("lora", "lora_xs", "dylora"):
         r = layers[0][1].lora_factors()[2]
+        # Conv1D (GPT-2) stores W as (in, out): peft's fan_in_fan_out; the LoRA factors are the same
         pcfg = peft.LoraConfig(r=r, lora_alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.dropout,
-                               modules_to_save=saved_modules or None, init_lora_weights=False)
+                               modules_to_save=saved_modules or None, init_lora_weights=False,
+                               fan_in_fan_out=bool(transposed))
         pmodel = peft.get_peft_model(base, pcfg)
         with torch.no_grad():
             for n, adapter in layers:
@@ -87,9 +95,26 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str | None = No
                 layer.lokr_w2["default"].copy_(adapter.kron_B)
     else:
         raise LeanformerError(f"no peft export for method {cfg.method!r}")
+    # peft records model.name_or_path as the base; an alias ("minilm") is no path peft can fetch
+    pmodel.peft_config["default"].base_model_name_or_path = _resolvable_base(model)
     with output_dir(path, overwrite=overwrite) as tmp:
         pmodel.save_pretrained(str(tmp), safe_serialization=True)
     return Path(path)
+
+
+def _resolvable_base(model: nn.Module) -> str | None:
+    """The base as `PeftModel.from_pretrained` / `AutoPeftModel` can find it: an alias becomes its
+    local directory; a directory or hub id stays as it is."""
+    from ..models import resolve
+    from ..stack import base_of
+
+    name = str(base_of(model).get("name_or_path") or getattr(model, "name_or_path", "") or "")
+    if not name:
+        return None
+    try:
+        return resolve(name)
+    except LeanformerError:
+        return name
 
 
 def _lokr_factor(shapes) -> int:

@@ -22,23 +22,28 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..adapters import DyLoRA, KronA, LoRA, LoRAXS, set_rank, trainable_parameters
+from ..adapters import DyLoRA, KronA, LoRA, LoRAXS, MeProp, SparseGrad, set_rank, trainable_parameters
 from ..errors import LeanformerError
 from ..evaluation import evaluate_task
 from ..models import classifier_head_name
 from ..saving import load, save
 from ..tasks import load_task
+from ..train.lr_finder import RangeTest
 from ._common import check_device
 from ._config_args import parse_targets
 
 COMMAND = "finetune"
-HELP = "fine-tune a model on a classification/regression task with LoRA, LoRA-XS, DyLoRA, KronA or fully"
-METHODS = ("lora", "lora_xs", "dylora", "krona", "full")
+HELP = ("fine-tune a model on a classification/regression task with LoRA, LoRA-XS, DyLoRA, KronA, SparseGrad, "
+        "MeProp or fully")
+METHODS = ("lora", "lora_xs", "dylora", "krona", "sparsegrad", "meprop", "full")
 # TrainingArguments defaults this command changes (the rest are transformers' own).
-TRAINING_DEFAULTS = dict(learning_rate=None, per_device_train_batch_size=32, per_device_eval_batch_size=64,
-                         warmup_steps=0.06, save_steps=200, save_total_limit=2, logging_steps=50, seed=0,
-                         train_sampling_strategy="group_by_length")
-LEARNING_RATE = {"full": 5e-5, "adapter": 5e-4}
+# learning_rate, warmup_steps, weight_decay and lr_scheduler_type default to None here: unset, they
+# come from the method's published recipe (leanformer.adapters.recipe).
+RECIPE_FIELDS = ("learning_rate", "warmup_steps", "weight_decay", "lr_scheduler_type")
+TRAINING_DEFAULTS = dict(per_device_train_batch_size=32, per_device_eval_batch_size=64, save_steps=200,
+                         save_total_limit=2, logging_steps=10, seed=0, train_sampling_strategy="group_by_length",
+                         **dict.fromkeys(RECIPE_FIELDS))
+LEARNING_RATE = {"full": 5e-5, "adapter": 5e-4, "naggs": 5e-2}  # naggs: α of the paper's GLUE runs (μ = γ = 1)
 
 
 @dataclass
@@ -53,14 +58,31 @@ class FinetuneArguments:
     rank: int = field(default=8, metadata={"help": "adapter rank (dylora: the maximum rank)"})
     alpha: float | None = field(default=None, metadata={
         "help": "scale: ΔW·alpha/rank (default 16); krona: ΔW = alpha·A⊗B (default 1)"})
-    targets: list[str] = field(default_factory=lambda: ["query", "value"], metadata={
-        "help": "module-name suffixes, one regex, or all-linear"})
+    targets: list[str] | None = field(default=None, metadata={
+        "help": "module-name suffixes, one regex, or all-linear (default: the architecture's attention query "
+                "and value projections, as peft: query value on BERT, q_proj v_proj on Llama, c_attn on GPT-2)"})
     dropout: float = field(default=0.0, metadata={"help": "adapter input dropout"})
     krona_a_shape: list[int] | None = field(default=None, metadata={
         "help": "krona: shape of A, two numbers (B follows); default near-square", "metavar": "N"})
     krona_variant: str = field(default="linear", metadata={"help": "krona variant",
                                                            "choices": ["linear", "block", "block_res"]})
     eval_ranks: list[int] | None = field(default=None, metadata={"help": "dylora: also evaluate at these ranks"})
+    topk: int | None = field(default=None, metadata={
+        "help": "sparsegrad / meprop: gradient entries kept per layer per step (default: a --rank LoRA's "
+                "trainable-parameter count on that layer, rank·(in + out))"})
+    randomized_backprop: float | None = field(default=None, metadata={
+        "help": "save a sketch of RATIO of the token rows of each trainable Linear input for backward instead of "
+                "the input (Bershatsky et al.); in (0, 1]", "metavar": "RATIO"})
+    sketch: str = field(default="gaussian", metadata={"help": "randomized backprop's sketch",
+                                                      "choices": ["gaussian", "rademacher", "dct"]})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw (TrainingArguments' --optim) or naggs (NAG-GS; --learning-rate is its α, default 5e-2)",
+        "choices": ["adamw", "naggs"]})
+    naggs_mu: float = field(default=1.0, metadata={"help": "NAG-GS μ"})
+    naggs_gamma: float = field(default=1.0, metadata={"help": "NAG-GS initial γ"})
+    linearity_reg: float = field(default=0.0, metadata={
+        "help": "λ of the cosine regulariser λ·Σ(1 − cos(h_i, h_{i−1})) on the residual stream, added to the loss "
+                "and logged", "metavar": "λ"})
     max_seq_length: int = field(default=128, metadata={"help": "tokens per example (longer ones are truncated)"})
     max_train_samples: int | None = field(default=None, metadata={
         "help": "train on a fixed random sample of this many examples (the same for every --seed)"})
@@ -82,23 +104,71 @@ def add_arguments(p) -> None:
     hf.set_defaults(**TRAINING_DEFAULTS)
     for action in hf._actions:
         if action.dest == "learning_rate":
-            action.help += " (default: 5e-4 for adapters, 5e-5 for full)"
+            action.type = _learning_rate
+            action.metavar = "LR|auto"
+            action.help = ("the adapter's learning rate (all weights' for full), or 'auto': a learning-rate range test "
+                           "on training batches picks it (default: the method's published recipe)")
+        elif action.dest in RECIPE_FIELDS:
+            action.help = (action.help or "") + " (default: the method's recipe)"
     p._add_container_actions(hf)  # what argparse does with ArgumentParser(parents=[hf])
+
+
+def _learning_rate(value: str):
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise LeanformerError(f"--learning-rate takes a number or 'auto', got {value!r}") from None
+
+
+def recipe_of(method: str):
+    """The published recipe `method` trains with by default (None for methods without one)."""
+    from ..adapters.recipe import FULL_FINETUNING
+
+    if method == "full":
+        return FULL_FINETUNING
+    cls = {"lora": LoRA, "lora_xs": LoRAXS, "dylora": DyLoRA, "krona": KronA}.get(method)
+    return getattr(cls, "recipe", None)
 
 
 def _from_namespace(cls, args, **values):
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.init and hasattr(args, f.name)} | values)
 
 
-def build_config(opts: FinetuneArguments, head: str):
-    common = dict(targets=parse_targets(opts.targets), dropout=opts.dropout, modules_to_save=[head])
+def build_config(opts: FinetuneArguments, head: str, model=None):
+    recipe = recipe_of(opts.method)
+    targets = parse_targets(opts.targets) if opts.targets else None
+    if targets is None and recipe is not None and model is not None:  # the recipe's roles on this architecture
+        from ..architectures import adapter_targets
+
+        targets = adapter_targets(model, roles=recipe.roles)
+    if opts.alpha is None and recipe is not None and recipe.alpha is not None:
+        opts.alpha = recipe.alpha
+    common = dict(targets=targets, dropout=opts.dropout, modules_to_save=[head])
     if opts.method == "krona":
         if opts.krona_a_shape is not None and len(opts.krona_a_shape) != 2:
             raise LeanformerError(f"--krona-a-shape takes two numbers (rows, columns of A), got {opts.krona_a_shape}")
         return KronA(alpha=1.0 if opts.alpha is None else opts.alpha, variant=opts.krona_variant,
                      a_shape=tuple(opts.krona_a_shape) if opts.krona_a_shape else None, **common)
+    if opts.method in ("sparsegrad", "meprop"):
+        cls = SparseGrad if opts.method == "sparsegrad" else MeProp
+        return cls(topk=opts.topk, budget_rank=None if opts.topk else opts.rank, **common)
     cls = {"lora": LoRA, "lora_xs": LoRAXS, "dylora": DyLoRA}[opts.method]
     return cls(rank=opts.rank, alpha=16.0 if opts.alpha is None else opts.alpha, **common)
+
+
+def memory_options(opts: FinetuneArguments) -> dict:
+    """finetune's keyword arguments for --optimizer, --randomized-backprop and --linearity-reg."""
+    from ..train.randomized_backprop import RandomizedBackprop
+
+    if opts.topk is not None and opts.method not in ("sparsegrad", "meprop"):
+        raise LeanformerError(f"--topk applies to --method sparsegrad or meprop, not {opts.method}")
+    return dict(optimizer=opts.optimizer, optimizer_options=dict(mu=opts.naggs_mu, gamma=opts.naggs_gamma)
+                if opts.optimizer == "naggs" else None,
+                randomized_backprop=None if opts.randomized_backprop is None
+                else RandomizedBackprop(opts.randomized_backprop, opts.sketch),
+                linearity_reg=opts.linearity_reg)
 
 
 def run(args) -> int:
@@ -118,23 +188,44 @@ def run(args) -> int:
     if opts.device != "auto":
         check_device(opts.device)
     checkpoints = out.absolute().parent / f".{out.name}.checkpoints"
+    recipe = recipe_of(opts.method)
+    auto_lr = args.learning_rate == "auto"
+    if args.learning_rate is None or auto_lr:  # (auto: a placeholder until the range test has picked)
+        lr = (LEARNING_RATE["naggs"] if opts.optimizer == "naggs" else recipe.learning_rate if recipe
+              else LEARNING_RATE["full" if opts.method == "full" else "adapter"])
+    else:
+        lr = args.learning_rate
+    chosen = {"learning_rate": "auto" if auto_lr else "flag" if args.learning_rate is not None else "recipe"}
+    from_recipe = recipe.training_arguments() if recipe else dict(warmup_steps=0.06, weight_decay=0.0,
+                                                                  lr_scheduler_type="linear")
+    from_recipe.pop("learning_rate", None)
+    for k, v in from_recipe.items():
+        chosen[k] = "flag" if getattr(args, k) is not None else "recipe"
+        if getattr(args, k) is not None:
+            from_recipe[k] = getattr(args, k)
+    if opts.head_learning_rate is None and recipe is not None and recipe.head_learning_rate is not None:
+        opts.head_learning_rate = recipe.head_learning_rate
+        chosen["head_learning_rate"] = "recipe"
     try:
         training = _from_namespace(
-            TrainingArguments, args, output_dir=args.output_dir or str(checkpoints),
-            learning_rate=(LEARNING_RATE["full" if opts.method == "full" else "adapter"] if args.learning_rate is None
-                           else args.learning_rate),
+            TrainingArguments, args, output_dir=args.output_dir or str(checkpoints), learning_rate=lr, **from_recipe,
             use_cpu=args.use_cpu or opts.device == "cpu")
     except ValueError as e:  # TrainingArguments' own checks
         raise LeanformerError(str(e)) from e
     main_process = training.process_index == 0
 
     task = load_task(opts.task)
+    if main_process:
+        print(f"task {opts.task}: read as {task.layout}")
     set_seed(training.seed)  # the head's and the adapter's initialisation follow --seed
     model, tokenizer = load(args.model, head="sequence-classification", num_labels=task.num_labels)
     if task.label_names:
         model.config.id2label = dict(enumerate(task.label_names))
         model.config.label2id = {n: i for i, n in enumerate(task.label_names)}
-    method = "full" if opts.method == "full" else build_config(opts, classifier_head_name(model))
+    alpha_given, targets_given = opts.alpha is not None, bool(opts.targets)
+    method = "full" if opts.method == "full" else build_config(opts, classifier_head_name(model), model)
+    if opts.method != "full":
+        chosen.update(alpha="flag" if alpha_given else "recipe", targets="flag" if targets_given else "recipe")
     resume = training.resume_from_checkpoint or last_checkpoint(training.output_dir)
     if resume and main_process:
         print(f"resuming from {resume}")
@@ -142,14 +233,27 @@ def run(args) -> int:
     try:
         metrics = finetune(model, tokenizer, task, training, method=method, max_seq_length=opts.max_seq_length,
                            max_train_samples=opts.max_train_samples, max_eval_samples=opts.max_eval_samples,
-                           head_learning_rate=opts.head_learning_rate, resume_from_checkpoint=resume)
+                           head_learning_rate=opts.head_learning_rate, resume_from_checkpoint=resume,
+                           learning_rate_test=RangeTest() if auto_lr else None,
+                           eval_steps=int(training.eval_steps) if training.eval_steps else None,
+                           **memory_options(opts))
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
     counts = trainable_parameters(model)
-    result = {"model": str(args.model), "task": task.name, "method": opts.method, **metrics}
+    result = {"model": str(args.model), "task": task.name, "task_layout": task.layout, "method": opts.method,
+              **metrics}
+    result["settings"] = {  # the values this run trained with, and where each came from (recipe, flag, auto)
+        "learning_rate": training.learning_rate, "head_learning_rate": opts.head_learning_rate,
+        "warmup_steps": training.warmup_steps, "weight_decay": training.weight_decay,
+        "lr_scheduler_type": str(getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)),
+        **({"alpha": opts.alpha} if opts.method != "full" else {}), "source": chosen,
+        "recipe": recipe.to_json() if recipe else None}
     if opts.method != "full":
-        result.update(rank=None if opts.method == "krona" else opts.rank, targets=opts.targets)
+        from ..adapters import adapter_configs
+
+        targets = next(iter(adapter_configs(model).values())).targets  # as resolved for this architecture
+        result.update(rank=None if opts.method == "krona" else opts.rank, targets=targets)
     if opts.eval_ranks:
         per_rank = {}
         for r in opts.eval_ranks:
@@ -164,8 +268,36 @@ def run(args) -> int:
     save(model, tokenizer, out, overwrite=opts.overwrite, extra_json={"metrics.json": result})
     if not args.output_dir:
         shutil.rmtree(checkpoints, ignore_errors=True)
+    _plots(result, out)
+    if auto_lr:
+        t = result["learning_rate_test"]
+        print(f"learning rate (auto): {t['learning_rate']:.3g} — a tenth of the range test's smoothed-loss minimum at "
+              f"{t['min_loss_lr']:.3g}; curve in {out / 'lr_range_test.png'}")
+
     print(f"{opts.method}: trainable params {counts['trainable']:,} of {counts['total']:,} ({counts['percent']:.3f}%)")
     for k, v in result.items():
         print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
     print(f"wrote {out}")
     return 0
+
+
+def _plots(result: dict, out: Path) -> None:
+    """loss_curve.png (and lr_range_test.png after --learning-rate auto) beside metrics.json."""
+    import io
+
+    from ..files import atomic_write_bytes
+    from ..train.callbacks import plot_training
+    from ..train.lr_finder import RangeTestResult, plot_range_test
+
+    def write(name, draw):
+        buf = io.BytesIO()
+        draw(buf)
+        atomic_write_bytes(out / name, buf.getvalue())
+
+    if result.get("loss_curve", {}).get("step"):
+        write("loss_curve.png", lambda f: plot_training(result["loss_curve"], result.get("eval_curve", []), f,
+                                                         f"{result['method']} on {result['task']}"))
+    if "learning_rate_test" in result:
+        t = result["learning_rate_test"]
+        r = RangeTestResult(t["learning_rate"], t["lrs"], t["losses"], t["smoothed"], t["min_loss_lr"])
+        write("lr_range_test.png", lambda f: plot_range_test(r, f))

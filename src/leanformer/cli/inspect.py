@@ -37,6 +37,9 @@ def run(args) -> int:
         model, tokenizer = load(args.model, device=device)
         profile = inspect(model, tokenizer, texts, config)
         print(profile.table())
+        print("\npruning candidates (prune --layers 1 --by C removes the first): " + "; ".join(
+            f"{by}: " + ", ".join(f"block {c['block']} ({c['value']:.4f})" for c in ranked)
+            for by, ranked in profile.pruning_candidates().items()))
         save_json(staging / "metrics.json", profile.to_json())
         plots = plot_profile(profile, staging)
         write_report(profile, plots, staging / "report.html")

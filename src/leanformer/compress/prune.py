@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..capture import find_blocks, iter_hidden_states
+from ..architectures import find_blocks, use_blocks
+from ..capture import iter_hidden_states
 from ..configs import check_positive, with_overrides
 from ..errors import LeanformerError
 from ..metrics import angular_distance, block_influence, linearity
@@ -39,23 +40,34 @@ CRITERIA = ("linearity", "block_influence", "angular", "index")
 REPLACEMENTS = ("none", "linear")
 # Sign that turns each criterion's score into predicted damage (higher = worse to remove).
 DAMAGE_SIGN = {"linearity": -1.0, "block_influence": 1.0, "angular": 1.0}
+# Each criterion's key in an inspect profile's "transitions" rows (its scores for runs of n = 1).
+PROFILE_KEYS = {"linearity": "linearity", "block_influence": "block_influence", "angular": "angular_distance"}
+
+
+def rank_runs(scores: Sequence[float], by: str) -> list[int]:
+    """Run starts from most to least removable under criterion `by` (ties: the earlier run first);
+    `prune_layers` removes the first, `inspect` reports them as pruning candidates."""
+    return sorted(range(len(scores)), key=lambda s: DAMAGE_SIGN[by] * scores[s])
 
 
 class LinearReplacement(nn.Module):
     """Stands in for a run of blocks inside the block list: h ↦ h A + b, same call shape as a block."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, replaces: Sequence[int] = (),
-                 returns_tuple: bool = False):
+                 returns_tuple: bool = False, tuple_length: int = 1):
         super().__init__()
         self.weight = nn.Parameter(weight.float())  # (d, d), applied as h @ weight
         self.bias = nn.Parameter(bias.float())
         self.replaces = list(replaces)
-        self.returns_tuple = returns_tuple  # some architectures' blocks return (hidden_states, ...)
+        # some architectures' blocks return (hidden_states, …): DeBERTa-v2's callers unpack exactly two,
+        # so the map returns a tuple of the blocks' length, the entries after the hidden states None
+        self.returns_tuple = returns_tuple
+        self.tuple_length = tuple_length
         self.attention_type = "full_attention"  # read by models that pick a mask per layer
 
     def forward(self, hidden_states, *args, **kwargs):
         out = hidden_states @ self.weight.to(hidden_states.dtype) + self.bias.to(hidden_states.dtype)
-        return (out,) if self.returns_tuple else out
+        return (out,) + (None,) * (self.tuple_length - 1) if self.returns_tuple else out
 
     def extra_repr(self) -> str:
         return f"d={self.weight.shape[0]}, replaces blocks {self.replaces}"
@@ -67,6 +79,7 @@ class Calibration:
     states: list[torch.Tensor]  # each (n_tokens, d), float32
     last_token: torch.Tensor  # row of each sequence's last token
     returns_tuple: bool = False
+    tuple_length: int = 1  # entries of a block's output tuple (when returns_tuple)
 
     @property
     def n_tokens(self) -> int:
@@ -105,8 +118,8 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], tokens: int = 8
         raise LeanformerError(
             f"calibration text gives {n} tokens; fitting and scoring a {d}-dimensional hidden state needs at "
             f"least {need} (2 × (hidden size + 1)) — pass a longer calibration text (--text) or raise tokens (--tokens)")
-    returns_tuple = []
-    probe = blocks[0].register_forward_hook(lambda _m, _a, out: returns_tuple.append(isinstance(out, tuple)))
+    outputs = []  # how block 0 returns: a tensor, or a tuple of this many entries
+    probe = blocks[0].register_forward_hook(lambda _m, _a, out: outputs.append(len(out) if isinstance(out, tuple) else 0))
     states: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
     lasts, offset = [], 0
     try:
@@ -118,7 +131,8 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], tokens: int = 8
             offset += hs[0].shape[0]
     finally:
         probe.remove()
-    return Calibration([torch.cat(s) for s in states], torch.cat(lasts), bool(returns_tuple and returns_tuple[0]))
+    return Calibration([torch.cat(s) for s in states], torch.cat(lasts), bool(outputs and outputs[0]),
+                       max(outputs[0], 1) if outputs else 1)
 
 
 def score_runs(calib: Calibration, n: int) -> dict[str, list[float]]:
@@ -167,6 +181,9 @@ class PruneConfig:
     batch_size: int = field(default=8, metadata={"help": "calibration sequences per forward pass"})
     ridge: float = field(default=1e-4, metadata={
         "help": "replace=linear: ridge of the least-squares fit, pulling the map toward the identity"})
+    blocks: str | None = field(default=None, metadata={
+        "help": "dotted path of the model's block list, e.g. model.decoder.layers (none = found from the "
+                "architecture)"})
 
     def __post_init__(self):
         if self.by not in CRITERIA:
@@ -208,6 +225,8 @@ def prune_layers(model: nn.Module, config: PruneConfig | int, *, tokenizer=None,
     else:
         config = with_overrides(PruneConfig, None, {"n": config, **overrides}, renamed)
     n, by, replace, start = config.n, config.by, config.replace, config.start
+    if config.blocks:
+        use_blocks(model, config.blocks)
     blocks, L = _check(model, n)
     if by == "index":
         start = L - n - 1 if start is None else start
@@ -222,18 +241,18 @@ def prune_layers(model: nn.Module, config: PruneConfig | int, *, tokenizer=None,
     scores = score_runs(calibration, n) if calibration is not None else {}
     if by != "index":
         s = scores[by]
-        start = (max if by == "linearity" else min)(range(len(s)), key=s.__getitem__)
+        start = rank_runs(s, by)[0]
     removed = list(range(start, start + n))
     record_base(model)
     new_blocks = list(blocks[:start])
     if replace == "linear":
         A, b = fit_linear_map(calibration.states[start], calibration.states[start + n], config.ridge)
         device = next(model.parameters()).device
-        new_blocks.append(LinearReplacement(A, b, removed, calibration.returns_tuple).to(device))
+        new_blocks.append(LinearReplacement(A, b, removed, calibration.returns_tuple, calibration.tuple_length).to(device))
     new_blocks += list(blocks[start + n:])
     set_blocks(model, new_blocks, _is_map)
     result = PruneResult(removed, start, n, by, replace, scores, L, L - n)
-    maps = [{"position": pos, "replaces": b.replaces, "returns_tuple": b.returns_tuple}
+    maps = [{"position": pos, "replaces": b.replaces, "returns_tuple": b.returns_tuple, "tuple_length": b.tuple_length}
             for pos, b in enumerate(new_blocks) if _is_map(b)]
     push(model, Applied("prune", asdict(config), {"result": result.to_json(), "maps": maps}))
     return result
@@ -245,12 +264,15 @@ def _is_map(block: nn.Module) -> bool:
 
 def replay(model: nn.Module, config: dict, state: dict) -> None:
     """Redo a recorded pruning's surgery; the fitted maps start empty (the state dict load fills them)."""
+    if config.get("blocks"):
+        use_blocks(model, config["blocks"])
     blocks, _ = find_blocks(model)
     start, n = state["result"]["start"], state["result"]["n"]
     new_blocks = list(blocks[:start])
     d = model.config.hidden_size
     for e in state["maps"]:
-        new_blocks.append(LinearReplacement(torch.empty(d, d), torch.empty(d), e["replaces"], e["returns_tuple"]))
+        new_blocks.append(LinearReplacement(torch.empty(d, d), torch.empty(d), e["replaces"], e["returns_tuple"],
+                                            e.get("tuple_length", 1)))
     new_blocks += list(blocks[start + n:])
     set_blocks(model, new_blocks, _is_map)
     push(model, Applied("prune", config, state))

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from ..errors import LeanformerError
 from .packing import packed_nbytes
 from ..stack import Applied, push, record_base
-from ..targets import WRAPPER_TYPES, FilterFn, Targets, register_linear_type, select_linear, set_module
+from ..targets import (WRAPPER_TYPES, FilterFn, Targets, dense_weight, linear_shape, register_linear_type,
+                       select_linear, set_module)
 
 METHODS: dict[str, type["QuantConfig"]] = {}  # method name → config class (filled by subclassing)
 
@@ -108,7 +109,9 @@ def check_group_size(group_size: int | None, width: int, name: str) -> int:
 
 @register_linear_type
 class QuantizedLinear(nn.Module):
-    """A Linear whose weight is stored quantized and rebuilt on the fly (exactly as saved)."""
+    """A Linear whose weight is stored quantized and rebuilt on the fly (exactly as saved). It replaces
+    nn.Linear and Conv1D alike: the stored weight is (out, in) whatever the original's layout, and the
+    output, y = x Wᵀ + b, is the same."""
 
     def __init__(self, in_features: int, out_features: int, header: dict, tensors: dict[str, torch.Tensor],
                  bias: torch.Tensor | None, cache: bool = False):
@@ -139,6 +142,12 @@ class QuantizedLinear(nn.Module):
         if self.cache:
             self._cached = w
         return w
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The rebuilt weight, for modelling code that reads a projection's `.weight` (T5 reads its dtype
+        every forward); not a parameter, and rebuilt on each read unless cache=True."""
+        return self.dequantize()
 
     def _apply(self, fn, *args, **kwargs):  # .to(device) must not leave a stale cached weight behind
         self._cached = None
@@ -189,24 +198,26 @@ def quantize(model: nn.Module, config: QuantConfig, progress: bool = True) -> Qu
     names = select_linear(model, config.targets, config.filter_fn)
     modules = dict(_linear_to_quantize(model, n) for n in names)
     for n, m in modules.items():  # validate everything first so a bad layer never leaves a half-quantized model
-        if not torch.isfinite(m.weight).all():
-            bad = (~torch.isfinite(m.weight)).sum().item()
+        weight = dense_weight(m)
+        if not torch.isfinite(weight).all():
+            bad = (~torch.isfinite(weight)).sum().item()
             raise LeanformerError(f"layer {n} has {bad} NaN/Inf weight entries; quantization needs finite weights")
-        check_group_size(getattr(config, "group_size", None), m.in_features, n)
+        check_group_size(getattr(config, "group_size", None), linear_shape(m)[0], n)
     record_base(model)
     report = QuantizeReport(config=config.to_dict())
     t0 = time.perf_counter()
     replacements = {}
     for n, m in tqdm(modules.items(), desc=f"quantize {config.method} {config.bits}-bit", disable=not progress,
                      leave=False):
-        w = m.weight.detach().float().cpu()
+        w = dense_weight(m).detach().float().cpu().contiguous()  # (out, in), also for a Conv1D
         try:
             tensors, header = config.quantize_weight(w, n)
         except NotConverged as e:
             report.skipped[n] = str(e)
             continue
-        header = {"method": config.method, "bits": config.bits, "shape": [m.out_features, m.in_features], **header}
-        q = QuantizedLinear(m.in_features, m.out_features, header, tensors, m.bias, cache=config.cache)
+        in_f, out_f = linear_shape(m)
+        header = {"method": config.method, "bits": config.bits, "shape": [out_f, in_f], **header}
+        q = QuantizedLinear(in_f, out_f, header, tensors, m.bias, cache=config.cache)
         replacements[n] = q.to(m.weight.device)
         report.quantized.append(n)
     for n, q in replacements.items():
@@ -232,9 +243,11 @@ def replay(model: nn.Module, config: dict, state: dict) -> None:
                                   f"{out_f}x{in_f} weights at {h['bits']} bits need {packed_nbytes(out_f * in_f, h['bits'])}; "
                                   "the checkpoint is corrupt")
         old = model.get_submodule(name)
-        tensors = {k: torch.empty(shape, dtype=getattr(torch, dtype)) for k, (dtype, shape) in h["tensors"].items()}
+        # zeros, not empty: a transform replayed on top (LoRA-XS takes an SVD of the weight) must see finite
+        # values before the state dict load overwrites them
+        tensors = {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, (dtype, shape) in h["tensors"].items()}
         header = {k: v for k, v in h.items() if k != "tensors"}
-        set_module(model, name, QuantizedLinear(old.in_features, old.out_features, header, tensors, old.bias, cache))
+        set_module(model, name, QuantizedLinear(*linear_shape(old), header, tensors, old.bias, cache))
     push(model, Applied("quantize", QuantConfig.from_dict(config), state))
 
 
@@ -246,6 +259,6 @@ def relative_weight_errors(original: nn.Module, quantized: nn.Module) -> dict[st
     """‖W − Ŵ‖_F / ‖W‖_F for every QuantizedLinear of `quantized` against the same-named Linear of `original`."""
     out = {}
     for n, m in quantized_layers(quantized).items():
-        w = original.get_submodule(n).weight.detach().float().cpu()
+        w = dense_weight(original.get_submodule(n)).detach().float().cpu()
         out[n] = ((w - m.dequantize().cpu()).norm() / w.norm().clamp_min(1e-30)).item()
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..stack import applied
+from ..targets import LINEAR_TYPES
 from .quantization import QuantizedLinear
 
 
@@ -57,7 +58,7 @@ def size_report(model: nn.Module) -> SizeReport:
                                "bytes": nbytes, "bits_per_weight": 8 * nbytes / n, "breakdown": parts,
                                "bias_bytes": _nbytes(m.bias) if m.bias is not None else 0})
             counted.update(id(t) for t in m.stored_tensors().values())
-        elif isinstance(m, nn.Linear) and name in skipped:
+        elif isinstance(m, tuple(LINEAR_TYPES)) and name in skipped:
             nbytes = _nbytes(m.weight)
             rep.layers.append({"name": name, "method": "none", "index_bits": None, "n_weights": m.weight.numel(),
                                "bytes": nbytes, "bits_per_weight": 8 * nbytes / m.weight.numel(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..capture import find_blocks
+from ..architectures import find_blocks
 
 
 def set_blocks(model: nn.Module, new_blocks: list[nn.Module], is_stand_in=lambda b: False) -> None:

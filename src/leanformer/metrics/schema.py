@@ -35,6 +35,13 @@ LAYER_METRICS = (
     Metric("mlp_sparsity", "layer", "MLP sparsity", "mlp_sparse",
            f"MLP activation sparsity (|a| ≤ {MLP_SPARSITY_EPS:g}), block i−1", ".3f",
            f"fraction of block i−1's MLP activations with |a| ≤ {MLP_SPARSITY_EPS:g}"),
+    # Causal LMs only (null for encoders, whose columns and plots are then left out).
+    Metric("logit_lens_loss", "layer", "logit-lens loss", "lens_loss", "Logit lens: next-token loss of h_i (nats)",
+           ".3f", "nostalgebraist 2020, logit lens; Belrose et al. 2023 (Tuned Lens) §2: cross-entropy of "
+                  "softmax(W_U · final_norm(h_i)) against the next token"),
+    Metric("logit_lens_agreement", "layer", "logit-lens top-1 = final", "lens_top1",
+           "Logit lens: top-1 agreement of h_i with the final layer", ".3f",
+           "fraction of tokens whose top-1 token decoded from h_i equals the model's own (decoded from h_L)"),
 )
 
 TRANSITION_METRICS = (
@@ -52,3 +59,9 @@ TRANSITION_METRICS = (
 )
 
 METRICS = {m.name: m for m in LAYER_METRICS + TRANSITION_METRICS}
+
+
+def shown(metrics, rows: list[dict]) -> tuple:
+    """The metrics with at least one value in `rows`: a table drops the columns that are all null
+    (the logit lens of an encoder)."""
+    return tuple(m for m in metrics if any(row.get(m.name) is not None for row in rows))

@@ -1,37 +1,58 @@
 """TwoNN intrinsic dimension (Facco, d'Errico, Rodriguez, Laio, "Estimating the intrinsic dimension of datasets by a minimal neighborhood information", Sci. Rep. 2017).
 
 Points are centred and scaled by the mean row norm (as in the paper; the ratios μ are invariant to
-it). μ = r2/r1 from each point's two nearest neighbours (vectorised distances, in
-row blocks so memory stays O(block·n)); duplicates (r1 < eps or μ ≤ 1 + eps, eps relative to the
-mean norm) are dropped — e.g. every sequence's [CLS] embedding, identical at h_0. The
-estimator fits −log(1 − k/N) = d·log μ through the origin on the `keep` smallest fraction of μ:
-keep=0.9 is scikit-dimension's TwoNN (discard the largest 10 %, the default here); keep=0.2 is
-the "Shape of Learning" reference (smallest N//5).
+it). μ = r2/r1 from each point's two nearest neighbours; duplicates (r1 < eps or μ ≤ 1 + eps, eps
+relative to the mean norm) are dropped — e.g. every sequence's [CLS] embedding, identical at h_0.
+The estimator fits −log(1 − k/N) = d·log μ through the origin on the smallest part of the sorted μ;
+which part is the one choice that differs between the published estimators (ID_ESTIMATORS).
 """
 from __future__ import annotations
 
 import torch
 
+# Fraction of the smallest μ kept in the fit, by estimator name.
+#   twonn-skdim: discard the largest 10 % of μ — Facco et al. 2017's recommendation, and the
+#                default of scikit-dimension's skdim.id.TwoNN (discard_fraction=0.1);
+#   twonn-paper: keep the smallest N//5 — the estimator of Razzhigaev et al., "The Shape of
+#                Learning" (EACL 2024 Findings) and "Your Transformer is Secretly Linear" (ACL 2024),
+#                whose per-layer intrinsic-dimension curves are drawn with it.
+ID_ESTIMATORS = {"twonn-skdim": 0.9, "twonn-paper": 0.2}
 
-def two_nn_ratios(X: torch.Tensor, eps: float = 1e-7, block: int = 1024, candidates: int = 32) -> torch.Tensor:
+
+def two_nn_ratios(X: torch.Tensor, eps: float = 1e-7, block: int = 256, candidates: int = 8) -> torch.Tensor:
+    """μ = r2/r1 for every point of X (n, d) that is not a duplicate, exactly as with float64
+    distances to every other point.
+
+    Candidates come from float32 Gram-form distances (one matrix product per row block), then the
+    few candidates' exact float64 distances pick r1, r2. The float32 form is off by at most
+    `slack` (a bound on its round-off), so when the last candidate is more than 2·slack beyond the
+    second, no point outside the candidates can be nearer; rows where that does not hold (near-ties)
+    get exact distances to every point, unless a duplicate already drops them."""
     X = X.to(torch.float64)
     X = X - X.mean(dim=0, keepdim=True)
     X = X / X.norm(dim=1).mean().clamp_min(torch.finfo(torch.float64).tiny)
-    # Candidates from float32 Gram-form distances (fast), then exact float64 differences for those
-    # few: the Gram form alone loses near neighbours (and exact duplicates) to round-off. In
-    # hundreds of dimensions distances concentrate, so float32 can reorder the nearest few: 8
-    # candidates missed true neighbours on MiniLM states, 32 matched the exact loop to 1e-14.
+    n, d = X.shape
     X32 = X.float()
     sq = X32.pow(2).sum(dim=1)
-    r = torch.empty(X.shape[0], 2, dtype=torch.float64)
-    k = min(candidates, X.shape[0] - 1)
-    for start in range(0, X.shape[0], block):
-        rows = torch.arange(start, min(start + block, X.shape[0]))
-        d2 = sq[rows, None] + sq[None, :] - 2 * X32[rows] @ X32.T
+    # |fl32(‖x‖² + ‖y‖² − 2x·y) − exact| ≤ (d + 2)·u·(‖x‖² + ‖y‖²) + O(u²) (Higham, Accuracy and
+    # Stability of Numerical Algorithms, §3.1), u = 2⁻²⁴; doubled for safety.
+    slack = 2 * (d + 2) * torch.finfo(torch.float32).eps * (sq + sq.max())
+    r = torch.empty(n, 2, dtype=torch.float64)
+    k = min(candidates, n - 1)
+    for start in range(0, n, block):  # row blocks: memory O(block·n), temporaries reused
+        rows = torch.arange(start, min(start + block, n))
+        d2 = torch.addmm(sq[None, :], X32[rows], X32.T, alpha=-2).add_(sq[rows, None])
         d2[torch.arange(len(rows)), rows] = float("inf")  # not its own neighbour
-        idx = d2.topk(k, dim=1, largest=False).indices
+        near, idx = d2.topk(k, dim=1, largest=False)
         exact = (X[idx] - X[rows, None, :]).norm(dim=2)
         r[rows] = exact.topk(2, dim=1, largest=False).values
+        if k < n - 1:  # a point whose candidate r1 is already < eps is dropped whatever lies beyond
+            unsure = ((near[:, -1] - near[:, 1] <= 2 * slack[rows]) & (r[rows, 0] >= eps)).nonzero().flatten()
+            for j in unsure.tolist():
+                row = int(rows[j])
+                full = (X - X[row]).norm(dim=1)
+                full[row] = float("inf")
+                r[row] = full.topk(2, largest=False).values
     r1, r2 = r[:, 0], r[:, 1]
     valid = r1 > eps
     mu = r2[valid] / r1[valid]
@@ -39,7 +60,8 @@ def two_nn_ratios(X: torch.Tensor, eps: float = 1e-7, block: int = 1024, candida
 
 
 def intrinsic_dimension(X: torch.Tensor, keep: float = 0.9, eps: float = 1e-7) -> float:
-    """TwoNN estimate for the (n, d) points X (see module docstring for `keep`)."""
+    """TwoNN estimate for the (n, d) points X, fitted on the smallest `keep` fraction of μ
+    (0.9 = twonn-skdim, 0.2 = twonn-paper; see ID_ESTIMATORS)."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     mu = torch.sort(two_nn_ratios(X, eps=eps)).values

@@ -17,7 +17,7 @@ def plot_profile(profile, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     series = [(m, "block", [t["from"] for t in profile.transitions], [t[m.name] for t in profile.transitions])
               for m in TRANSITION_METRICS]
-    series += [(m, "layer", [l["index"] for l in profile.layers], [l[m.name] for l in profile.layers])
+    series += [(m, "layer", [l["index"] for l in profile.layers], [l.get(m.name) for l in profile.layers])
                for m in LAYER_METRICS]
     paths = []
     for metric, axis, xs, ys in series:
@@ -30,6 +30,46 @@ def plot_profile(profile, out_dir: str | Path) -> list[Path]:
         ax.set_xlabel(f"{axis} index" + (" (i → i+1)" if axis == "block" else ""))
         ax.set_xticks(sorted({p[0] for p in points}))
         ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"{metric.name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+COLORS = ("#3465a4", "#cc0000", "#4e9a06", "#f57900", "#75507b", "#c4a000", "#06989a", "#555753")
+
+
+def plot_comparison(comparison, out_dir: str | Path) -> list[Path]:
+    """Write <metric>.png per metric with values: every run's profile overlaid on the base model's
+    layer axis (top) and its difference from the baseline (bottom); return the paths in display order."""
+    out_dir = Path(out_dir)
+    base = comparison.baseline
+    paths = []
+    for metric in comparison.metrics():
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 4.8), dpi=110, sharex=True,
+                                          gridspec_kw={"height_ratios": [3, 2]})
+        xs = set()
+        for k, run in enumerate(comparison.runs):
+            color = COLORS[k % len(COLORS)]
+            values = comparison.aligned(run, metric)
+            xs |= set(values)
+            top.plot(list(values), list(values.values()), marker="o", ms=4, color=color, label=run.label,
+                     linestyle="-" if k == 0 else "--")
+            if k:
+                diff = comparison.differences(run, metric)
+                bottom.plot(list(diff), list(diff.values()), marker="o", ms=4, color=color)
+        bottom.axhline(0, color="#888", lw=0.8)
+        top.set_title(metric.title, fontsize=10)
+        top.legend(fontsize=7, loc="best")
+        bottom.set_ylabel(f"− {base.label}"[:28], fontsize=8)
+        bottom.set_xlabel(("block index (i → i+1)" if metric.axis == "transition" else "layer index")
+                          + ", numbered as in the unpruned model", fontsize=8)
+        bottom.set_xticks(sorted(xs))
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
         fig.tight_layout()
         path = out_dir / f"{metric.name}.png"
         fig.savefig(path)

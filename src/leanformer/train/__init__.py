@@ -1,2 +1,3 @@
 """Training on transformers.Trainer: task fine-tuning (finetuning), regularised pretraining
-(pretrain), healing after pruning (heal)."""
+(pretrain), healing after pruning (heal); randomized backprop through Linear layers
+(randomized_backprop)."""

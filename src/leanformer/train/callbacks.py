@@ -160,3 +160,92 @@ class SaveAndStopOnSignal(TrainerCallback):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on a signal after writing a checkpoint; rerunning the same call resumes it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Training you can see: the loss curve, periodic dev evaluation, a warning when nothing moves
+
+
+def loss_curve(losses: list[float], every: int) -> dict:
+    """{"every": k, "step": [...], "loss": [...]}: the mean training loss of each window of k steps
+    (the last window may be shorter), indexed by the window's last step."""
+    every = max(1, int(every))
+    steps, values = [], []
+    for start in range(0, len(losses), every):
+        window = losses[start:start + every]
+        steps.append(start + len(window))
+        values.append(float(sum(window) / len(window)))
+    return {"every": every, "step": steps, "loss": values}
+
+
+class EvaluateEvery(TrainerCallback):
+    """Evaluate on the dev split every `every` optimizer steps (and keep the results); `evaluate` is
+    a function of the model returning the task's metrics dict."""
+
+    def __init__(self, every: int, evaluate):
+        if every <= 0:
+            raise LeanformerError(f"--eval-steps must be a positive number of steps, got {every}")
+        self.every, self.evaluate = every, evaluate
+        self.history: list[dict] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            was_training = model.training
+            model.eval()
+            try:
+                self.history.append({"step": state.global_step, **self.evaluate(model)})
+            finally:
+                model.train(was_training)
+
+
+class StallWarning(TrainerCallback):
+    """At a third of training, compare the recent loss with the starting loss; if it has not moved
+    by `min_change` (relative), warn once with a concrete suggestion and keep the message."""
+
+    def __init__(self, step_log: StepLog, learning_rate: float, min_change: float = 0.02, window: int = 10):
+        self.step_log, self.learning_rate = step_log, learning_rate
+        self.min_change, self.window = min_change, window
+        self.message: str | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        checkpoint = max(2, state.max_steps // 3)
+        losses = self.step_log.losses
+        if self.message is not None or state.global_step != checkpoint or len(losses) < 2:
+            return
+        w = max(1, min(self.window, len(losses) // 3))
+        start, recent = sum(losses[:w]) / w, sum(losses[-w:]) / w
+        if abs(recent - start) <= self.min_change * max(abs(start), 1e-8):
+            self.message = (
+                f"the training loss has not moved from its start ({start:.4f} → {recent:.4f} over the first "
+                f"{state.global_step} of {state.max_steps} steps). Try --learning-rate auto (a range test on "
+                f"training batches), or a 3–10× larger --learning-rate than {self.learning_rate:g}; with an "
+                "adapter, also check that --targets names layers that matter and that the task's labels are right")
+            import warnings
+
+            warnings.warn(self.message, stacklevel=1)
+
+
+def plot_training(loss: dict, evaluations: list[dict], path, title: str = "") -> None:
+    """PNG of the training-loss curve (and dev metrics, when evaluated periodically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(loss["step"], loss["loss"], "-o", ms=3, label=f"training loss (mean of {loss['every']} steps)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    if evaluations:
+        metric = next(k for k in evaluations[0] if k != "step")
+        ax2 = ax.twinx()
+        ax2.plot([e["step"] for e in evaluations], [e[metric] for e in evaluations], "s--", color="C1", ms=4,
+                 label=f"dev {metric}")
+        ax2.set_ylabel(f"dev {metric}")
+        ax2.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left" if not evaluations else "lower left", fontsize=8)
+    ax.set_title(title or "training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import statistics
@@ -31,11 +32,18 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..adapters.base import AdapterConfig, adapt
 from ..errors import LeanformerError
+from ..capture import residual_stream
 from ..evaluation import evaluate_task
+from ..architectures import head_modules
 from ..models import classifier_head_name
+from ..optim import optimizer_for, state_bytes
 from ..runtime import peak_rss_mb
 from ..tasks import Split, Task
-from .callbacks import TRAINER_STATE, RecordingTrainer, SaveAndStopOnSignal, StepLog, TrainingInterrupted
+from .callbacks import (TRAINER_STATE, EvaluateEvery, RecordingTrainer, SaveAndStopOnSignal, StallWarning, StepLog,
+                        TrainingInterrupted, loss_curve)
+from .lr_finder import RangeTest, range_test
+from .randomized_backprop import RandomizedBackprop, apply_randomized_backprop, remove_randomized_backprop
+from .regularizers import CosineRegularizer
 
 # TrainingArguments that decide what a run computes; a checkpoint resumes only under the same values.
 RESULT_ARGUMENTS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
@@ -74,9 +82,14 @@ class TaskTrainer(RecordingTrainer):
     heads return a plain per-batch mean, so that would scale the gradient by the number of processes
     (or accumulation steps)."""
 
-    def __init__(self, *args, head_learning_rate: float | None = None, lengths: list[int] | None = None, **kwargs):
+    def __init__(self, *args, head_learning_rate: float | None = None, lengths: list[int] | None = None,
+                 linearity_reg: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.head_learning_rate = head_learning_rate
+        # finetune(linearity_reg=λ): λ·Σ(1 − cos(h_i, h_{i−1})) over the residual stream added to the loss
+        # (train/regularizers.py); each step's unweighted sum is kept in `linearity_values` and logged
+        self.regularizer = CosineRegularizer(linearity_reg) if linearity_reg else None
+        self.linearity_values: list[float] = []
         self.lengths = lengths
         self.model_accepts_loss_kwargs = False
 
@@ -93,11 +106,29 @@ class TaskTrainer(RecordingTrainer):
                 # "base_model.model.classifier.modules_to_save.default.weight"
                 groups.setdefault((head is not None and head in name.split("."), name in decay), []).append(p)
         param_groups = [{"params": groups[key], "weight_decay": self.args.weight_decay if key[1] else 0.0,
-                         "lr": self.head_learning_rate if key[0] else self.args.learning_rate}
+                         "lr": self.head_learning_rate if key[0] else self.args.learning_rate, "head": key[0]}
                         for key in sorted(groups)]
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs
+                                           or self.get_optimizer_cls_and_kwargs(self.args, opt_model))
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.regularizer is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with residual_stream(self.accelerator.unwrap_model(model)) as states:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            per_layer = self.regularizer.per_layer(states, inputs.get("attention_mask"))
+        if model.training:
+            self.linearity_values.append(float(per_layer.sum().detach()))
+        loss = loss + self.regularizer.lam * per_layer.sum()
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self.regularizer is not None and self.linearity_values and "loss" in logs:
+            window = self.linearity_values[-max(1, self.args.logging_steps * self.args.gradient_accumulation_steps):]
+            logs["linearity_reg"] = sum(window) / len(window)  # the unweighted Σ(1 − cos), mean over the window
+        super().log(logs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy == "group_by_length" and self.lengths is not None:
@@ -160,7 +191,10 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
              method: AdapterConfig | str | None = None, max_seq_length: int = 128,
              max_train_samples: int | None = None, max_eval_samples: int | None = None,
              head_learning_rate: float | None = None, resume_from_checkpoint: str | bool | None = None,
-             callbacks: list | tuple = (), evaluate: bool = True) -> dict:
+             callbacks: list | tuple = (), evaluate: bool = True, optimizer: str = "adamw",
+             optimizer_options: dict | None = None, randomized_backprop: RandomizedBackprop | None = None,
+             linearity_reg: float = 0.0, learning_rate_test: RangeTest | None = None, eval_steps: int | None = None,
+             loss_every: int | None = None) -> dict:
     """Train `model` (a sequence-classification model with task.num_labels outputs) on task.train
     with transformers.Trainer under `args`; evaluate on task.dev; return the metrics dict.
 
@@ -169,7 +203,20 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
     every weight; an adapter config (lf.LoRA(...), …) is applied first with lf.adapt, the task head
     added to its modules_to_save. resume_from_checkpoint: a checkpoint directory, or True for the
     newest complete one in args.output_dir; it must come from a run with the same settings.
-    Raises TrainingInterrupted when SIGTERM / Ctrl-C stopped training after writing a checkpoint."""
+    Raises TrainingInterrupted when SIGTERM / Ctrl-C stopped training after writing a checkpoint.
+
+    Memory options: optimizer "adamw" (args.optim; SparseGrad / MeProp get leanformer.optim's
+    sparse-state AdamW) or "naggs" (leanformer.optim.NAGGS, α = args.learning_rate, optimizer_options
+    mu / gamma / fixed_gamma); randomized_backprop: a RandomizedBackprop config, the trainable Linear
+    layers save a sketch of their input instead of the input during training; linearity_reg: λ of
+    the cosine regulariser on the residual stream (train/regularizers.py), its value logged and
+    returned as linearity_reg.
+
+    Seeing the run: learning_rate_test (a RangeTest) replaces args.learning_rate by the pick of a
+    learning-rate range test on training batches (train/lr_finder.py), returned as
+    learning_rate_test; the training loss is returned every `loss_every` steps (default
+    args.logging_steps) as loss_curve; eval_steps evaluates on dev every that many steps
+    (eval_curve); a loss that has not moved by a third of training is warned about (warnings)."""
     n_labels = getattr(getattr(model, "config", None), "num_labels", None)
     if n_labels is not None and n_labels != task.num_labels:
         raise LeanformerError(f"the model's head has {n_labels} outputs but task {task.name} has "
@@ -189,8 +236,14 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
         for p in model.parameters():
             p.requires_grad_(True)
     elif isinstance(method, AdapterConfig):
-        keep = list(method.modules_to_save) + ([head] if head and head not in method.modules_to_save else [])
-        adapt(model, dataclasses.replace(method, modules_to_save=keep))
+        # every module the task head adds (DistilBERT's pre_classifier, DeBERTa's pooler, …) trains and is saved
+        heads = head_modules(model) if head else []
+        keep = list(method.modules_to_save) + [h for h in heads if h not in method.modules_to_save]
+        method = dataclasses.replace(method, modules_to_save=keep)
+        if hasattr(method, "fit_basis"):  # SparseGrad: its basis comes from gradients on the first training batches
+            method.fit_basis(model, _basis_batches(model, tokenizer, task, max_train_samples, max_seq_length,
+                                                   args.per_device_train_batch_size, method.basis_steps))
+        adapt(model, method)
     elif method is not None:
         raise LeanformerError(f"method must be None, 'full' or an adapter config (lf.LoRA(...), …), got {method!r}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -200,21 +253,43 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
 
     indices = train_indices(len(task.train), max_train_samples)
     rows = encode_split(tokenizer, task.train, indices, max_seq_length)
+    optimizer_options = dict(optimizer_options or {})
+    optimizer_cls_and_kwargs = optimizer_for(optimizer, model, args, **optimizer_options)
+    collator = DataCollatorWithPadding(tokenizer)
+    lengths = [len(r["input_ids"]) for r in rows]
+    range_result = None
+    if learning_rate_test is not None:  # on a throwaway Trainer of the same run; the model is restored after
+        probe = TaskTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                            head_learning_rate=head_learning_rate, lengths=lengths, linearity_reg=linearity_reg,
+                            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs)
+        range_result = range_test(probe, learning_rate_test)
+        args.learning_rate = range_result.learning_rate
     run = _run_settings(args, model, task, len(indices), max_seq_length=max_seq_length,
-                        head_learning_rate=head_learning_rate)
+                        head_learning_rate=head_learning_rate, optimizer=optimizer, optimizer_options=optimizer_options,
+                        randomized_backprop=dataclasses.asdict(randomized_backprop) if randomized_backprop else None,
+                        linearity_reg=linearity_reg)
     # A Trainer checkpoint holds torch.save'd files (optimizer.pt, scheduler.pt, rng_state.pth: pickles).
     # transformers 5.24 reads them only with torch.load(weights_only=True), which refuses arbitrary
     # objects (Trainer._load_optimizer_and_scheduler, _load_rng_state), and never reads training_args.bin;
     # leanformer itself reads only trainer_state.json (JSON). Keep it that way: no other loader for them.
     step_log = StepLog.from_checkpoint(resume_from_checkpoint, run) if resume_from_checkpoint else StepLog(run)
     stopper = SaveAndStopOnSignal()
-    trainer = TaskTrainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer),
-                          callbacks=[stopper, *callbacks], step_log=step_log, head_learning_rate=head_learning_rate,
-                          lengths=[len(r["input_ids"]) for r in rows])
+    stall = StallWarning(step_log, args.learning_rate)
+    evaluator = None if not eval_steps else EvaluateEvery(eval_steps, lambda m: evaluate_task(
+        m, tokenizer, task, "dev", args.per_device_eval_batch_size, max_seq_length, max_eval_samples))
+    trainer = TaskTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                          callbacks=[stopper, stall, *([evaluator] if evaluator else []), *callbacks],
+                          step_log=step_log, head_learning_rate=head_learning_rate,
+                          lengths=lengths, linearity_reg=linearity_reg,
+                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs)
+    if randomized_backprop is not None:
+        apply_randomized_backprop(model, randomized_backprop)
     try:
         trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     finally:
         stopper.restore()
+        if randomized_backprop is not None:
+            remove_randomized_backprop(model)
     state = trainer.state
     if stopper.stopped_at is not None and state.global_step < state.max_steps:
         raise TrainingInterrupted(
@@ -241,5 +316,34 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
         "train_loss": train_loss,
         "seed": args.seed,
         "processes": args.world_size,
+        "learning_rate": args.learning_rate,
+        "head_learning_rate": head_learning_rate,
+        "loss_curve": loss_curve(step_log.losses, loss_every or _steps(args.logging_steps, state.max_steps)),
+        "warnings": [stall.message] if stall.message else [],
+        "optimizer": optimizer,
+        "optimizer_state_bytes": state_bytes(trainer.optimizer) if trainer.optimizer is not None else None,
     })
+    if range_result is not None:
+        metrics["learning_rate_test"] = range_result.to_json()
+    if evaluator is not None:
+        metrics["eval_curve"] = evaluator.history
+    if trainer.regularizer is not None:
+        window = trainer.linearity_values[-LOSS_WINDOW:]
+        metrics["linearity_reg"] = float(sum(window) / len(window)) if window else None
     return metrics
+
+
+def _steps(value: float, max_steps: int) -> int:
+    """TrainingArguments' step counts may be a ratio of the whole run (< 1)."""
+    return max(1, math.ceil(value * max_steps)) if value < 1 else int(value)
+
+
+def _basis_batches(model: nn.Module, tokenizer, task: Task, max_train_samples: int | None, max_seq_length: int,
+                   batch_size: int, n_batches: int):
+    """The first n_batches padded batches of the training sample (labels included), on the model's device."""
+    indices = train_indices(len(task.train), max_train_samples)[: n_batches * batch_size]
+    rows = encode_split(tokenizer, task.train, indices, max_seq_length)
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    device = next(model.parameters()).device
+    for i in range(0, len(rows), batch_size):
+        yield {k: v.to(device) for k, v in collate(rows[i:i + batch_size]).items()}
