@@ -10,8 +10,9 @@
 Protocol and budget follow benchmarks/adapters_bench.py (a fixed random sample of the training split,
 batch 32, max length 64, group-by-length batches, one epoch, AdamW with linear decay and 6 % warm-up,
 the task head at lr 1e-3 for adapter methods, full dev set, torch threads 1, one subprocess per run,
-two runs at a time), except the training sample: --train-samples (default 2 000 sentences, 63 steps,
-instead of 8 000) so that 9 methods × 2 tasks × 3 seeds fit in about half an hour on 2 CPU cores.
+two runs at a time), except the training sample: --train-samples (default 1 000 sentences, 32 steps,
+instead of 8 000) so that 9 methods × 2 tasks × 3 seeds fit in the time this shared 2-core machine
+had (each run also pays its dev-set evaluation and, for SparseGrad, 10 warm-up batches for the basis).
 
 Each run records the dev metric (SST-2 accuracy, CoLA MCC) with its per-example predictions, peak RSS
 of its process, the bytes autograd saves for backward on one fixed training batch (32 sentences
@@ -41,6 +42,7 @@ BUDGET_RANK = 8
 # SparseGrad / MeProp train real weights with Adam on k entries a step: between full FT's and LoRA's.
 LR = {"full": 5e-5, "lora": 5e-4, "sparsegrad": 2e-4, "meprop": 2e-4, "naggs": 5e-2}
 HEAD_LR = 1e-3
+BASIS_STEPS = 10  # SparseGrad's gradient warm-up: the paper's 10–30 steps, the low end for this small budget
 # name → (method, optimizer, randomized-backprop ratio)
 RUNS = {
     "lora": ("lora", "adamw", None),
@@ -79,7 +81,7 @@ def child(name: str, task_name: str, seed: int, args) -> dict:
     model, tok = lf.load("minilm", head="sequence-classification", num_labels=task.num_labels)
     config = {"full": "full",
               "lora": lf.LoRA(rank=BUDGET_RANK, alpha=16, targets=MLP_TARGETS),
-              "sparsegrad": lf.SparseGrad(budget_rank=BUDGET_RANK, targets=MLP_TARGETS),
+              "sparsegrad": lf.SparseGrad(budget_rank=BUDGET_RANK, targets=MLP_TARGETS, basis_steps=BASIS_STEPS),
               "meprop": lf.MeProp(budget_rank=BUDGET_RANK, targets=MLP_TARGETS)}[method]
     naggs = optimizer == "naggs"
     lr = LR["naggs"] if naggs else LR[method]
@@ -94,11 +96,11 @@ def child(name: str, task_name: str, seed: int, args) -> dict:
                        max_train_samples=args.train_samples, evaluate=False, optimizer=naggs and "naggs" or "adamw",
                        head_learning_rate=None if method == "full" or naggs else HEAD_LR,
                        randomized_backprop=RandomizedBackprop(ratio, "gaussian") if ratio else None)
-    # dev predictions, kept per example
-    model.eval()
-    preds = predict(model, tok, task.dev.text_a, task.dev.text_b, 64, args.max_seq_length)
-    res.update(task_metrics(preds, task.dev.labels, task.metrics))
-    res["dev_predictions"] = [int(p) for p in preds]
+    if not getattr(args, "memory_probe", False):  # dev predictions, kept per example
+        model.eval()
+        preds = predict(model, tok, task.dev.text_a, task.dev.text_b, 64, args.max_seq_length)
+        res.update(task_metrics(preds, task.dev.labels, task.metrics))
+        res["dev_predictions"] = [int(p) for p in preds]
     if method in ("sparsegrad", "meprop"):
         res["touched_entries"] = sum(touched_entries(model).values())
         res["entries_per_step"] = 12 * BUDGET_RANK * (384 + 1536)
@@ -187,6 +189,8 @@ def summarize(runs: list[dict], args) -> tuple[dict, str]:
              "Activations: bytes autograd saves for backward on one fixed batch of 32 × 64 tokens (saved-tensor hooks); "
              "'linear' is the part saved by Linear layers. Optimizer state at the end of training. "
              "Step time: median over the run's steps.", "",
+             *([f"Left out (not started by --start-by {args.start_by} UTC): {', '.join(args.left_out)}", ""]
+               if getattr(args, "left_out", None) else []),
              "| task | run | dev metric (mean ± sd) | lr | trainable params | entries/step (touched) | peak RSS MB | "
              "activations MB (linear) | optimizer state MB | step s | train loss |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -228,6 +232,38 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def memory_probe(args, out: Path) -> int:
+    """The memory columns without the training runs: 3 optimizer steps per set-up, then the probe."""
+    from leanformer.files import save_json
+
+    args.train_samples = 96
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.runs:
+        r = child(name, "SST-2", 0, args)
+        results[name] = {"saved_for_backward": r["saved_for_backward"], "optimizer_state_bytes": r["optimizer_state_bytes"],
+                         "trainable_params": r["trainable_params"], "train_steps": r["train_steps"],
+                         "touched_entries": r.get("touched_entries"), "peak_rss_mb": r["peak_rss_mb"]}
+        print(name, results[name], flush=True)
+    full = results.get("full")
+    lines = ["# Memory probe: minilm, SST-2 sentences, each set-up after 3 optimizer steps (batch 32)", "",
+             f"Commit {git_commit()}. Activations: bytes autograd saves for backward on one fixed batch of 32 × "
+             f"{args.max_seq_length} tokens (saved-tensor hooks), 'linear' the part saved by nn.Linear layers. "
+             "Optimizer state after 3 steps (SparseGrad / MeProp's grows with the entries touched).", "",
+             "| run | activations MB | linear-layer part MB | linear part saved vs full | optimizer state MB | trainable params |",
+             "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        act, lin = r["saved_for_backward"]["activations"] / 2 ** 20, r["saved_for_backward"]["linear_inputs"] / 2 ** 20
+        saved = (f"{1 - r['saved_for_backward']['linear_inputs'] / full['saved_for_backward']['linear_inputs']:.0%}"
+                 if full and RUNS[name][0] == "full" else "")
+        lines.append(f"| {name} | {act:.1f} | {lin:.1f} | {saved} | {r['optimizer_state_bytes'] / 2 ** 20:.2f} | "
+                     f"{r['trainable_params']:,} |")
+    save_json(out / "memory_probe.json", {"commit": git_commit(), "settings": vars(args), "runs": results})
+    (out / "memory_probe.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from leanformer.paths import data_root
@@ -237,7 +273,7 @@ def main() -> int:
     p.add_argument("--data", default=str(root / "glue") if root else None, help="directory holding SST-2/ and CoLA/")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    p.add_argument("--train-samples", type=int, default=2000)
+    p.add_argument("--train-samples", type=int, default=1000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
@@ -245,6 +281,11 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="training runs in parallel (one thread each)")
     p.add_argument("--out", default=str(ROOT / "results" / "memory"))
     p.add_argument("--report-only", action="store_true", help="rebuild the report from saved per-run results")
+    p.add_argument("--start-by", metavar="HH:MM", help="start no run after this UTC time (a shared machine's deadline); "
+                   "the report lists the runs left out")
+    p.add_argument("--memory-probe", action="store_true",
+                   help="memory columns only, in one process: each run's set-up trained for 3 steps of 32 sentences "
+                        "(SST-2, seed 0), no dev evaluation → memory_probe.{json,md}")
     p.add_argument("--child", nargs=3, metavar=("RUN", "TASK", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -259,17 +300,28 @@ def main() -> int:
     from leanformer.files import save_json
 
     out = Path(args.out)
+    if args.memory_probe:
+        return memory_probe(args, out)
     runs_dir = out / "per_run"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    # longest first, so the two workers finish together
+    # seed by seed (an interrupted run leaves whole seeds), the longest runs of each seed first
     jobs = [(n, t, s) for s in args.seeds for t in args.tasks for n in args.runs] if not args.report_only else []
-    jobs.sort(key=lambda j: (RUNS[j[0]][0] != "full", j[2]))
+    jobs.sort(key=lambda j: (j[2], RUNS[j[0]][0] != "full"))
+
+    import datetime
+
+    start_by = None
+    if args.start_by:
+        hours, minutes = map(int, args.start_by.split(":"))
+        start_by = datetime.datetime.now(datetime.timezone.utc).replace(hour=hours, minute=minutes, second=0)
 
     def run_one(job):
         n, t, s = job
         path = runs_dir / f"{t}_{n}_seed{s}.json"
         if path.is_file():  # finished earlier: a rerun continues where an interrupted one stopped
             return json.loads(path.read_text())
+        if start_by is not None and datetime.datetime.now(datetime.timezone.utc) > start_by:
+            return None
         cmd = [sys.executable, __file__, "--child", n, t, str(s), "--child-out", str(path), "--data", args.data,
                "--train-samples", str(args.train_samples), "--epochs", str(args.epochs),
                "--batch-size", str(args.batch_size), "--max-seq-length", str(args.max_seq_length)]
@@ -288,6 +340,11 @@ def main() -> int:
 
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         runs = list(tqdm(pool.map(run_one, jobs), total=len(jobs), desc="runs", disable=not jobs))
+    args.left_out = [f"{t}/{n}/seed{s}" for (n, t, s), r in zip(jobs, runs) if r is None]
+    runs = [r for r in runs if r is not None]
+    if jobs and not runs:
+        print(f"no run started before --start-by {args.start_by}; nothing written", file=sys.stderr)
+        return 1
     if args.report_only:
         runs = [json.loads(f.read_text()) for f in sorted(runs_dir.glob("*_seed*.json"))]
     predictions = {f"{r['task']}/{r['name']}/seed{r['seed']}": r["dev_predictions"] for r in runs}

@@ -1,11 +1,14 @@
 """Metric profiles of an encoder (minilm), a tiny random decoder and a trained small decoder
-(stories260k, when the shared data is present), each written as metrics.json + report.html.
+(stories260k, when the shared data is present, with its logit lens), each written as metrics.json +
+report.html; provenance.json records the commit.
 
     python benchmarks/profiles_bench.py [--tokens 16384] [--out results/profiles]
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +30,15 @@ def tiny_random_decoder(directory: Path) -> Path:
     return directory
 
 
+def git_commit() -> dict:
+    """HEAD, and whether the tree differs from it (results/ not counted)."""
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!results"], cwd=root, capture_output=True,
+                            text=True).stdout.strip()
+    return {"commit": head, "dirty": bool(status)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=16384)
@@ -34,6 +46,7 @@ def main() -> None:
     args = p.parse_args()
 
     from leanformer.cli import main as cli
+    from leanformer.files import save_json
     from leanformer.paths import data_root
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,6 +59,8 @@ def main() -> None:
                 text = ["--text", str(data_root() / "text" / "tinystories.valid.txt")]
             print(f"== {name}")
             cli(["inspect", model, *text, "--tokens", str(args.tokens), "--out", f"{args.out}/{name}", "--overwrite"])
+    save_json(Path(args.out) / "provenance.json", {**git_commit(), "command": " ".join(sys.argv),
+                                                   "models": list(models), "tokens": args.tokens})
 
 
 if __name__ == "__main__":

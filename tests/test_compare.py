@@ -60,12 +60,14 @@ def test_runs_that_measured_different_tokens_are_refused_unless_forced(tiny_bert
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["inspect", str(tiny_bert_dir), "--text", str(text_file), *SMALL, "--out", str(a)]) == 0
     assert main(["inspect", str(tiny_bert_dir), "--text", str(text_file), *SMALL[2:], "--tokens", "600",
-                 "--seed", "1", "--out", str(b)]) == 0
+                 "--seed", "1", "--id-estimator", "twonn-paper", "--out", str(b)]) == 0
+    assert json.loads((b / "metrics.json").read_text())["info"]["id_estimator"] == "twonn-paper"
     capsys.readouterr()
     out = tmp_path / "cmp"
     assert main(["compare", str(a), str(b), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "token count: a 700 ≠ b 600" in err and "sample seed (--seed): a 0 ≠ b 1" in err and "--force" in err
+    assert "intrinsic-dimension estimator (--id-estimator): a twonn-skdim ≠ b twonn-paper" in err
     assert not out.exists()
     assert main(["compare", str(a), str(b), "--force", "--out", str(out)]) == 0
     warnings = json.loads((out / "compare.json").read_text())["warnings"]

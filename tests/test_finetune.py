@@ -3,6 +3,7 @@ Trainer, the `finetune` command end to end, and two processes."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -384,11 +385,21 @@ def test_loss_curve_periodic_eval_and_a_warning_when_the_loss_does_not_move(tiny
     assert m["loss_curve"]["every"] == 3 and m["loss_curve"]["step"] == [3, 6, 9, 12, 15, 18]
     assert [e["step"] for e in m["eval_curve"]] == [5, 10, 15] and "accuracy" in m["eval_curve"][0]
     assert "--learning-rate auto" in m["warnings"][0] and (out / "loss_curve.png").is_file()
-    out = tmp_path / "moving"  # a learning run: no warning
-    assert main(["finetune", str(tiny_dir), "--task", csv_task, "--method", "lora", *FLAGS[2:], "--learning-rate",
-                 "3e-2", "--num-train-epochs", "4", "--out", str(out)]) == 0
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["warnings"] == [] and m["loss_curve"]["loss"][-1] < m["loss_curve"]["loss"][0] - 0.05
+
+
+@pytest.mark.parametrize("losses, warned", [([0.69] * 10, True), ([0.69, 0.70, 0.68, 0.69] * 3, True),
+                                            ([0.69 - 0.02 * i for i in range(12)], False)])
+def test_stall_warning_fires_only_when_the_loss_has_not_moved_by_a_third(losses, warned):
+    from types import SimpleNamespace
+
+    from leanformer.train.callbacks import StallWarning, StepLog
+
+    log = StepLog()
+    stall = StallWarning(log, learning_rate=1e-4)
+    for step, loss in enumerate(losses, 1):
+        log.losses.append(loss)
+        stall.on_step_end(None, SimpleNamespace(global_step=step, max_steps=3 * len(losses) // 2 * 2), None)
+    assert (stall.message is not None) == warned
 
 
 def test_same_command_twice_in_new_processes_gives_identical_metrics(tiny_dir, csv_task, tmp_path):
@@ -405,3 +416,43 @@ def test_same_command_twice_in_new_processes_gives_identical_metrics(tiny_dir, c
         m = json.loads((out / "metrics.json").read_text())
         results.append({k: v for k, v in m.items() if k not in VOLATILE})
     assert results[0] == results[1]
+
+
+def _recipe_run(method: str, shared_data, steps: int, seed: int = 0, learning_rate: float | None = None) -> list[float]:
+    """Per-step training losses of minilm on SST-2 training sentences with `method`'s default recipe
+    (its learning rates, targets, scale, warm-up and weight decay, as `leanformer finetune` uses them)."""
+    from transformers import TrainingArguments, set_seed
+
+    from leanformer.architectures import adapter_targets
+
+    task = load_task(str(shared_data / "glue" / "SST-2"))
+    set_seed(seed)
+    model, tok = lf.load("minilm", head="sequence-classification", num_labels=2)
+    cls = {"lora": lf.LoRA, "lora_xs": lf.LoRAXS, "krona": lf.KronA}[method]
+    recipe = cls.recipe if learning_rate is None else dataclasses.replace(cls.recipe, learning_rate=learning_rate)
+    kwargs = dict(targets=adapter_targets(model, recipe.roles), alpha=recipe.alpha)
+    cfg = cls(**kwargs) if cls is lf.KronA else cls(rank=16 if method == "lora_xs" else 8, **kwargs)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(output_dir=scratch, max_steps=steps, per_device_train_batch_size=16, seed=seed,
+                                 save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True,
+                                 logging_steps=1, **recipe.training_arguments())
+        m = lf.finetune(model, tok, task, args, method=cfg, max_seq_length=32, max_train_samples=16 * steps,
+                        head_learning_rate=recipe.head_learning_rate, evaluate=False, loss_every=1)
+    return m["loss_curve"]["loss"]
+
+
+@pytest.mark.slow
+def test_lora_xs_and_krona_learn_a_small_real_task_as_lora_does(shared_data):
+    """Regression test for LoRA-XS / KronA sitting at ln 2 (a constant prediction) where LoRA learns:
+    with their default recipes each lowers the SST-2 training loss within a short run by at least half
+    of what LoRA does at a rate that suits such a run (2e-3: LoRA's own recipe, 5e-4, is made for
+    30+ epochs and hardly moves in 30 steps either)."""
+    steps = 30
+    drop = {}
+    for method, lr in (("lora", 2e-3), ("lora_xs", None), ("krona", None)):
+        losses = _recipe_run(method, shared_data, steps, learning_rate=lr)
+        drop[method] = sum(losses[:8]) / 8 - sum(losses[-8:]) / 8
+    assert drop["lora"] > 0.03, drop
+    assert drop["lora_xs"] >= 0.5 * drop["lora"] and drop["krona"] >= 0.5 * drop["lora"], drop

@@ -133,3 +133,41 @@ def test_sample_positions_are_seeded_unique_and_order_free(pair):
     assert forward.layer_metrics()[1]["intrinsic_dim"] == pytest.approx(shuffled.layer_metrics()[1]["intrinsic_dim"], abs=1e-12)
     assert forward.layer_metrics()[1]["intrinsic_dim"] == pytest.approx(intrinsic_dimension(Y[sample]), abs=1e-12)
     assert forward.transition_metrics()[0]["linearity"] == pytest.approx(shuffled.transition_metrics()[0]["linearity"], abs=1e-6)
+
+
+def exact_two_nn_ratios(X: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """μ from float64 differences to every point (no Gram form, no candidates)."""
+    X = X.double()
+    X = X - X.mean(0)
+    X = X / X.norm(dim=1).mean()
+    D = torch.cdist(X, X, compute_mode="donot_use_mm_for_euclid_dist")
+    D.fill_diagonal_(float("inf"))
+    r = D.topk(2, dim=1, largest=False).values
+    valid = r[:, 0] > eps
+    mu = r[valid, 1] / r[valid, 0]
+    return mu[mu > 1 + eps]
+
+
+def test_two_nn_ratios_are_exact_even_among_near_ties():
+    from leanformer.metrics.twonn import two_nn_ratios
+
+    g = torch.Generator().manual_seed(8)
+    cloud = torch.randn(1500, 6, generator=g) @ torch.randn(6, 96, generator=g)
+    # a point with 40 neighbours at almost the same distance: its float32 candidates cannot be trusted
+    shell = torch.nn.functional.normalize(torch.randn(40, 96, generator=g), dim=1) * (1 + 1e-6 * torch.rand(40, 1, generator=g))
+    X = torch.cat([cloud, 50 + torch.zeros(1, 96), 50 + shell, cloud[:100]])  # and exact duplicates
+    ours, exact = two_nn_ratios(X).sort().values, exact_two_nn_ratios(X).sort().values
+    assert ours.shape == exact.shape and torch.allclose(ours, exact, rtol=1e-12, atol=0)
+
+
+def test_paper_estimator_fits_the_smallest_fifth():
+    from leanformer.metrics.twonn import ID_ESTIMATORS, two_nn_ratios
+
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(2000, 8, generator=g) @ torch.randn(8, 50, generator=g)
+    mu = two_nn_ratios(X).sort().values
+    n = len(mu)
+    x = mu[: n // 5].log()
+    y = -torch.log1p(-torch.arange(1, n // 5 + 1, dtype=torch.float64) / n)
+    assert intrinsic_dimension(X, keep=ID_ESTIMATORS["twonn-paper"]) == pytest.approx(float((x * y).sum() / (x * x).sum()), rel=1e-12)
+    assert ID_ESTIMATORS["twonn-skdim"] == 0.9  # test_twonn_agrees_with_scikit_dimension checks this fit

@@ -34,15 +34,53 @@ def test_report_shows_all_plots_in_chromium(tmp_path, make_tiny_bert, tokenizer)
                 alt: i.alt, complete: i.complete, w: i.naturalWidth, h: i.naturalHeight,
                 shown: i.getBoundingClientRect().width}))""")
             title = page.title()
-            rows = page.locator("tbody tr").count()
-            headers = page.locator("thead th").all_inner_texts()
+            rows = page.locator("table").first.locator("tbody tr").count()
+            headers = page.locator("table").first.locator("thead th").all_inner_texts()
+            candidates = page.locator("table.candidates tbody tr").all_inner_texts()
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         finally:
             browser.close()
     assert "leanformer inspect" in title
     assert rows == blocks + 1  # h_0 … h_3
-    assert headers == ["layer", *(m.label for m in LAYER_METRICS), "block", *(m.label for m in TRANSITION_METRICS)]
-    assert len(images) == len(LAYER_METRICS) + len(TRANSITION_METRICS) == 7
+    layer_metrics = LAYER_METRICS[:3]  # an encoder: no logit-lens columns or plots
+    assert headers == ["layer", *(m.label for m in layer_metrics), "block", *(m.label for m in TRANSITION_METRICS)]
+    assert len(images) == len(layer_metrics) + len(TRANSITION_METRICS) == 7
+    assert [c.split()[0] for c in candidates] == ["linearity", "block_influence", "angular"]
     for image in images:
         assert image["complete"] and image["w"] > 300 and image["h"] > 150 and image["shown"] > 200, image
     assert any("Linearity" in i["alt"] for i in images)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian package chromium; .ci/run installs it)")
+def test_compare_report_shows_overlays_without_overflow(tmp_path, make_tiny_bert, tokenizer):
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    import leanformer as lf
+    from leanformer.report import plot_comparison, write_comparison_report
+
+    texts = default_corpus()[:40]
+    kwargs = dict(tokens=600, max_length=64, sample_size=200, progress=False)
+    base = make_tiny_bert(layers=4, vocab_size=tokenizer.vocab_size)
+    base_profile = lf.inspect(base, tokenizer, texts, **kwargs)
+    lf.prune_layers(base, 1, by="index", start=2)
+    comparison = lf.compare([base_profile, lf.inspect(base, tokenizer, texts, **kwargs)],
+                            labels=["base model with a long name", "pruned"])
+    plots = plot_comparison(comparison, tmp_path)
+    page_path = write_comparison_report(comparison, plots, tmp_path / "report.html")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 800})
+            page.route("**/*", lambda route: route.abort() if not route.request.url.startswith(("file:", "data:"))
+                       else route.continue_())
+            page.goto(page_path.as_uri())
+            images = page.evaluate("""Array.from(document.images).map(i => ({
+                complete: i.complete, w: i.naturalWidth, shown: i.getBoundingClientRect().width}))""")
+            overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+            changed = page.locator("h2:has-text('What changed') + div tbody tr").count()
+        finally:
+            browser.close()
+    assert len(images) == len(plots) == 7
+    assert all(i["complete"] and i["w"] > 300 and i["shown"] > 200 for i in images), images
+    assert overflow <= 0  # nothing wider than the window
+    assert changed == len(comparison.changes())

@@ -28,7 +28,7 @@ from leanformer.architectures import (ROLES, adapter_targets, find_blocks, find_
 from leanformer.capture import capture
 from leanformer.errors import LeanformerError
 from leanformer.targets import dense_weight, linear_shape, select_linear
-from leanformer.text import default_corpus, pad_batch
+from leanformer.text import default_corpus
 
 WIDTH = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=3)
 GQA = dict(WIDTH, num_key_value_heads=1)
@@ -445,3 +445,31 @@ def test_conv1d_exports_to_peft_exactly_or_says_why_not(method, tokenizer, batch
     peft_model = PeftModel.from_pretrained(build("GPT-2", "sequence-classification", tokenizer.vocab_size),
                                            tmp_path / "peft").eval()
     torch.testing.assert_close(outputs(peft_model, batch), outputs(gpt2, batch), rtol=1e-5, atol=1e-6)
+
+
+def test_krona_block_variant_finds_the_mlp_input_without_an_mlp_module(tokenizer, batch, tmp_path):
+    """OPT keeps fc1 / fc2 directly in the block: the block adapter on fc2 reads fc1's (flattened) input."""
+    opt = build("OPT", "causal-lm", tokenizer.vocab_size)
+    lf.adapt(opt, lf.KronA(targets=["fc2"], variant="block_res"))
+    block = opt.model.decoder.layers[0]
+    adapter = block.fc2.adapters["default"]
+    with torch.no_grad():
+        adapter.res_scale.fill_(0.5)
+        adapter.kron_A.normal_()
+    seen = {}
+    block.fc1.register_forward_pre_hook(lambda _m, args: seen.update(x1=args[0]))
+    block.fc2.register_forward_hook(lambda m, args, out: seen.update(extra=out - m.base_layer(args[0])))
+    expected = outputs(opt, batch)
+    x1 = seen["x1"]
+    torch.testing.assert_close(seen["extra"], 0.5 * x1 + x1 @ torch.kron(adapter.kron_A, adapter.kron_B).T)
+    lf.save(opt, tokenizer, tmp_path / "krona")
+    torch.testing.assert_close(outputs(lf.load(tmp_path / "krona")[0], batch), expected, rtol=0, atol=0)
+
+
+def test_default_targets_after_pruning_the_first_block(tokenizer, texts):
+    llama = build("Llama", "causal-lm", tokenizer.vocab_size)
+    lf.prune_layers(llama, 1, by="index", start=0, replace="linear", tokenizer=tokenizer, texts=texts, tokens=96,
+                    max_length=32)
+    lf.adapt(llama, lf.LoRA(rank=2))
+    assert lf.applied(llama)[-1].state["layers"] == [f"model.layers.{i}.self_attn.{p}_proj" for i in (1, 2)
+                                                     for p in "qv"]

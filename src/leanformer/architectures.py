@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import LeanformerError
+from .targets import head_modules, linear_layers, linear_shape, suffix_summary
+
+__all__ = ["ROLES", "ARCHITECTURES", "Architecture", "adapter_targets", "role_layers", "find_blocks", "use_blocks",
+           "find_mlp_activation", "head_modules"]
 
 ROLES = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
 DEFAULT_ROLES = ("q", "v")  # LoRA's choice (Hu et al. 2021, §7.1) and peft's default mapping
@@ -201,8 +205,6 @@ def find_mlp_activation(model: nn.Module, block: nn.Module) -> nn.Module | None:
 def _role_paths(model: nn.Module, block: nn.Module, role: str) -> list[str]:
     """Paths inside one block of the layer(s) playing `role`: the table's when it exists and holds a
     Linear-like layer, else the search by name and shape."""
-    from .targets import linear_layers
-
     layers = linear_layers(block)
     arch = architecture(model)
     if arch is not None:
@@ -217,8 +219,6 @@ def _role_paths(model: nn.Module, block: nn.Module, role: str) -> list[str]:
 def _guess(model: nn.Module, layers: dict[str, nn.Module], role: str) -> list[str]:
     """Layers of one block whose last name part is a conventional name of `role` under an attention
     (q/k/v/o) or MLP parent, reading the hidden size (q/k/v/mlp_in/mlp_gate) or writing it (o/mlp_out)."""
-    from .targets import linear_shape
-
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
     attention = role in ("q", "k", "v", "o")
     parents = ATTENTION_PARENTS if attention else MLP_PARENTS
@@ -246,13 +246,9 @@ def _guess(model: nn.Module, layers: dict[str, nn.Module], role: str) -> list[st
 
 def role_layers(model: nn.Module, roles=DEFAULT_ROLES) -> list[str]:
     """Full names of the Linear-like layers playing `roles` in every block, in block order."""
-    from .targets import linear_layers
-
     unknown = [r for r in roles if r not in ROLES]
     if unknown or not roles:
         raise LeanformerError(f"unknown role(s) {unknown or roles!r}; roles are {', '.join(ROLES)}")
-    from .targets import suffix_summary
-
     all_layers = linear_layers(model)
     try:
         blocks, path = find_blocks(model)
@@ -261,8 +257,10 @@ def role_layers(model: nn.Module, roles=DEFAULT_ROLES) -> list[str]:
                               f"layers are: {suffix_summary(list(all_layers))}") from e
     chosen: list[str] = []
     missing = []
+    # a block with layers to look at (a pruned model's first block may be a fitted linear map)
+    reference = next((b for b in blocks if linear_layers(b)), blocks[0])
     for role in roles:
-        paths = _role_paths(model, blocks[0], role)
+        paths = _role_paths(model, reference, role)
         if not paths:
             missing.append(role)
             continue
@@ -308,28 +306,9 @@ def adapter_targets(model: nn.Module, roles=DEFAULT_ROLES) -> list[str]:
     architecture: ["query", "value"] on BERT, ["q_proj", "v_proj"] on Llama, ["c_attn"] on GPT-2,
     ["layer.0.output.dense", …] for BERT's MLP output. A LeanformerError names what was looked for
     when a role has no layer."""
-    from .targets import linear_layers
-
     all_names = list(linear_layers(model))
     role_layers(model, tuple(roles))  # one error naming every missing role
     out: list[str] = []
     for role in roles:  # in the order asked for: ["q_proj", "v_proj"] even where v_proj is defined first
         out += [s for s in unambiguous_suffixes(role_layers(model, (role,)), all_names) if s not in out]
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Task heads
-
-
-def head_modules(model: nn.Module) -> list[str]:
-    """Names of the task-head modules a head class adds around the base model (top-level children
-    with parameters other than the base model): ["classifier"] on BERT, ["pre_classifier",
-    "classifier"] on DistilBERT, ["pooler", "classifier"] on DeBERTa-v2, ["score"] on decoders.
-    The output embedding (lm_head, tied or not) is not a task head."""
-    base = _base(model)
-    if base is model:
-        return []
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [n for n, child in model.named_children()
-            if child is not base and child is not out_emb and any(True for _ in child.parameters())]

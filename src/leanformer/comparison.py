@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .configs import with_overrides
 from .errors import LeanformerError
 from .files import load_json
 from .inspection import InspectConfig, Profile, inspect
@@ -140,12 +141,11 @@ def compare(runs: Sequence[str | Path | Profile], texts: Sequence[str] | None = 
         raise LeanformerError(f"got {len(labels)} labels for {len(runs)} runs; give one label per run")
     kinds = [_kind(r) for r in runs]
     if "model" in kinds:
-        from .saving import load
-        from .text import default_corpus
-        from .configs import with_overrides
-
         config = with_overrides(InspectConfig, config, overrides, renamed={"max_length": "max_seq_length"})
-        texts = default_corpus() if texts is None else texts
+        if texts is None:
+            from .text import default_corpus
+
+            texts = default_corpus()
     names = list(labels) if labels is not None else _labels(runs)
     loaded = []
     for run, kind, label in zip(runs, kinds, names):
@@ -154,6 +154,8 @@ def compare(runs: Sequence[str | Path | Profile], texts: Sequence[str] | None = 
         elif kind == "inspect output":
             profile = Profile.from_json(load_json(Path(run) / "metrics.json"))
         else:
+            from .saving import load  # saving imports every pillar: only when a model is given
+
             model, tokenizer = load(run, device=device)
             profile = inspect(model, tokenizer, texts, config, progress=progress)
             del model

@@ -91,11 +91,22 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def head_modules(model: nn.Module) -> list[str]:
+    """Names of the task-head modules a head class adds around the base model (top-level children
+    with parameters other than the base model): ["classifier"] on BERT, ["pre_classifier",
+    "classifier"] on DistilBERT, ["pooler", "classifier"] on DeBERTa-v2, ["score"] on decoders.
+    The output embedding (lm_head, tied or not) is not a task head."""
+    base = getattr(model, "base_model", None) or model
+    if base is model:
+        return []
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, child in model.named_children()
+            if child is not base and child is not out_emb and any(True for _ in child.parameters())]
+
+
 def head_names(model: nn.Module) -> set[str]:
     """Names of what is not transformer body: the usual head names (HEAD_MODULE_NAMES) and the task
-    head modules this architecture's head class adds (architectures.head_modules)."""
-    from .architectures import head_modules
-
+    head modules this architecture's head class adds (head_modules)."""
     return set(HEAD_MODULE_NAMES) | set(head_modules(model))
 
 

@@ -3,7 +3,8 @@ Layers", EMNLP 2024) and its MeProp baseline: train the real MLP weights, but ea
 largest entries of their gradient — SparseGrad in a basis where that gradient is concentrated,
 MeProp in the weights' own basis.
 
-1. Basis (paper §3.1; authors' sparse_optimizers/trainers_custom.py, sparse_grad_matrix_sparse.py):
+1. Basis (the paper's method section; authors' sayankotor/sparse_grads, exps/sharing/trainers_custom.py
+   and sparse_grad_matrix_spars.py, `Tucker_Decomposition`):
    the weight gradients G_t (out×in) of each MLP layer type over a few dense steps form a tensor
    (t × out × in); its HOSVD factors are the left singular vectors of the out- and in-mode
    unfoldings. Those are the eigenvectors of Σ G_t G_tᵀ (out×out) → V and of Σ G_tᵀ G_t (in×in) → Uᵀ,
@@ -12,13 +13,14 @@ MeProp in the weights' own basis.
    up-projections share one, all the down-projections another). The gradients are taken at the
    pretrained weights in eval mode (no dropout, no weight update): deterministic, so every process
    of a distributed run and a resumed run computes the same basis, and nothing of the model changes.
-2. Reparametrise (paper eq. 2): W = V W' U, so W' = Vᵀ W Uᵀ and y = ((x Uᵀ) W'ᵀ) Vᵀ + b. Here, in the
+2. Reparametrise (their `from_linear` / `rewert_to_linear`): W = V W' U, so W' = Vᵀ W Uᵀ and y = ((x Uᵀ) W'ᵀ) Vᵀ + b. Here, in the
    adapter API, the frozen W stays in the base Linear and the adapter trains the rotated update
    ΔW' (zero at the start): y = W x + b + V ΔW' U x — the same output as the reparametrised layer
    with W' = Vᵀ W Uᵀ + ΔW'.
-3. Custom backward (paper §3.2): form the rotated weight gradient Vᵀ (gᵀ x) Uᵀ (= (g V)ᵀ (x Uᵀ))
-   densely and keep only its top-k entries by |value| (the authors'
-   LLaMA variant ranks by signed value, dropping large negative entries; ranked by magnitude here).
+3. Custom backward: form the rotated weight gradient Vᵀ (gᵀ x) Uᵀ (= (g V)ᵀ (x Uᵀ)) densely and
+   keep only its top-k entries by |value|. (The authors' LLaMA variant,
+   llama_ft/sparse_grad_matrix_sparse_new.py `LinearFunctionSparseGrad.backward`, takes its threshold
+   from the k-th largest *signed* value and then compares magnitudes: not copied.)
    The gradient buffer is dense with k non-zeros, so accumulation, clipping and DDP work unchanged;
    the optimizer keeps state only for entries ever touched (leanformer.optim.SparseStateAdamW, the
    paper's SparseAdam).

@@ -1,4 +1,4 @@
-"""Layer-geometry metrics (linearity: Razzhigaev et al. 2024; anisotropy and intrinsic dimension: Razzhigaev et al., EACL 2024 Findings; TwoNN: Facco et al. 2017): pure functions on (n, d) tensors, plus streaming accumulators."""
+"""Layer-geometry metrics (linearity: Razzhigaev et al. 2024; anisotropy and intrinsic dimension: Razzhigaev et al., EACL 2024 Findings; TwoNN: Facco et al. 2017): pure functions on (n, d) tensors, plus streaming accumulators (geometry here, the logit lens in metrics.logit_lens)."""
 from .spectrum import anisotropy
 from .linear_fit import linearity, linearity_wo_residual
 from .similarity import angular_distance, block_influence, mlp_sparsity

@@ -94,7 +94,7 @@ class NAGGS(torch.optim.Optimizer):
 def spectral_radius_on_quadratic(alpha: float, mu: float, curvature: float) -> float:
     """The per-step contraction NAG-GS (γ = μ, its fixed point) achieves on f(x) = curvature·x²/2: the
     spectral radius of its 2×2 iteration matrix on (x, v), the quantity the paper's quadratic-case
-    analysis (§3) studies. With a = α/(1+α) the matrix has determinant (1−a)² and trace
+    analysis studies. With a = α/(1+α) the matrix has determinant (1−a)² and trace
     T = 2(1−a) + a²(1 − curvature/μ); its eigenvalues solve z² − T z + (1−a)² = 0."""
     a = alpha / (1 + alpha)
     trace = 2 * (1 - a) + a * a * (1 - curvature / mu)

@@ -41,6 +41,18 @@ def plot_profile(profile, out_dir: str | Path) -> list[Path]:
 COLORS = ("#3465a4", "#cc0000", "#4e9a06", "#f57900", "#75507b", "#c4a000", "#06989a", "#555753")
 
 
+def _with_gaps(values: dict[int, float]) -> tuple[list, list]:
+    """x and y with a break (NaN) wherever x skips an index, e.g. at a pruned block."""
+    xs, ys = [], []
+    for x in sorted(values):
+        if xs and x - xs[-1] > 1:
+            xs.append(x - 1)
+            ys.append(float("nan"))
+        xs.append(x)
+        ys.append(values[x])
+    return xs, ys
+
+
 def plot_comparison(comparison, out_dir: str | Path) -> list[Path]:
     """Write <metric>.png per metric with values: every run's profile overlaid on the base model's
     layer axis (top) and its difference from the baseline (bottom); return the paths in display order."""
@@ -55,11 +67,10 @@ def plot_comparison(comparison, out_dir: str | Path) -> list[Path]:
             color = COLORS[k % len(COLORS)]
             values = comparison.aligned(run, metric)
             xs |= set(values)
-            top.plot(list(values), list(values.values()), marker="o", ms=4, color=color, label=run.label,
+            top.plot(*_with_gaps(values), marker="o", ms=4, color=color, label=run.label,
                      linestyle="-" if k == 0 else "--")
             if k:
-                diff = comparison.differences(run, metric)
-                bottom.plot(list(diff), list(diff.values()), marker="o", ms=4, color=color)
+                bottom.plot(*_with_gaps(comparison.differences(run, metric)), marker="o", ms=4, color=color)
         bottom.axhline(0, color="#888", lw=0.8)
         top.set_title(metric.title, fontsize=10)
         top.legend(fontsize=7, loc="best")

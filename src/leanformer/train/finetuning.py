@@ -215,8 +215,9 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
     Seeing the run: learning_rate_test (a RangeTest) replaces args.learning_rate by the pick of a
     learning-rate range test on training batches (train/lr_finder.py), returned as
     learning_rate_test; the training loss is returned every `loss_every` steps (default
-    args.logging_steps) as loss_curve; eval_steps evaluates on dev every that many steps
-    (eval_curve); a loss that has not moved by a third of training is warned about (warnings)."""
+    args.logging_steps; a tenth of the run when that is longer than the run) as loss_curve;
+    eval_steps evaluates on dev every that many steps (eval_curve); a loss that has not moved by a
+    third of training is warned about (warnings)."""
     n_labels = getattr(getattr(model, "config", None), "num_labels", None)
     if n_labels is not None and n_labels != task.num_labels:
         raise LeanformerError(f"the model's head has {n_labels} outputs but task {task.name} has "
@@ -264,6 +265,7 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
                             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs)
         range_result = range_test(probe, learning_rate_test)
         args.learning_rate = range_result.learning_rate
+        optimizer_cls_and_kwargs = optimizer_for(optimizer, model, args, **optimizer_options)  # at the picked lr
     run = _run_settings(args, model, task, len(indices), max_seq_length=max_seq_length,
                         head_learning_rate=head_learning_rate, optimizer=optimizer, optimizer_options=optimizer_options,
                         randomized_backprop=dataclasses.asdict(randomized_backprop) if randomized_backprop else None,
@@ -318,7 +320,7 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
         "processes": args.world_size,
         "learning_rate": args.learning_rate,
         "head_learning_rate": head_learning_rate,
-        "loss_curve": loss_curve(step_log.losses, loss_every or _steps(args.logging_steps, state.max_steps)),
+        "loss_curve": loss_curve(step_log.losses, loss_every or _loss_every(args.logging_steps, state.max_steps)),
         "warnings": [stall.message] if stall.message else [],
         "optimizer": optimizer,
         "optimizer_state_bytes": state_bytes(trainer.optimizer) if trainer.optimizer is not None else None,
@@ -336,6 +338,11 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
 def _steps(value: float, max_steps: int) -> int:
     """TrainingArguments' step counts may be a ratio of the whole run (< 1)."""
     return max(1, math.ceil(value * max_steps)) if value < 1 else int(value)
+
+
+def _loss_every(logging_steps: float, max_steps: int) -> int:
+    every = _steps(logging_steps, max_steps)
+    return every if every <= max_steps else max(1, max_steps // 10)
 
 
 def _basis_batches(model: nn.Module, tokenizer, task: Task, max_train_samples: int | None, max_seq_length: int,

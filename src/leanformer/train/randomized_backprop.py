@@ -4,9 +4,9 @@ the forward is exact; what a Linear saves for its weight gradient is a sketch S�
 (N tokens × in) along the token dimension, k = ⌈ratio·N⌉ rows, instead of X itself. Backward
 regenerates S from a stored seed and estimates
 
-    ∂L/∂W = Gᵀ X  ≈  (S G)ᵀ (S X) = Gᵀ SᵀS X,      unbiased because E[SᵀS] = I   (paper eq. 4–5);
+    ∂L/∂W = Gᵀ X  ≈  (S G)ᵀ (S X) = Gᵀ SᵀS X,      unbiased because E[SᵀS] = I;
 
-the input and bias gradients (G W, Σ G) stay exact. Sketches (paper §3), each scaled so E[SᵀS] = I:
+the input and bias gradients (G W, Σ G) stay exact. Sketches (the paper's three families), each scaled so E[SᵀS] = I:
   gaussian    S_ij ~ N(0, 1/k);
   rademacher  S_ij = ±1/√k;
   dct         k rows of the orthonormal DCT-II matrix C (N×N) drawn uniformly with replacement,
