@@ -213,6 +213,7 @@ def summarize(runs: list[dict], args) -> tuple[dict, str]:
         targets["lr_auto_within_1pt_of_best_fixed_lr"] = {
             "best_fixed": best, "best_fixed_lr": by[best]["learning_rate"], "gap_points": gap, "met": gap <= 1.0}
 
+    majority = majority_baselines(args)
     state = git_state()
     commits = sorted({r["commit"] for r in runs})
     lines = [f"# Adapters with their default recipes: minilm on {', '.join(args.tasks)}", "",
@@ -236,18 +237,38 @@ def summarize(runs: list[dict], args) -> tuple[dict, str]:
         head = f" ({r['head_learning_rate']:g})" if r["head_learning_rate"] else ""
         lines.append(f"| {r['method']} | {cells} | {r['mean']:.1f} ± {r['mean_half_range']:.1f} | "
                      f"{r['trainable_params']:,} | {r['file_bytes'] / 1024:,.1f} KiB | {lr}{head} |")
+    lines.append(f"| majority class (no training) | " + " | ".join(f"{majority[n]:.1f}" for n in args.tasks)
+                 + f" | {sum(majority.values()) / len(majority):.1f} | 0 | — | — |")
     missing = [m for m in args.methods if m not in by]
     partial = [f"{r['method']} ({r['seeds']} of {len(args.seeds)} seeds)" for r in rows if r["seeds"] < len(args.seeds)]
     if missing or partial:
         lines += ["", f"Not run (the run was stopped at the time limit): {', '.join(missing) or '—'}; "
                       f"incomplete: {', '.join(partial) or '—'}."]
+    lines += ["", "A method at the majority-class row has not learned the task within the budget; a target met "
+              "there (two methods both at the baseline) says nothing about the methods."]
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for k, v in targets.items():
         shown = {kk: (round(vv, 2) if isinstance(vv, float) else vv) for kk, vv in v.items() if kk != "met"}
         lines.append(f"| {k} | {json.dumps(shown)} | {'yes' if v['met'] else '**no**'} |")
-    summary = {"rows": rows, "targets": targets, "settings": vars(args), "methods": METHODS, **state,
+    summary = {"rows": rows, "targets": targets, "majority_class": majority, "settings": vars(args), "methods": METHODS,
+               **state,
                "run_commits": commits}
     return summary, "\n".join(lines) + "\n"
+
+
+def majority_baselines(args) -> dict[str, float]:
+    """Each task's primary score (×100) of always predicting the most frequent training label."""
+    from collections import Counter
+
+    from leanformer.evaluation import task_metrics
+    from leanformer.tasks import load_task
+
+    out = {}
+    for name in args.tasks:
+        task = load_task(str(Path(args.data) / name))
+        label = Counter(task.train.labels).most_common(1)[0][0]
+        out[name] = 100 * task_metrics([label] * len(task.dev), task.dev.labels, task.metrics)[PRIMARY[name]]
+    return out
 
 
 def plot(rows: list[dict], path: Path) -> None:
