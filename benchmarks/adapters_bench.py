@@ -29,6 +29,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from provenance import git_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("SST-2", "CoLA", "MRPC", "RTE")
@@ -38,12 +39,6 @@ FIXED_LRS = (2e-3,)  # with the recipe's 5e-4: the fixed-rate grid auto is compa
 # In the order they run (a run cut short keeps every seed of the first ones): the targets' pairs first.
 METHODS = (["full", "lora", "lora_xs_r16", "krona", "lora_auto"] + [f"lora_lr{lr:g}" for lr in FIXED_LRS]
            + ["peft_lora", "peft_lokr", "dylora"] + [f"lora_xs_r{r}" for r in XS_RANKS if r != 16])
-
-
-def git_state() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
-    return {"commit": commit, "dirty": dirty}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import commit_label
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "ddp"
@@ -100,14 +101,6 @@ def launch(name: str, processes: int, stock: bool, args) -> dict:
     return res
 
 
-def git_commit() -> str:
-    """HEAD, marked when the code differs from it (this benchmark's own results/ files do not count)."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!results"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    return head + ("+uncommitted changes" if dirty else "")
-
-
 def report(runs: list[dict], args) -> None:
     import matplotlib
 
@@ -119,7 +112,7 @@ def report(runs: list[dict], args) -> None:
     one, two = runs[0], runs[1]
     gap = max(abs(a - b) for a, b in zip(one["losses"], two["losses"]))
     ratio = [b / a for a, b in zip(one["losses"], runs[2]["losses"])]
-    summary = {"commit": git_commit(), "settings": vars(args) | {"global_batch": GLOBAL_BATCH, "model": "minilm",
+    summary = {"commit": commit_label(), "settings": vars(args) | {"global_batch": GLOBAL_BATCH, "model": "minilm",
                                                                  "adapter": "LoRA rank 8 on query, value",
                                                                  "torch_threads_per_process": 1},
                "max_abs_loss_gap_1p_vs_2p": gap, "stock_over_1p_loss_ratio_mean": sum(ratio) / len(ratio),

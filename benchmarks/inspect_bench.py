@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from provenance import git_state
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ("ours", "floor", "reference")
@@ -200,14 +201,6 @@ def measure(pipeline: str, tokens: int, args) -> dict:
     return run
 
 
-def git_commit() -> dict:
-    """HEAD, and whether the tree differs from it (this benchmark's own results/ files do not count)."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!results"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    return {"commit": head, "dirty": bool(status)}
-
-
 def summarise(runs: list[dict]) -> dict:
     """Medians per (tokens, pipeline), ours / floor ratios, memory growth and agreement, from raw runs."""
     from leanformer.metrics.schema import METRICS
@@ -327,7 +320,7 @@ def main() -> None:
                 runs.append({**measure(name, tokens, args), "repeat": repeat})
     from leanformer.files import save_json
 
-    data = {"model": args.model, "git": git_commit(), "repeats": args.repeats,
+    data = {"model": args.model, "git": git_state(), "repeats": args.repeats,
             "settings": {k: getattr(args, k) for k in ("max_length", "batch_size", "sample_size", "seed", "id_estimator")},
             "threads": {v: "1" for v in THREAD_VARIABLES} | {"torch": 1}, "runs": runs}
     data["summary"] = summarise(runs)

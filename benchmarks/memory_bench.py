@@ -33,6 +33,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from provenance import commit_label
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,14 +138,6 @@ def child(name: str, task_name: str, seed: int, args) -> dict:
 # Report
 
 
-def git_commit() -> str:
-    """HEAD, marked when the code differs from it (this benchmark's own results/ files do not count)."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!results"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    return head + ("+uncommitted changes" if dirty else "")
-
-
 def summarize(runs: list[dict], args) -> tuple[dict, str]:
     import numpy as np
 
@@ -205,7 +198,7 @@ def summarize(runs: list[dict], args) -> tuple[dict, str]:
             if g is not None:
                 targets[f"{task}: NAG-GS within 1 point of AdamW ({base})"] = {
                     "naggs_minus_adamw_points": g, "met": g >= -1.0, "judged": learned(task, base)}
-    commit = git_commit()
+    commit = commit_label()
     lines = [f"# Memory-efficient fine-tuning: minilm on SST-2 (accuracy) and CoLA (MCC), ×100",
              "",
              f"{args.train_samples} training sentences (fixed sample), {args.epochs:g} epoch, batch {args.batch_size}, "
@@ -277,7 +270,7 @@ def memory_probe(args, out: Path) -> int:
         print(name, results[name], flush=True)
     full = results.get("full")
     lines = ["# Memory probe: minilm, SST-2 sentences, each set-up after 3 optimizer steps (batch 32)", "",
-             f"Commit {git_commit()}. Activations: bytes autograd saves for backward on one fixed batch of 32 × "
+             f"Commit {commit_label()}. Activations: bytes autograd saves for backward on one fixed batch of 32 × "
              f"{args.max_seq_length} tokens (saved-tensor hooks), 'linear' the part saved by nn.Linear layers. "
              "Optimizer state after 3 steps (SparseGrad / MeProp's grows with the entries touched).", "",
              "| run | activations MB | linear-layer part MB | linear part saved vs full | optimizer state MB | trainable params |",
@@ -288,7 +281,7 @@ def memory_probe(args, out: Path) -> int:
                  if full and RUNS[name][0] == "full" else "")
         lines.append(f"| {name} | {act:.1f} | {lin:.1f} | {saved} | {r['optimizer_state_bytes'] / 2 ** 20:.2f} | "
                      f"{r['trainable_params']:,} |")
-    save_json(out / "memory_probe.json", {"commit": git_commit(), "settings": vars(args), "runs": results})
+    save_json(out / "memory_probe.json", {"commit": commit_label(), "settings": vars(args), "runs": results})
     (out / "memory_probe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

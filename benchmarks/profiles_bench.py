@@ -7,12 +7,12 @@ report.html; provenance.json records the commit.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from provenance import git_state
 
 
 def tiny_random_decoder(directory: Path) -> Path:
@@ -28,15 +28,6 @@ def tiny_random_decoder(directory: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
-
-
-def git_commit() -> dict:
-    """HEAD, and whether the tree differs from it (results/ not counted)."""
-    root = Path(__file__).resolve().parents[1]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!results"], cwd=root, capture_output=True,
-                            text=True).stdout.strip()
-    return {"commit": head, "dirty": bool(status)}
 
 
 def main() -> None:
@@ -59,7 +50,7 @@ def main() -> None:
                 text = ["--text", str(data_root() / "text" / "tinystories.valid.txt")]
             print(f"== {name}")
             cli(["inspect", model, *text, "--tokens", str(args.tokens), "--out", f"{args.out}/{name}", "--overwrite"])
-    save_json(Path(args.out) / "provenance.json", {**git_commit(), "command": " ".join(sys.argv),
+    save_json(Path(args.out) / "provenance.json", {**git_state(), "command": " ".join(sys.argv),
                                                    "models": list(models), "tokens": args.tokens})
 
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from provenance import git_state
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "zoo"
@@ -27,14 +28,6 @@ VERBS = {"inspect": "inspect", "adapt": "adapt (default targets) + train step + 
          "quantize": "quantize (RTN-4) + save/load", "prune": "prune 1 (linear map) + save/load",
          "export_peft": "export to peft, outputs equal"}
 MARK = {"ok": "✓", "error": "✗ (clear error)", "fail": "✗ FAILS", "missing": "not in this transformers"}
-
-
-def git_commit() -> dict:
-    """HEAD, and whether the tree differs from it (this script's own results/ files do not count)."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!results", ":!README.md"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
-    return {"commit": head, "dirty": bool(status)}
 
 
 def run_zoo() -> tuple[dict, float, str]:
@@ -89,7 +82,7 @@ def main() -> None:
 
     outcomes, seconds, summary = run_zoo()
     OUT.mkdir(parents=True, exist_ok=True)
-    record = {**git_commit(), "transformers": transformers.__version__, "peft": peft.__version__,
+    record = {**git_state("README.md"), "transformers": transformers.__version__, "peft": peft.__version__,
               "torch": torch.__version__, "pytest_wall_seconds": round(seconds, 1), "pytest_summary": summary,
               "outcomes": outcomes}
     (OUT / "zoo.json").write_text(json.dumps(record, indent=1) + "\n")

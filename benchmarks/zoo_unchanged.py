@@ -34,18 +34,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from provenance import git_state
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 OUT = ROOT / "results" / "zoo" / "unchanged.json"
 QUANT_SUBSET = ("kashin-4", "rtn-4-g128", "hqq-4-g64", "hqq-3-row")
-
-
-def git_commit() -> dict:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!results", ":!README.md"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
-    return {"commit": head, "dirty": bool(status)}
 
 
 AGAINST = "64692f6"  # the last commit before architecture-awareness: its code and its recorded results
@@ -221,7 +215,7 @@ def main() -> None:
     AGAINST = args.against
     torch.set_num_threads(1)
     result = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    result.update(**git_commit(), against=AGAINST)
+    result.update(**git_state("README.md"), against=AGAINST)
     command = "python benchmarks/zoo_unchanged.py " + " ".join(sys.argv[1:])
     earlier = [result.pop("command")] if "command" in result else []  # files written before sections merged
     result["commands"] = list(dict.fromkeys([*(c.strip() for c in earlier), *result.get("commands", []),
