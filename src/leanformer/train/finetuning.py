@@ -232,6 +232,8 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
             raise LeanformerError(f"resume_from_checkpoint=True, but {args.output_dir} holds no complete "
                                   "checkpoint-N directory")
     resume_from_checkpoint = resume_from_checkpoint or None
+    indices = train_indices(len(task.train), max_train_samples)
+    rows = encode_split(tokenizer, task.train, indices, max_seq_length)
     head = classifier_head_name(model)
     if method == "full":
         for p in model.parameters():
@@ -242,8 +244,8 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
         keep = list(method.modules_to_save) + [h for h in heads if h not in method.modules_to_save]
         method = dataclasses.replace(method, modules_to_save=keep)
         if hasattr(method, "fit_basis"):  # SparseGrad: its basis comes from gradients on the first training batches
-            method.fit_basis(model, _basis_batches(model, tokenizer, task, max_train_samples, max_seq_length,
-                                                   args.per_device_train_batch_size, method.basis_steps))
+            method.fit_basis(model, _basis_batches(model, tokenizer, rows, args.per_device_train_batch_size,
+                                                   method.basis_steps))
         adapt(model, method)
     elif method is not None:
         raise LeanformerError(f"method must be None, 'full' or an adapter config (lf.LoRA(...), …), got {method!r}")
@@ -252,8 +254,6 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
         raise LeanformerError("the model has no trainable parameters: adapt it (lf.adapt, or method=lf.LoRA(...)) "
                               "or pass method='full'")
 
-    indices = train_indices(len(task.train), max_train_samples)
-    rows = encode_split(tokenizer, task.train, indices, max_seq_length)
     optimizer_options = dict(optimizer_options or {})
     optimizer_cls_and_kwargs = optimizer_for(optimizer, model, args, **optimizer_options)
     collator = DataCollatorWithPadding(tokenizer)
@@ -345,11 +345,9 @@ def _loss_every(logging_steps: float, max_steps: int) -> int:
     return every if every <= max_steps else max(1, max_steps // 10)
 
 
-def _basis_batches(model: nn.Module, tokenizer, task: Task, max_train_samples: int | None, max_seq_length: int,
-                   batch_size: int, n_batches: int):
-    """The first n_batches padded batches of the training sample (labels included), on the model's device."""
-    indices = train_indices(len(task.train), max_train_samples)[: n_batches * batch_size]
-    rows = encode_split(tokenizer, task.train, indices, max_seq_length)
+def _basis_batches(model: nn.Module, tokenizer, rows: list[dict], batch_size: int, n_batches: int):
+    """The first n_batches padded batches of the encoded training rows (labels included), on the model's device."""
+    rows = rows[: n_batches * batch_size]
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     device = next(model.parameters()).device
     for i in range(0, len(rows), batch_size):
