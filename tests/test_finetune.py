@@ -356,7 +356,7 @@ def test_recipe_values_are_used_unless_a_flag_overrides(tiny_dir, csv_task, tmp_
 
 def test_learning_rate_auto_runs_a_range_test_on_training_batches(tiny_dir, tmp_path):
     d = tmp_path
-    task = f"{write_csv(d / 'tr.csv', toy_rows(160, 0))},{write_csv(d / 'dv.csv', toy_rows(16, 1))}"
+    task = f"{write_csv(d / 'tr.csv', toy_rows(200, 0))},{write_csv(d / 'dv.csv', toy_rows(16, 1))}"
     out = d / "auto"
     assert main(["finetune", str(tiny_dir), "--task", task, "--method", "lora", "--learning-rate", "auto",
                  "--per-device-train-batch-size", "4", "--max-steps", "8", "--max-seq-length", "16",
@@ -364,15 +364,29 @@ def test_learning_rate_auto_runs_a_range_test_on_training_batches(tiny_dir, tmp_
     m = json.loads((out / "metrics.json").read_text())
     t = m["learning_rate_test"]
     assert m["settings"]["source"]["learning_rate"] == "auto" and m["learning_rate"] == t["learning_rate"]
-    assert t["learning_rate"] == pytest.approx(t["min_loss_lr"] / 10) and 1e-6 <= t["learning_rate"] <= 0.1
-    assert len(t["lrs"]) <= 40 and t["lrs"] == sorted(t["lrs"]) and (out / "lr_range_test.png").is_file()
+    assert 1e-6 <= t["learning_rate"] <= 0.1 and len(t["probe_losses"]) == len(t["lrs"]) <= 40
+    if not t["flat"]:  # the pick reads the probe (fixed held-out training examples), not the noisy batch losses
+        assert min(t["probe_losses"]) < t["probe_start"] and t["learning_rate"] == pytest.approx(t["min_loss_lr"] / 10)
+    assert t["lrs"] == sorted(t["lrs"]) and (out / "lr_range_test.png").is_file()
+
+
+def test_range_test_pick_reads_the_valley_and_refuses_a_noise_minimum():
+    from leanformer.train.lr_finder import pick
+
+    lrs = [1e-6 * 10 ** (i / 4) for i in range(25)]  # 1e-6 … 1
+    valley = [0.69] * 12 + [0.6, 0.5, 0.4, 0.3, 0.35, 0.9, 2.0, 5.0] + [9.0] * 5
+    lr, at_min, flat = pick(lrs, 0.69, valley)
+    assert (at_min, flat) == (lrs[15], False) and lr == pytest.approx(lrs[15] / 10)
+    noise = [0.6931 + 0.0005 * ((-1) ** i) for i in range(18)] + [0.70, 0.74, 0.8, 1.2, 2.0, 3.0, 4.0]
+    lr, at_min, flat = pick(lrs, 0.6931, noise)  # the minimum (step 1) is noise: take the last stable rate
+    assert flat and at_min == lrs[1] and lr == pytest.approx(lrs[19] / 10)
 
 
 def test_learning_rate_auto_on_a_task_too_small_says_how_many_batches(tiny_dir, csv_task, tmp_path, capsys):
     assert main(["finetune", str(tiny_dir), "--task", csv_task, "--learning-rate", "auto", *FLAGS[:4],
                  "--max-seq-length", "16", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "40 training batches" in err and "only 6 batch(es) of 16" in err and "at least 640" in err
+    assert "40 training batches plus 2 held out" in err and "only 6 batch(es) of 16" in err and "at least 672" in err
 
 
 def test_loss_curve_periodic_eval_and_a_warning_when_the_loss_does_not_move(tiny_dir, csv_task, tmp_path):

@@ -271,8 +271,9 @@ def run(args) -> int:
     _plots(result, out)
     if auto_lr:
         t = result["learning_rate_test"]
-        print(f"learning rate (auto): {t['learning_rate']:.3g} — a tenth of the range test's smoothed-loss minimum at "
-              f"{t['min_loss_lr']:.3g}; curve in {out / 'lr_range_test.png'}")
+        why = ("no step lowered the probe loss, so a tenth of the largest stable rate" if t["flat"] else
+               f"a tenth of the range test's probe-loss minimum at {t['min_loss_lr']:.3g}")
+        print(f"learning rate (auto): {t['learning_rate']:.3g} — {why}; curve in {out / 'lr_range_test.png'}")
 
     print(f"{opts.method}: trainable params {counts['trainable']:,} of {counts['total']:,} ({counts['percent']:.3f}%)")
     for k, v in result.items():
@@ -298,6 +299,5 @@ def _plots(result: dict, out: Path) -> None:
         write("loss_curve.png", lambda f: plot_training(result["loss_curve"], result.get("eval_curve", []), f,
                                                          f"{result['method']} on {result['task']}"))
     if "learning_rate_test" in result:
-        t = result["learning_rate_test"]
-        r = RangeTestResult(t["learning_rate"], t["lrs"], t["losses"], t["smoothed"], t["min_loss_lr"])
+        r = RangeTestResult.from_json(result["learning_rate_test"])
         write("lr_range_test.png", lambda f: plot_range_test(r, f))

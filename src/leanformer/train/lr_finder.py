@@ -2,11 +2,16 @@
 Learning Rates for Training Neural Networks", §3.3; the "LR finder" of fastai).
 
 The learning rate grows exponentially from `min_lr` to `max_lr` over `steps` optimizer steps on
-training batches, the loss of each step is smoothed (exponential moving average, bias-corrected),
-and the test stops early once the smoothed loss has blown up to `diverge_factor`× its minimum. The
-pick is the learning rate at the smoothed minimum divided by `safety` (10: the minimum sits at the
-edge of divergence; a tenth of it is the usual choice, fastai's `lr_min`), clipped to the tested
-range. Only training batches are used, never dev data.
+training batches. After each step the loss of a fixed *probe* of `probe_examples` training examples
+(held out of the sweep, evaluated without dropout) is recorded: the loss of the step's own batch,
+what fastai reads, is mostly batch-to-batch noise for a classifier near its starting loss (ln 2
+for two classes) at the batch sizes of a CPU run, and its minimum then falls anywhere. The test
+stops once the probe loss has blown up to `diverge_factor`× its minimum. The pick is the learning
+rate at the probe's minimum divided by `safety` (10: the minimum sits at the edge of divergence; a
+tenth of it is the usual choice, fastai's `lr_min`). When no step lowered the probe loss by
+`min_drop` (relative), the minimum is noise: the pick is then the largest learning rate before
+the probe loss rose by 10 %, divided by `safety`, and the result says so (`flat`). Only training
+batches are used, never dev data.
 
 The test trains the real model with the real optimizer (a classifier head with its own learning
 rate keeps that rate; every other parameter group sweeps), then puts back every trainable parameter
@@ -28,8 +33,10 @@ class RangeTest:
     min_lr: float = 1e-6
     max_lr: float = 1.0
     steps: int = 40          # "a few dozen": enough points per decade (≈ 6.7) to see the valley
-    smoothing: float = 0.8   # EMA weight of the past; short runs need less smoothing than fastai's 0.98
+    probe_examples: int = 32  # the fixed training examples whose loss is read after every step
+    smoothing: float = 0.8   # EMA of the per-batch loss, for the plot only
     diverge_factor: float = 4.0
+    min_drop: float = 0.01   # a probe minimum less than 1 % below the start is noise
     safety: float = 10.0
 
 
@@ -37,15 +44,22 @@ class RangeTest:
 class RangeTestResult:
     learning_rate: float                      # the pick
     lrs: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)           # raw loss of each step
-    smoothed: list[float] = field(default_factory=list)
-    min_loss_lr: float | None = None
+    losses: list[float] = field(default_factory=list)           # loss of each step's own batch
+    smoothed: list[float] = field(default_factory=list)         # its EMA
+    min_loss_lr: float | None = None                            # where the probe loss is lowest
     stopped_early: bool = False
+    probe_losses: list[float] = field(default_factory=list)     # the probe's loss after each step
+    probe_start: float | None = None                            # … and before the first
+    flat: bool = False                                          # no step lowered it by min_drop
 
     def to_json(self) -> dict:
         return {"learning_rate": self.learning_rate, "min_loss_lr": self.min_loss_lr,
-                "stopped_early": self.stopped_early, "lrs": self.lrs, "losses": self.losses,
-                "smoothed": self.smoothed}
+                "stopped_early": self.stopped_early, "flat": self.flat, "lrs": self.lrs, "losses": self.losses,
+                "smoothed": self.smoothed, "probe_losses": self.probe_losses, "probe_start": self.probe_start}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RangeTestResult":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 def range_test(trainer, settings: RangeTest = RangeTest()) -> RangeTestResult:
@@ -53,14 +67,16 @@ def range_test(trainer, settings: RangeTest = RangeTest()) -> RangeTestResult:
     run's own) and return the picked learning rate with the curve. The model's trainable
     parameters and the RNG state are restored afterwards; the trainer's optimizer is discarded."""
     loader = trainer.get_train_dataloader()
-    available = len(loader)
-    if available < settings.steps:
-        bs = trainer.args.per_device_train_batch_size * max(1, trainer.args.gradient_accumulation_steps)
+    bs = trainer.args.per_device_train_batch_size * max(1, trainer.args.gradient_accumulation_steps)
+    probe_batches = -(-settings.probe_examples // trainer.args.per_device_train_batch_size)
+    needed, available = probe_batches + settings.steps, len(loader)
+    if available < needed:
         raise LeanformerError(
-            f"--learning-rate auto runs a range test of {settings.steps} training batches, but the training set "
-            f"gives only {available} batch(es) of {bs} ({available * bs} examples or fewer); it needs at least "
-            f"{settings.steps * bs} training examples at this batch size. Pass a --learning-rate (the method's "
-            "recipe value is printed by --help), or a smaller --per-device-train-batch-size")
+            f"--learning-rate auto runs a range test of {settings.steps} training batches plus {probe_batches} held "
+            f"out as its probe, but the training set gives only {available} batch(es) of {bs} ({available * bs} "
+            f"examples or fewer); it needs at least {needed * bs} training examples at this batch size. Pass a "
+            "--learning-rate (the method's recipe value is printed by --help), or a smaller "
+            "--per-device-train-batch-size")
     model = trainer.model
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
@@ -74,32 +90,38 @@ def range_test(trainer, settings: RangeTest = RangeTest()) -> RangeTestResult:
     swept = [not g.get("head", False) for g in optimizer.param_groups]
     growth = (settings.max_lr / settings.min_lr) ** (1.0 / max(1, settings.steps - 1))
     result = RangeTestResult(learning_rate=float("nan"))
-    avg, best, best_lr = 0.0, math.inf, None
-    model.train()
+    batches = iter(loader)
+    probe = [trainer._prepare_inputs(next(batches)) for _ in range(probe_batches)]
+
+    def probe_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            total = sum(float(trainer.compute_loss(model, b)) * len(b["input_ids"]) for b in probe)
+        model.train()
+        return total / sum(len(b["input_ids"]) for b in probe)
+
+    avg = 0.0
     try:
-        for i, batch in enumerate(loader):
-            if i >= settings.steps:
-                break
+        result.probe_start = probe_loss()
+        for i in range(settings.steps):
             lr = settings.min_lr * growth ** i
             for g, sweep in zip(optimizer.param_groups, swept):
                 if sweep:
                     g["lr"] = lr
-            batch = trainer._prepare_inputs(batch)
-            loss = trainer.compute_loss(model, batch)
+            loss = trainer.compute_loss(model, trainer._prepare_inputs(next(batches)))
             trainer.accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             value = float(loss.detach())
             avg = settings.smoothing * avg + (1 - settings.smoothing) * value
-            smoothed = avg / (1 - settings.smoothing ** (i + 1))
             result.lrs.append(lr)
             result.losses.append(value)
-            result.smoothed.append(smoothed)
-            if not math.isfinite(value) or (i > 2 and smoothed > settings.diverge_factor * best):
+            result.smoothed.append(avg / (1 - settings.smoothing ** (i + 1)))
+            result.probe_losses.append(probe_loss())
+            lowest = min([result.probe_start, *result.probe_losses])
+            if not math.isfinite(result.probe_losses[-1]) or result.probe_losses[-1] > settings.diverge_factor * lowest:
                 result.stopped_early = True
                 break
-            if smoothed < best:
-                best, best_lr = smoothed, lr
     finally:
         with torch.no_grad():
             for p, v in zip(params, saved):
@@ -110,11 +132,27 @@ def range_test(trainer, settings: RangeTest = RangeTest()) -> RangeTestResult:
         trainer.optimizer = None  # the run builds its own, with the picked rate
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
-    if best_lr is None:
+    if not result.probe_losses or not math.isfinite(result.probe_start):
         raise LeanformerError("the learning-rate range test produced no finite loss; check the data and the model")
-    result.min_loss_lr = best_lr
-    result.learning_rate = max(settings.min_lr, best_lr / settings.safety)
+    result.learning_rate, result.min_loss_lr, result.flat = pick(result.lrs, result.probe_start,
+                                                                 result.probe_losses, settings)
     return result
+
+
+def pick(lrs: list[float], start: float, probe_losses: list[float], settings: RangeTest = RangeTest()
+         ) -> tuple[float, float, bool]:
+    """(picked lr, lr at the probe minimum, flat) from a probe-loss curve; see the module docstring."""
+    finite = [(v, lr) for v, lr in zip(probe_losses, lrs) if math.isfinite(v)]
+    if not finite:
+        raise LeanformerError("the learning-rate range test produced no finite loss; check the data and the model")
+    best, min_lr = min(finite)
+    flat = best > start * (1 - settings.min_drop)
+    if flat:  # nothing learned within the test: the edge of stability, not a noise minimum
+        stable = [lr for v, lr in finite if v <= start * 1.1]
+        base = stable[-1] if stable else lrs[0]
+    else:
+        base = min_lr
+    return max(settings.min_lr, base / settings.safety), min_lr, flat
 
 
 def plot_range_test(result: RangeTestResult, path) -> None:
@@ -124,11 +162,15 @@ def plot_range_test(result: RangeTestResult, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    ax.plot(result.lrs, result.losses, ".", color="0.6", label="loss per step")
-    ax.plot(result.lrs, result.smoothed, "-", label="smoothed")
+    ax.plot(result.lrs, result.losses, ".", color="0.6", label="loss of the step's batch")
+    ax.plot(result.lrs, result.smoothed, "-", color="0.5", lw=0.8, label="… smoothed")
+    if result.probe_losses:
+        ax.plot(result.lrs[:len(result.probe_losses)], result.probe_losses, "-", color="C0", lw=2,
+                label="probe loss (what the pick reads)")
     ax.axvline(result.learning_rate, color="C3", ls="--", label=f"picked {result.learning_rate:.2g}")
     if result.min_loss_lr:
-        ax.axvline(result.min_loss_lr, color="0.4", ls=":", label=f"minimum {result.min_loss_lr:.2g}")
+        ax.axvline(result.min_loss_lr, color="0.4", ls=":",
+                   label=f"probe minimum {result.min_loss_lr:.2g}" + (" (flat: noise)" if result.flat else ""))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
