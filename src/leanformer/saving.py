@@ -34,6 +34,7 @@ from .compress import prune as _prune
 from .compress import quantization as _quantize
 from .compress.size import size_report
 from .constants import HEAD_MODULE_NAMES, SAVE_FORMAT
+from .dynamic import moe as _moe
 from .errors import LeanformerError
 from .files import load_json, load_tensors, output_dir, save_json, save_tensors
 from .models import head_kind, load_pretrained, load_tokenizer, resolve
@@ -48,9 +49,9 @@ def _replay_weights_only(transform: str):
 
 
 REPLAY = {"prune": _prune.replay, "quantize": _quantize.replay, "adapt": _adapters.replay,
-          "heal": _replay_weights_only("heal")}
+          "heal": _replay_weights_only("heal"), "moefy": _moe.replay, "relu_mlp": _moe.replay_relu}
 # module types no plain transformers checkpoint can hold
-FOREIGN_MODULES = (_quantize.QuantizedLinear, AdaptedLinear, _prune.LinearReplacement)
+FOREIGN_MODULES = (_quantize.QuantizedLinear, AdaptedLinear, _prune.LinearReplacement, _moe.MoEMLP, _moe.AddBias)
 HF_WEIGHTS, LF_WEIGHTS = "model.safetensors", "leanformer.safetensors"
 
 

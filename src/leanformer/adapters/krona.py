@@ -96,14 +96,14 @@ class KronA(AdapterConfig):
     method = "krona"
     # KronA has no public code and its paper (Edalati et al. 2022, §4) gives no per-task learning rate we
     # could retrieve; placement and scale follow the paper (parallel to Wq and Wv, ΔW = s·A⊗B, s = 1).
-    # The learning rate is our range test's pick (train/lr_finder.py) on SST-2 *training* batches
-    # (minilm, batch 16: loss flat up to 1e-2, minimum at 0.35, pick 3.5e-2), never dev data. At 1e-3 —
-    # the rate of the earlier benchmark, where KronA and LoKr sat near chance — A (zero at the start)
-    # moves so little in a few hundred steps that ΔW stays ≈ 0 (SST-2 training loss 0.686 → 0.682 in
-    # 80 steps of 32, the same as at 1e-4: only the head learned).
-    recipe = Recipe(learning_rate=3e-2, head_learning_rate=None, roles=("q", "v"), alpha=1.0, warmup_ratio=0.06,
+    # The learning rate was chosen on a split of SST-2's *training* set (1 000 held-out training
+    # sentences, never dev; minilm, 200 steps of 8, seed 0): accuracy 84.7 at 1e-2, 79.1 at 3e-2. At
+    # 1e-3 — the rate of an earlier benchmark, where KronA and LoKr sat near chance — A (zero at the
+    # start) moves so little in a few hundred steps that ΔW stays ≈ 0 (SST-2 training loss 0.686 → 0.682
+    # in 80 steps of 32, the same as at 1e-4: only the head learned).
+    recipe = Recipe(learning_rate=1e-2, head_learning_rate=None, roles=("q", "v"), alpha=1.0, warmup_ratio=0.06,
                     weight_decay=0.0, source="Edalati et al. 2022 (KronA) for placement and scale; learning rate "
-                                             "from a range test on SST-2 training batches")
+                                             "chosen on a held-out split of SST-2 training data")
 
     def shapes(self, out_f: int, in_f: int, name: str) -> tuple[tuple[int, int], tuple[int, int]]:
         a, b = self.a_shape, self.b_shape
