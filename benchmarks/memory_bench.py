@@ -7,16 +7,15 @@
   * AdamW vs NAG-GS for full fine-tuning and for that LoRA (NAG-GS at the paper's GLUE defaults:
     α 5e-2, μ = γ = 1, constant schedule; no lr tuning).
 
-Protocol and budget follow benchmarks/adapters_bench.py (a fixed random sample of the training split,
-batch 32, max length 64, group-by-length batches, one epoch, AdamW with linear decay and 6 % warm-up,
-the task head at lr 1e-3 for adapter methods, full dev set, torch threads 1, one subprocess per run,
-two runs at a time), except the training sample: --train-samples (default 1 000 sentences, 32 steps,
-instead of 8 000) so that 9 methods × 2 tasks × 3 seeds fit in the time this shared 2-core machine
-had (each run also pays its dev-set evaluation and, for SparseGrad, 10 warm-up batches for the basis).
+Protocol and budget follow benchmarks/adapters_bench.py: a fixed random sample of the training split
+(--train-samples, default 1 200 sentences: one epoch of 150 steps of 8, the adapters benchmark's
+budget), max length 128, group-by-length batches, AdamW with linear decay and 6 % warm-up, the task
+head at lr 1e-3 for adapter methods, full dev set, torch threads 1, one subprocess per run, two runs
+at a time. SparseGrad's basis costs 10 extra warm-up batches.
 
 Each run records the dev metric (SST-2 accuracy, CoLA MCC) with its per-example predictions, peak RSS
 of its process, the bytes autograd saves for backward on one fixed training batch (32 sentences
-padded to 64 tokens; torch.autograd.graph.saved_tensors_hooks, all activations and the part saved
+padded to the max length; torch.autograd.graph.saved_tensors_hooks, all activations and the part saved
 by Linear layers), the optimizer's state bytes at the end of training, and the median step time
 (two runs share the 2 cores, so compare step times loosely).
 
@@ -204,7 +203,8 @@ def summarize(runs: list[dict], args) -> tuple[dict, str]:
              f"{args.train_samples} training sentences (fixed sample), {args.epochs:g} epoch, batch {args.batch_size}, "
              f"max length {args.max_seq_length}, seeds {args.seeds}, full dev sets, torch threads 1, two runs at a time on "
              f"2 cores. Commit {commit}.", "",
-             "Activations: bytes autograd saves for backward on one fixed batch of 32 × 64 tokens (saved-tensor hooks); "
+             f"Activations: bytes autograd saves for backward on one fixed batch of 32 × {args.max_seq_length} tokens "
+             "(saved-tensor hooks); "
              "'linear' is the part saved by Linear layers. Optimizer state at the end of training. "
              "Step time: median over the run's steps.", "",
              *([f"Left out (not started by --start-by {args.start_by} UTC): {', '.join(args.left_out)}", ""]
@@ -296,11 +296,11 @@ def main() -> int:
     p.add_argument("--data", default=str(root / "glue") if root else None, help="directory holding SST-2/ and CoLA/")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    p.add_argument("--train-samples", type=int, default=1000)
+    p.add_argument("--train-samples", type=int, default=1200)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-seq-length", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--workers", type=int, default=2, help="training runs in parallel (one thread each)")
     p.add_argument("--out", default=str(ROOT / "results" / "memory"))
     p.add_argument("--report-only", action="store_true", help="rebuild the report from saved per-run results")
