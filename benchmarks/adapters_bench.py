@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("SST-2", "CoLA", "MRPC", "RTE")
 PRIMARY = {"SST-2": "accuracy", "CoLA": "mcc", "MRPC": "accuracy", "RTE": "accuracy"}
 XS_RANKS = (4, 8, 16, 25)
-FIXED_LRS = (2e-3,)  # with the recipe's 5e-4: the fixed-rate grid auto is compared with
+FIXED_LRS = (5e-4,)  # the LoRA paper's rate; with the recipe's 2e-3: the fixed-rate grid auto is compared with
 # In the order they run (a run cut short keeps every seed of the first ones): the targets' pairs first.
 METHODS = (["full", "lora", "lora_xs_r16", "krona", "lora_auto"] + [f"lora_lr{lr:g}" for lr in FIXED_LRS]
            + ["peft_lora", "peft_lokr", "dylora"] + [f"lora_xs_r{r}" for r in XS_RANKS if r != 16])
@@ -190,9 +190,10 @@ def summarize(runs: list[dict], args) -> tuple[dict, str]:
     majority_mean = sum(majority.values()) / len(majority)
 
     def judged(*methods: str) -> bool:
-        # A comparison says something only when every method in it has learned: its mean is more than
-        # one point above the majority-class mean. Two methods both at the baseline "tie" vacuously.
-        return all(by[m]["mean"] - majority_mean > 1.0 for m in methods)
+        # A comparison says something only when a method in it has learned (its mean is more than one
+        # point above the majority-class mean): two methods both at the baseline "tie" vacuously, while
+        # one that learned against one that did not is a real difference.
+        return any(by[m]["mean"] - majority_mean > 1.0 for m in methods)
 
     targets = {}
     if {"lora", "full"} <= set(by):
@@ -251,13 +252,13 @@ def summarize(runs: list[dict], args) -> tuple[dict, str]:
         lines += ["", f"Not run (the run was stopped at the time limit): {', '.join(missing) or '—'}; "
                       f"incomplete: {', '.join(partial) or '—'}."]
     lines += ["", "A method at the majority-class row has not learned the task within the budget; a target met "
-              "there (two methods both at the baseline) says nothing about the methods."]
+              "there (two methods both at the baseline) says nothing about the methods, so it is not judged."]
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for k, v in targets.items():
         shown = {kk: (float(f"{vv:.3g}") if isinstance(vv, float) else vv) for kk, vv in v.items()
                  if kk not in ("met", "judged")}
         verdict = ("yes" if v["met"] else "**no**") if v["judged"] else \
-            "not judged: a method in it is within 1 point of the majority-class mean"
+            "not judged: every method in it is within 1 point of the majority-class mean"
         if "param_ratio" in v and (v["param_ratio"] < 10 or (v["file_ratio_vs_peft_lora"] or 0) < 10):
             verdict += " (size part: **no**)"  # the size criteria hold or fail whatever was learned
         lines.append(f"| {k} | {json.dumps(shown)} | {verdict} |")

@@ -70,10 +70,14 @@ class DyLoRA(LowRankConfig):
     frozen: bool = False
     method = "dylora"
     # huawei-noah/Efficient-NLP, DyLoRA/examples/NLU/roberta_base_mrpc.sh (and _rte.sh): RoBERTa-base,
-    # query and value, r_max 8, α 16, lr 4e-4, warm-up ratio 0.06, weight decay 0.1, batch 16.
-    recipe = Recipe(learning_rate=4e-4, head_learning_rate=None, roles=("q", "v"), alpha=16.0, warmup_ratio=0.06,
+    # query and value, r_max 8, α 16, lr 4e-4, warm-up ratio 0.06, weight decay 0.1, batch 16. All but the
+    # rate is theirs: like LoRA's 5e-4 (see LoRA.recipe), 4e-4 is made for tens of epochs. The rate was
+    # checked on a split of SST-2's *training* set (1 000 held-out training sentences, never dev; minilm,
+    # 150 steps of 8, seed 0): 84.0 at 2e-3 (LoRA there: 84.8 at 2e-3, 52.2 at 5e-4).
+    recipe = Recipe(learning_rate=2e-3, head_learning_rate=None, roles=("q", "v"), alpha=16.0, warmup_ratio=0.06,
                     weight_decay=0.1, source="Valipour et al. 2023 (DyLoRA); Efficient-NLP DyLoRA/examples/NLU/"
-                                             "roberta_base_mrpc.sh")
+                                             "roberta_base_mrpc.sh; lr chosen on a held-out split of SST-2 training "
+                                             "data (short budgets)")
 
     def build(self, base: nn.Linear, name: str) -> DyLoRAModule:
         self.check_rank(base, name)

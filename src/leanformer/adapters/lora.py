@@ -46,9 +46,14 @@ class LoRA(LowRankConfig):
     # some tasks), warm-up ratio 0.06, linear decay, the head trained at the same rate. α = 16 and weight
     # decay 0.1 as the RoBERTa-base GLUE scripts built on microsoft/LoRA's examples/NLU set them
     # (huawei-noah/Efficient-NLP DyLoRA/examples/NLU/roberta_base_mrpc.sh; LoRA-XS main_glue.py: α 16).
-    recipe = Recipe(learning_rate=5e-4, head_learning_rate=None, roles=("q", "v"), alpha=16.0, warmup_ratio=0.06,
+    # All of it is theirs but the learning rate: 5e-4 is made for 30–80 epochs and hardly moves B in the
+    # few hundred steps of a small task. The rate was chosen on a split of SST-2's *training* set (1 000
+    # held-out training sentences, never dev; minilm, 150 steps of 8, seed 0): accuracy 52.2 at 5e-4
+    # (only the head learned), 84.8 at 2e-3, 84.0 at 5e-3.
+    recipe = Recipe(learning_rate=2e-3, head_learning_rate=None, roles=("q", "v"), alpha=16.0, warmup_ratio=0.06,
                     weight_decay=0.1, source="Hu et al. 2021 (LoRA) §5.1/App. D; α and weight decay from the "
-                                             "microsoft/LoRA-derived NLU scripts")
+                                             "microsoft/LoRA-derived NLU scripts; lr chosen on a held-out split of "
+                                             "SST-2 training data (short budgets)")
 
     def build(self, base: nn.Linear, name: str) -> LoRAModule:
         self.check_rank(base, name)
