@@ -380,6 +380,10 @@ def test_range_test_pick_reads_the_valley_and_refuses_a_noise_minimum():
     noise = [0.6931 + 0.0005 * ((-1) ** i) for i in range(18)] + [0.70, 0.74, 0.8, 1.2, 2.0, 3.0, 4.0]
     lr, at_min, flat = pick(lrs, 0.6931, noise)  # the minimum (step 1) is noise: take the last stable rate
     assert flat and at_min == lrs[1] and lr == pytest.approx(lrs[19] / 10)
+    # past the edge (the first rise of 10 % above the start) the loss swings: a lucky dip there is not the pick
+    swinging = [0.6931] * 15 + [0.80, 0.60, 1.3, 0.9, 2.0] + [5.0] * 5
+    lr, at_min, flat = pick(lrs, 0.6931, swinging)
+    assert flat and lr == pytest.approx(lrs[14] / 10)
 
 
 def test_learning_rate_auto_on_a_task_too_small_says_how_many_batches(tiny_dir, csv_task, tmp_path, capsys):

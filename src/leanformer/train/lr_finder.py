@@ -6,12 +6,13 @@ training batches. After each step the loss of a fixed *probe* of `probe_examples
 (held out of the sweep, evaluated without dropout) is recorded: the loss of the step's own batch,
 what fastai reads, is mostly batch-to-batch noise for a classifier near its starting loss (ln 2
 for two classes) at the batch sizes of a CPU run, and its minimum then falls anywhere. The test
-stops once the probe loss has blown up to `diverge_factor`× its minimum. The pick is the learning
-rate at the probe's minimum divided by `safety` (10: the minimum sits at the edge of divergence; a
-tenth of it is the usual choice, fastai's `lr_min`). When no step lowered the probe loss by
-`min_drop` (relative), the minimum is noise: the pick is then the largest learning rate before
-the probe loss rose by 10 %, divided by `safety`, and the result says so (`flat`). Only training
-batches are used, never dev data.
+stops once the probe loss has blown up to `diverge_factor`× its minimum. Only the stable part of
+the curve is read: the steps before the probe loss first rises `rise` (10 %) above its start;
+beyond it the loss swings and can dip by luck. The pick is the learning rate at the probe's
+minimum there divided by `safety` (10: the minimum sits near the edge of divergence; a tenth of it
+is the usual choice, fastai's `lr_min`). When no stable step lowered the probe loss by `min_drop`
+(relative), the minimum is noise: the pick is then the last stable learning rate divided by
+`safety`, and the result says so (`flat`). Only training batches are used, never dev data.
 
 The test trains the real model with the real optimizer (a classifier head with its own learning
 rate keeps that rate; every other parameter group sweeps), then puts back every trainable parameter
@@ -37,6 +38,7 @@ class RangeTest:
     smoothing: float = 0.8   # EMA of the per-batch loss, for the plot only
     diverge_factor: float = 4.0
     min_drop: float = 0.01   # a probe minimum less than 1 % below the start is noise
+    rise: float = 0.1        # the probe loss 10 % above its start marks the edge of stability
     safety: float = 10.0
 
 
@@ -141,17 +143,21 @@ def range_test(trainer, settings: RangeTest = RangeTest()) -> RangeTestResult:
 
 def pick(lrs: list[float], start: float, probe_losses: list[float], settings: RangeTest = RangeTest()
          ) -> tuple[float, float, bool]:
-    """(picked lr, lr at the probe minimum, flat) from a probe-loss curve; see the module docstring."""
-    finite = [(v, lr) for v, lr in zip(probe_losses, lrs) if math.isfinite(v)]
-    if not finite:
-        raise LeanformerError("the learning-rate range test produced no finite loss; check the data and the model")
-    best, min_lr = min(finite)
+    """(picked lr, lr at the probe minimum, flat) from a probe-loss curve; see the module docstring.
+
+    Only the stable part of the curve counts: the steps before the probe loss first rises `rise`
+    above its start. Past that edge the loss swings, and a lucky dip at a rate that has already
+    started to diverge must not be the minimum."""
+    stable = []
+    for v, lr in zip(probe_losses, lrs):
+        if not math.isfinite(v) or v > start * (1 + settings.rise):
+            break
+        stable.append((v, lr))
+    if not stable:
+        return settings.min_lr, lrs[0] if lrs else settings.min_lr, True
+    best, min_lr = min(stable)
     flat = best > start * (1 - settings.min_drop)
-    if flat:  # nothing learned within the test: the edge of stability, not a noise minimum
-        stable = [lr for v, lr in finite if v <= start * 1.1]
-        base = stable[-1] if stable else lrs[0]
-    else:
-        base = min_lr
+    base = stable[-1][1] if flat else min_lr  # flat: nothing learned within the test, take the edge of stability
     return max(settings.min_lr, base / settings.safety), min_lr, flat
 
 
