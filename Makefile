@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.leanformer-installed
 
-.PHONY: env demo test bench zoo-table clean
+.PHONY: env demo test bench dynamic-bench zoo-table clean
 
 env: $(STAMP)
 
@@ -24,6 +24,9 @@ test: env
 
 bench: env
 	@for b in benchmarks/*_bench.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+dynamic-bench: env  # dense vs dynamic-k MoE vs early exit, FLOPs and CPU latency (hours on one thread)
+	$(PY) benchmarks/dynamic_bench.py
 
 zoo-table: env  # the README's architecture support table, from the zoo test's recorded outcomes
 	$(PY) benchmarks/zoo_table.py

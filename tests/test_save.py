@@ -108,8 +108,8 @@ def edit_meta(path, change):
 
 
 def test_unknown_transform_is_named(saved):
-    edit_meta(saved, lambda m: m["transforms"].insert(1, {"transform": "moefy", "config": {}, "state": {}}))
-    with pytest.raises(LeanformerError, match=r"unknown transform\(s\) \['moefy'\].*knows prune, quantize, adapt"):
+    edit_meta(saved, lambda m: m["transforms"].insert(1, {"transform": "distill", "config": {}, "state": {}}))
+    with pytest.raises(LeanformerError, match=r"unknown transform\(s\) \['distill'\].*knows prune, quantize, adapt"):
         lf.load(saved)
 
 

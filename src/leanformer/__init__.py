@@ -4,6 +4,7 @@ from .adapters import (DyLoRA, KronA, LoRA, LoRAXS, MeProp, SparseGrad, active_a
 from .compress import HQQ, RTN, Kashin, QuantizedLinear, quantize, size_report
 from .compress.prune import LinearReplacement, PruneConfig, prune_layers
 from .convert import convert_llama2c
+from .dynamic.early_exit import EarlyExit, early_exit
 from .dynamic.moe import DSTI, moefy, relu_mlp
 from . import dynamic
 from .errors import LeanformerError

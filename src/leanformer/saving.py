@@ -35,6 +35,7 @@ from .compress import quantization as _quantize
 from .compress.size import size_report
 from .constants import HEAD_MODULE_NAMES, SAVE_FORMAT
 from .dynamic import moe as _moe
+from .dynamic import early_exit as _early_exit
 from .errors import LeanformerError
 from .files import load_json, load_tensors, output_dir, save_json, save_tensors
 from .models import head_kind, load_pretrained, load_tokenizer, resolve
@@ -49,9 +50,11 @@ def _replay_weights_only(transform: str):
 
 
 REPLAY = {"prune": _prune.replay, "quantize": _quantize.replay, "adapt": _adapters.replay,
-          "heal": _replay_weights_only("heal"), "moefy": _moe.replay, "relu_mlp": _moe.replay_relu}
+          "heal": _replay_weights_only("heal"), "moefy": _moe.replay, "relu_mlp": _moe.replay_relu,
+          "early_exit": _early_exit.replay}
 # module types no plain transformers checkpoint can hold
-FOREIGN_MODULES = (_quantize.QuantizedLinear, AdaptedLinear, _prune.LinearReplacement, _moe.MoEMLP, _moe.AddBias)
+FOREIGN_MODULES = (_quantize.QuantizedLinear, AdaptedLinear, _prune.LinearReplacement, _moe.MoEMLP, _moe.PassThrough,
+                   _early_exit.ExitHeads)
 HF_WEIGHTS, LF_WEIGHTS = "model.safetensors", "leanformer.safetensors"
 
 

@@ -54,7 +54,9 @@ class FinetuneArguments:
     task: str = field(metadata={"help": "GLUE-format dir, 'TRAIN,DEV' CSV/JSONL pair, or HF dataset name"})
     out: str = field(metadata={"help": "output directory: the adapter (or model) and metrics.json", "metavar": "DIR"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out directory whole"})
-    method: str = field(default="lora", metadata={"help": "adapter method, or full fine-tuning", "choices": METHODS})
+    method: str | None = field(default=None, metadata={
+        "help": "adapter method, or full fine-tuning (default lora; with --early-exit: none, the backbone stays "
+                "frozen; a method given trains it jointly with the exits)", "choices": METHODS})
     rank: int = field(default=8, metadata={"help": "adapter rank (dylora: the maximum rank)"})
     alpha: float | None = field(default=None, metadata={
         "help": "scale: ΔW·alpha/rank (default 16); krona: ΔW = alpha·A⊗B (default 1)"})
@@ -83,6 +85,26 @@ class FinetuneArguments:
     linearity_reg: float = field(default=0.0, metadata={
         "help": "λ of the cosine regulariser λ·Σ(1 − cos(h_i, h_{i−1})) on the residual stream, added to the loss "
                 "and logged", "metavar": "λ"})
+    sparsity_reg: str | None = field(default=None, metadata={
+        "help": "D2DMoE's sparsity phase before `leanformer moefy`: add w·(square Hoyer ‖a‖₁²/‖a‖₂², or L1) of the "
+                "MLP activations to the loss, w warmed up linearly (Piórczyński et al. 2024, §3.1)",
+        "choices": ["hoyer", "l1"]})
+    sparsity_weight: float | None = field(default=None, metadata={
+        "help": "w of --sparsity-reg (default: 1e-3 for hoyer, 1e-4 for l1, the paper's values)", "metavar": "W"})
+    sparsity_warmup: float = field(default=0.5, metadata={
+        "help": "fraction of the steps over which --sparsity-weight rises linearly from 0"})
+    relu_mlp: bool = field(default=False, metadata={
+        "help": "switch the MLP activations (GELU, SiLU) to ReLU before training: ReLU gives exact zeros, which "
+                "a moefied model turns into skipped experts; GELU/SiLU almost never output 0"})
+    early_exit: str | None = field(default=None, metadata={
+        "help": "train internal classifiers after each block for early exit: ztw (Zero Time Waste: cascade + "
+                "geometric ensemble, Wołczyk et al. 2021) or plain (independent); heads at --learning-rate "
+                "(default 1e-3), then ztw's ensembles at --ensemble-learning-rate", "choices": ["ztw", "plain"]})
+    exit_tau: float = field(default=0.9, metadata={
+        "help": "--early-exit: the exit threshold saved with the model (eval --tau / --tau-sweep override it)",
+        "metavar": "τ"})
+    ensemble_learning_rate: float | None = field(default=None, metadata={
+        "help": "--early-exit ztw: learning rate of the ensemble phase (default 1e-4, the authors')"})
     max_seq_length: int = field(default=128, metadata={"help": "tokens per example (longer ones are truncated)"})
     max_train_samples: int | None = field(default=None, metadata={
         "help": "train on a fixed random sample of this many examples (the same for every --seed)"})
@@ -171,6 +193,20 @@ def memory_options(opts: FinetuneArguments) -> dict:
                 linearity_reg=opts.linearity_reg)
 
 
+def sparsity_options(opts: FinetuneArguments) -> dict:
+    """finetune's keyword arguments for --sparsity-reg, --sparsity-weight, --sparsity-warmup and --relu-mlp."""
+    from ..train.regularizers import ActivationSparsity
+
+    if opts.sparsity_reg is None and opts.sparsity_weight is not None:
+        raise LeanformerError("--sparsity-weight needs --sparsity-reg hoyer|l1")
+    reg = None
+    if opts.sparsity_reg is not None:
+        weight = opts.sparsity_weight if opts.sparsity_weight is not None else \
+            {"hoyer": 1e-3, "l1": 1e-4}[opts.sparsity_reg]
+        reg = ActivationSparsity(opts.sparsity_reg, weight, opts.sparsity_warmup)
+    return dict(sparsity_reg=reg, relu_mlp=opts.relu_mlp)
+
+
 def run(args) -> int:
     from transformers import TrainingArguments, set_seed
 
@@ -178,6 +214,15 @@ def run(args) -> int:
     from ..train.finetuning import finetune, last_checkpoint
 
     opts = _from_namespace(FinetuneArguments, args)
+    if opts.method is None and not opts.early_exit:
+        opts.method = "lora"
+    early_exit, heads_lr = None, None
+    if opts.early_exit:  # checked before the model loads
+        from ..dynamic.early_exit import HEADS_LEARNING_RATE, EarlyExit
+
+        early_exit = EarlyExit(opts.early_exit, opts.exit_tau, **({} if opts.ensemble_learning_rate is None else
+                                                                   {"ensemble_learning_rate": opts.ensemble_learning_rate}))
+        heads_lr = HEADS_LEARNING_RATE if opts.method is None else None  # the exits alone: the ZTW authors' rate
     out = Path(opts.out)
     if out.is_dir() and any(out.iterdir()) and not opts.overwrite:  # fail before the long part
         raise LeanformerError(f"--out {out} already exists and is not empty; choose a new directory or pass --overwrite")
@@ -192,7 +237,7 @@ def run(args) -> int:
     auto_lr = args.learning_rate == "auto"
     if args.learning_rate is None or auto_lr:  # (auto: a placeholder until the range test has picked)
         lr = (LEARNING_RATE["naggs"] if opts.optimizer == "naggs" else recipe.learning_rate if recipe
-              else LEARNING_RATE["full" if opts.method == "full" else "adapter"])
+              else heads_lr or LEARNING_RATE["full" if opts.method == "full" else "adapter"])
     else:
         lr = args.learning_rate
     chosen = {"learning_rate": "auto" if auto_lr else "flag" if args.learning_rate is not None else "recipe"}
@@ -223,8 +268,9 @@ def run(args) -> int:
         model.config.id2label = dict(enumerate(task.label_names))
         model.config.label2id = {n: i for i, n in enumerate(task.label_names)}
     alpha_given, targets_given = opts.alpha is not None, bool(opts.targets)
-    method = "full" if opts.method == "full" else build_config(opts, classifier_head_name(model), model)
-    if opts.method != "full":
+    method = (None if opts.method is None else "full" if opts.method == "full"
+              else build_config(opts, classifier_head_name(model), model))
+    if opts.method not in ("full", None):
         chosen.update(alpha="flag" if alpha_given else "recipe", targets="flag" if targets_given else "recipe")
     resume = training.resume_from_checkpoint or last_checkpoint(training.output_dir)
     if resume and main_process:
@@ -236,7 +282,7 @@ def run(args) -> int:
                            head_learning_rate=opts.head_learning_rate, resume_from_checkpoint=resume,
                            learning_rate_test=RangeTest() if auto_lr else None,
                            eval_steps=int(training.eval_steps) if training.eval_steps else None,
-                           **memory_options(opts))
+                           early_exit=early_exit, **memory_options(opts), **sparsity_options(opts))
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
@@ -247,9 +293,9 @@ def run(args) -> int:
         "learning_rate": training.learning_rate, "head_learning_rate": opts.head_learning_rate,
         "warmup_steps": training.warmup_steps, "weight_decay": training.weight_decay,
         "lr_scheduler_type": str(getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)),
-        **({"alpha": opts.alpha} if opts.method != "full" else {}), "source": chosen,
+        **({"alpha": opts.alpha} if opts.method not in ("full", None) else {}), "source": chosen,
         "recipe": recipe.to_json() if recipe else None}
-    if opts.method != "full":
+    if opts.method not in ("full", None):
         from ..adapters import adapter_configs
 
         targets = next(iter(adapter_configs(model).values())).targets  # as resolved for this architecture

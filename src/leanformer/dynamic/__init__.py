@@ -43,7 +43,8 @@ class DynamicKind:
 
 KINDS: dict[str, DynamicKind] = {}
 # how a user makes each kind, for error messages (a kind's module may not be imported yet)
-HOW_TO_MAKE = {"moefy": "lf.moefy / `leanformer moefy`", "early_exit": "lf.EarlyExit / `leanformer finetune --early-exit ztw`"}
+HOW_TO_MAKE = {"moefy": "lf.moefy / `leanformer moefy`",
+               "early_exit": "lf.EarlyExit / `leanformer finetune --early-exit ztw`"}
 
 
 def register(kind: DynamicKind) -> DynamicKind:

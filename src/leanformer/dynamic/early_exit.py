@@ -10,8 +10,8 @@ forward pass ends when no row is left. The block each example exited after is re
 (`last_exits`), and the counters behind `leanformer.dynamic.cost` add up what was executed.
 
 kind="ztw" (the authors' ztw_nlp/architectures/early_exits/ztw.py and heads.py):
-  cascade    IC k reads [h_k[CLS]; LayerNorm(detached logits of IC k−1)] through one Linear layer
-             (TransformerCascadingHead; the first IC reads h_0[CLS] only)
+  cascade    IC k reads [h_k[CLS]; LayerNorm(detached logits of IC k−1)] (h_k: block k's output)
+             through one Linear layer (TransformerCascadingHead; the first IC reads h_1[CLS] only)
   ensemble   exit k's prediction is softmax(q_k), q_k = mean_{j≤k} exp(w_kj)·log p_j + b_k, with its
              own weights w_k (init N(0, 0.01)) and bias b_k (init 0) (GeometricWeightedEnsemble:
              the mean, not the sum, and a per-class bias); no ensemble over the model's own head
@@ -25,8 +25,9 @@ Training (train/finetuning.py, `finetune(..., early_exit=EarlyExit(...))`, `lean
 --early-exit ztw`) goes through transformers.Trainer: phase 1 trains the ICs on the mean of their
 cross-entropies (backbone frozen and in eval mode, as the authors' `train('without_backbone')`; or
 jointly with the backbone when a method is given, the model's head's loss included), phase 2 (ztw)
-trains only the ensembles, at ENSEMBLE_LEARNING_RATE. The ICs run inside the model's forward (block
-hooks), so DDP / FSDP see them as the model's own parameters.
+trains only the ensembles, at ENSEMBLE_LEARNING_RATE. In training mode the ICs run inside the
+model's forward (block hooks) and the forward returns their loss as the model's loss, so DDP / FSDP
+and any Trainer see the heads as the model's own parameters.
 """
 from __future__ import annotations
 
@@ -141,6 +142,7 @@ class ExitHeads(nn.Module):
                                  for k in range(n_blocks - 1))
         self.ensembles = nn.ModuleList(GeometricEnsemble(k + 1, n_classes) for k in range(n_blocks - 1)) \
             if kind == "ztw" else nn.ModuleList()
+        self.training_exits = False  # set by prepare_training: training forwards return the exits' loss
         self.phase = "heads"  # training: "heads" (the ICs' losses) or "ensemble" (the ensembles' losses)
         self.train_backbone = False  # training: False keeps the backbone in eval mode (no dropout)
         self.collect_all = False  # eval mode: keep every exit's logits instead of exiting (all_exits)
@@ -208,6 +210,8 @@ class ExitHeads(nn.Module):
     # -- the model's forward ------------------------------------------------------------------------
 
     def forward_model(self, model: nn.Module, original, kwargs: dict):
+        if self.training and not self.training_exits:  # trained as a plain classifier: the exits take no part
+            return original(**kwargs)
         if self.training or self.collect_all:
             return self._forward_collect(model, original, kwargs)
         if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):  # every layer's, so every layer runs
@@ -226,7 +230,23 @@ class ExitHeads(nn.Module):
             if frozen:
                 model.train()
             self.collected, self._pass = self._pass, None
+        if self.training and kwargs.get("labels") is not None:
+            # the exits' loss is the model's loss, so that DDP (which looks for the parameters the output
+            # depends on) and every Trainer see the heads as part of the model
+            out.loss = self.training_loss(kwargs["labels"], out.loss)
         return out
+
+    def training_loss(self, labels: torch.Tensor, model_loss: torch.Tensor | None) -> torch.Tensor:
+        """Mean cross-entropy of the ICs (phase "heads"; with the model's own head's loss when the backbone
+        trains too, as the authors' methods/early_exit.py) or of the ensembles (phase "ensemble")."""
+        p = self.collected
+        labels = labels.view(-1)
+        outputs = p.exit_logits if self.phase == "ensemble" else p.ic_logits
+        terms = [F.cross_entropy(o.float(), labels) for o in outputs]
+        if self.phase == "heads" and self.train_backbone and model_loss is not None:
+            terms.append(model_loss)
+        self.collected = None  # not kept past the step: deepcopy refuses graph tensors
+        return torch.stack(terms).mean()
 
     def _forward_exiting(self, model, original, kwargs, run_ics: bool):
         from transformers.modeling_outputs import SequenceClassifierOutput
@@ -238,7 +258,7 @@ class ExitHeads(nn.Module):
         batch, seq = rows_of.shape[0], rows_of.shape[1]
         device = rows_of.device
         p = _Pass(collect=False, batch=batch, active=torch.arange(batch, device=device), run_ics=run_ics,
-                  out_logits=torch.empty(batch, self.n_classes, device=device),
+                  out_logits=torch.empty(batch, self.n_classes, device=device, dtype=self.ics[0].fc.weight.dtype),
                   exit_block=torch.full((batch,), self.n_blocks, dtype=torch.long, device=device))
         self._pass = p
         try:
@@ -248,8 +268,7 @@ class ExitHeads(nn.Module):
         finally:
             self._pass = None
         if final is not None:
-            p.out_logits = p.out_logits.to(final.dtype)
-            p.out_logits[p.active] = final
+            p.out_logits[p.active] = final.to(p.out_logits.dtype)
         mask = kwargs.get("attention_mask")
         lengths = mask.sum(dim=1) if mask is not None else torch.full((batch,), seq, device=device)
         self.last_exits = p.exit_block.cpu()
@@ -279,6 +298,9 @@ class ExitHeads(nn.Module):
             c["dense_mlp_flops"] += dense_mlp
 
     def cost(self) -> dict:
+        """Since the last reset: FLOPs executed (ICs included) over the dense model's on the same examples
+        (flops_per_token; mlp_flops_per_token for the MLPs alone), layers_executed (mean fraction of the
+        blocks run), exit_counts[b] (examples that ran b + 1 blocks; the last entry: the model's own head)."""
         c = self.counts
         ratio = (lambda a, b: a / b if b else None)
         return {"mlp_flops_per_token": ratio(c["mlp_flops"], c["dense_mlp_flops"]),
@@ -372,8 +394,8 @@ def _check_model(model: nn.Module) -> tuple[nn.ModuleList, int, int]:
 
 def _install(model: nn.Module, config: EarlyExit) -> ExitHeads:
     blocks, hidden, n_classes = _check_model(model)
-    device = next(model.parameters()).device
-    heads = ExitHeads(config.kind, len(blocks), hidden, n_classes, config.tau).to(device)
+    like = next(model.parameters())
+    heads = ExitHeads(config.kind, len(blocks), hidden, n_classes, config.tau).to(like.device, like.dtype)
     model.add_module(MODULE_NAME, heads)
     for i, block in enumerate(blocks):
         if i:
@@ -436,7 +458,7 @@ def prepare_training(model: nn.Module, config: EarlyExit, train_backbone: bool) 
         p.requires_grad_(True)
     for p in heads.ensembles.parameters():
         p.requires_grad_(False)
-    heads.phase, heads.train_backbone = "heads", train_backbone
+    heads.phase, heads.train_backbone, heads.training_exits = "heads", train_backbone, True
     return heads
 
 
@@ -447,30 +469,13 @@ def start_ensemble_phase(model: nn.Module) -> ExitHeads:
         p.requires_grad_(False)
     for p in heads.ensembles.parameters():
         p.requires_grad_(True)
-    heads.phase, heads.train_backbone = "ensemble", False
+    heads.phase, heads.train_backbone, heads.training_exits = "ensemble", False, True
     return heads
 
 
 def end_training(model: nn.Module) -> None:
     heads = _require_heads(model)
-    heads.phase, heads.train_backbone, heads.collected = "heads", False, None
-
-
-def training_loss(model: nn.Module, labels: torch.Tensor, model_loss: torch.Tensor | None) -> torch.Tensor:
-    """The loss of the last training forward: mean cross-entropy of the ICs (phase "heads"; with the
-    model's own head's loss when the backbone trains too, as the authors' methods/early_exit.py) or of
-    the ensembles (phase "ensemble")."""
-    heads = _require_heads(model)
-    p = heads.collected
-    if p is None or not p.ic_logits:
-        raise LeanformerError("no early-exit outputs were collected in the last forward pass (was it run in training mode?)")
-    labels = labels.view(-1)
-    outputs = p.exit_logits if heads.phase == "ensemble" else p.ic_logits
-    terms = [F.cross_entropy(o.float(), labels) for o in outputs]
-    if heads.phase == "heads" and heads.train_backbone and model_loss is not None:
-        terms.append(model_loss)
-    heads.collected = None
-    return torch.stack(terms).mean()
+    heads.phase, heads.train_backbone, heads.training_exits, heads.collected = "heads", False, False, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,3 +524,22 @@ register(DynamicKind(TRANSFORM, "exit threshold: an example leaves at the first 
                                 "probability exceeds τ (1: never early)",
                      _set_tau, lambda m: _require_heads(m).reset_cost(), lambda m: _require_heads(m).cost()))
 
+
+
+@torch.no_grad()
+def exit_accuracies(model: nn.Module, tokenizer, text_a, text_b, labels, batch_size: int = 64,
+                    max_length: int = 128) -> list[float]:
+    """Accuracy of every exit on its own (the ICs', ztw: the ensembles', then the model's head), from
+    one pass that runs every block."""
+    device = next(model.parameters()).device
+    correct: list[int] = []
+    for i in range(0, len(text_a), batch_size):
+        enc = tokenizer(list(text_a[i:i + batch_size]), None if text_b is None else list(text_b[i:i + batch_size]),
+                        truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
+        with all_exits(model):
+            final = model(**enc).logits
+            outs = exit_logits(model, final)
+        y = torch.as_tensor(labels[i:i + batch_size], device=device)
+        hits = [int((o.argmax(-1) == y).sum()) for o in outs]
+        correct = hits if not correct else [a + b for a, b in zip(correct, hits)]
+    return [c / max(len(text_a), 1) for c in correct]

@@ -6,7 +6,8 @@ block's MLP into E experts and a router, in place:
 
 1. Experts (paper §3.2; authors' architectures/moe/moefication.py, param_clustering_split): the rows
    of the MLP's first layer W1 are L2-normalised and clustered into E groups of equal size
-   d_ff / E; each expert keeps its neurons' W1 rows (and bias) and W2 columns, so running every
+   d_ff / E (when E does not divide d_ff, of sizes that differ by one: see MoEMLP); each expert
+   keeps its neurons' W1 rows (and bias) and W2 columns, so running every
    expert reproduces the dense MLP. Gated MLPs (Llama: down(act(gate·x) ⊙ up·x)) are clustered
    on the gate rows, where the activation (and so the sparsity) is, as the authors do for Gemma;
    each neuron's up row goes with its gate row. Equal sizes come from a greedy size-constrained
@@ -59,13 +60,15 @@ from . import DynamicKind, register
 from .flops import DENSE_MLP_ATTR, dense_flops_per_token
 
 RULES = ("dynk_max", "dynk", "topk")
+EXPERT_SIZE = 24  # neurons per expert when `experts` is not given: the paper's BERT-base split (3072 / 128)
 
 
 @dataclass
 class DSTI:
     """How to split each MLP into experts and route tokens among them."""
-    experts: int = field(default=128, metadata={
-        "help": "experts per MLP; must divide its width (BERT-base's 3072: 128 experts of 24 neurons, as the paper)"})
+    experts: int | None = field(default=None, metadata={
+        "help": "experts per MLP (none: width / 24, the paper's expert size: BERT-base's 3072 neurons → 128 experts, "
+                "minilm's 1536 → 64); when it does not divide the width, expert sizes differ by one neuron"})
     tau: float = field(default=0.9, metadata={
         "help": "routing threshold τ in [0, 1]: 1 runs every expert (the dense MLP), lower runs fewer; "
                 "changeable after moefy (leanformer eval --tau)"})
@@ -100,36 +103,45 @@ class DSTI:
 
 
 class MoEMLP(nn.Module):
-    """One block's MLP as `experts` experts of `expert_size` neurons and a router.
+    """One block's MLP (`width` neurons) as `experts` experts and a router.
 
+    Experts hold ⌈width / experts⌉ neurons (s); when experts does not divide width, the last ones hold
+    one neuron less, padded with a zero neuron (zero W1 row and bias, zero W2 column: it adds exactly
+    0, and the cost counts real neurons only).
     w_in (E, s·g, d): each expert's W1 rows (g = 2 for a gated MLP: its gate rows, then its up rows);
     b_in (E, s·g) or None; w_out (E, s, d_out): each expert's W2 columns, transposed; b_out (d_out)
-    or None; neurons (E·s): the dense MLP's neuron index of each expert neuron, in expert order."""
+    or None; neurons (E·s): the dense MLP's neuron index of each expert neuron, in expert order (−1:
+    padding); sizes (E): real neurons per expert."""
 
-    def __init__(self, d_in: int, d_out: int, experts: int, expert_size: int, gated: bool, bias_in: bool,
+    def __init__(self, d_in: int, d_out: int, experts: int, width: int, gated: bool, bias_in: bool,
                  bias_out: bool, activation: nn.Module, router_width: int, rule: str = "dynk_max", tau: float = 0.9,
                  k: int = 1):
         super().__init__()
         g = 2 if gated else 1
+        expert_size = -(-width // experts)
         self.d_in, self.d_out, self.experts, self.expert_size, self.gated = d_in, d_out, experts, expert_size, gated
+        self.width = width
         self.w_in = nn.Parameter(torch.zeros(experts, expert_size * g, d_in))
         self.b_in = nn.Parameter(torch.zeros(experts, expert_size * g)) if bias_in else None
         self.w_out = nn.Parameter(torch.zeros(experts, expert_size, d_out))
         self.b_out = nn.Parameter(torch.zeros(d_out)) if bias_out else None
-        self.register_buffer("neurons", torch.arange(experts * expert_size))
+        self.register_buffer("neurons", torch.full((experts * expert_size,), -1))
+        self.register_buffer("sizes", torch.tensor(expert_sizes(width, experts)))
         self.act = activation
         self.router = nn.Sequential(nn.Linear(d_in, router_width), nn.ReLU(), nn.Linear(router_width, experts))
         self.rule, self.tau, self.k = rule, tau, k
+        self.dynamic_rule = rule if rule != "topk" else "dynk_max"  # the rule set_tau returns to after set_top_k
         # per-token FLOPs (flops.py's rule: 2 per multiply-add)
-        self.expert_flops = 2 * expert_size * d_in * g + 2 * expert_size * d_out
+        self.neuron_flops = 2 * d_in * g + 2 * d_out
         self.router_flops = 2 * d_in * router_width + 2 * router_width * experts
-        setattr(self, DENSE_MLP_ATTR, experts * self.expert_flops)
+        setattr(self, DENSE_MLP_ATTR, width * self.neuron_flops)
         self.reset_cost()
 
     # --- cost counters -------------------------------------------------------------------------
     def reset_cost(self) -> None:
-        self.seen: dict[int, list[int]] = {}  # seq_len → [tokens, executed (token, expert) pairs, router calls]
-        self.rows_run = 0  # rows the expert matmuls ran on (tests read it: skipped experts add nothing)
+        # seq_len → [tokens, executed (token, expert) pairs, router calls, executed (token, real neuron) pairs]
+        self.seen: dict[int, list[int]] = {}
+        self.rows_run = 0  # (token, expert) rows the expert matmuls ran on: skipped experts add none
 
     # --- routing -------------------------------------------------------------------------------
     def predicted_norms(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,18 +164,13 @@ class MoEMLP(nn.Module):
         return torch.zeros_like(take).scatter_(-1, order, take)
 
     # --- forward -------------------------------------------------------------------------------
-    def _hidden(self, x: torch.Tensor, e: int | None) -> torch.Tensor:
-        """Activations of expert e's neurons (all neurons when e is None) for the rows of x."""
-        if e is None:
-            w, b = self.w_in.reshape(-1, self.d_in), None if self.b_in is None else self.b_in.reshape(-1)
-            if self.gated:  # the flat layout interleaves experts' gate and up halves: split per expert
-                h = nn.functional.linear(x, w, b).view(x.shape[0], self.experts, 2, self.expert_size)
-                return (self.act(h[:, :, 0]) * h[:, :, 1]).reshape(x.shape[0], -1)
-            return self.act(nn.functional.linear(x, w, b))
-        h = nn.functional.linear(x, self.w_in[e], None if self.b_in is None else self.b_in[e])
-        if self.gated:
-            return self.act(h[:, :self.expert_size]) * h[:, self.expert_size:]
-        return self.act(h)
+    def _hidden_all(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, E·s): every neuron's activation for the rows of x (the dense path; router targets)."""
+        w, b = self.w_in.reshape(-1, self.d_in), None if self.b_in is None else self.b_in.reshape(-1)
+        if self.gated:  # the flat layout interleaves the experts' gate and up halves: split per expert
+            h = nn.functional.linear(x, w, b).view(x.shape[0], self.experts, 2, self.expert_size)
+            return (self.act(h[:, :, 0]) * h[:, :, 1]).reshape(x.shape[0], -1)
+        return self.act(nn.functional.linear(x, w, b))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -174,37 +181,63 @@ class MoEMLP(nn.Module):
         counts = None if dense else chosen.sum(0)
         pairs = n * self.experts if dense else int(counts.sum())
         seq_len = int(shape[-2]) if len(shape) >= 3 else 1
-        seen = self.seen.setdefault(seq_len, [0, 0, 0])  # tokens, executed (token, expert) pairs, router calls
+        seen = self.seen.setdefault(seq_len, [0, 0, 0, 0])
         seen[0] += n
         seen[1] += pairs
         seen[2] += 0 if dense else n
+        seen[3] += n * self.width if dense else int((counts * self.sizes).sum())
         if pairs == n * self.experts:  # every expert for every token: the dense MLP, two matmuls
             self.rows_run += n * self.experts
-            out = self._hidden(x, None) @ self.w_out.reshape(-1, self.d_out)
+            out = self._hidden_all(x) @ self.w_out.reshape(-1, self.d_out)
         else:
-            expert_of, token_of = chosen.t().nonzero(as_tuple=True)  # pairs sorted by expert
-            xs = x.index_select(0, token_of)
-            ys = xs.new_empty(pairs, self.d_out)
-            start = 0
-            for e, c in enumerate(counts.tolist()):
-                if c:
-                    torch.mm(self._hidden(xs[start:start + c], e), self.w_out[e], out=ys[start:start + c])
-                    self.rows_run += c
-                    start += c
-            out = x.new_zeros(n, self.d_out).index_add_(0, token_of, ys)
+            out = self._grouped(x, chosen, counts, pairs)
         if self.b_out is not None:
             out = out + self.b_out
         return out.reshape(*shape[:-1], self.d_out)
 
+    def _grouped(self, x: torch.Tensor, chosen: torch.Tensor, counts: torch.Tensor, pairs: int) -> torch.Tensor:
+        """Run each expert on only the tokens routed to it and add its output back to those tokens.
+
+        Pass 1 gathers each expert's rows and computes its neurons' pre-activations into one
+        (pairs × neurons) buffer; one activation call covers them all (per-call overhead dominates
+        tiny per-expert tensors); pass 2 multiplies each expert's activations by its W2 columns and
+        adds them back to its tokens. Per expert, the gathered rows stay in cache (gathering every
+        pair's rows at once would cost pairs × width of memory traffic twice over)."""
+        _, token_of = chosen.t().nonzero(as_tuple=True)  # tokens of the (token, expert) pairs, by expert
+        sizes = counts.tolist()
+        groups = token_of.split(sizes)
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
+        b_in = self.b_in.unbind(0) if self.b_in is not None else None
+        pre = x.new_empty(pairs, self.w_in.shape[1])
+        spans, start = [], 0
+        for e, c in enumerate(sizes):
+            if c:
+                rows, into = groups[e], pre[start:start + c]
+                if b_in is None:
+                    torch.mm(x.index_select(0, rows), w_in[e].t(), out=into)
+                else:
+                    torch.addmm(b_in[e], x.index_select(0, rows), w_in[e].t(), out=into)
+                spans.append((e, start, c))
+                start += c
+        s = self.expert_size
+        h = self.act(pre[:, :s]) * pre[:, s:] if self.gated else self.act(pre)
+        out = x.new_zeros(x.shape[0], self.d_out)
+        for e, start, c in spans:
+            out.index_add_(0, groups[e], h[start:start + c] @ w_out[e])
+        self.rows_run += pairs
+        self.last_run = [(e, c) for e, _, c in spans]  # (expert, rows) of the last grouped forward
+        return out
+
     def extra_repr(self) -> str:
-        return (f"d_in={self.d_in}, d_out={self.d_out}, experts={self.experts}×{self.expert_size}"
+        return (f"d_in={self.d_in}, d_out={self.d_out}, width={self.width}, "
+                f"experts={self.experts}×≤{self.expert_size}"
                 f"{', gated' if self.gated else ''}, rule={self.rule}, tau={self.tau}")
 
 
-class AddBias(nn.Module):
+class PassThrough(nn.Module):
     """Stands in for an MLP output layer whose work a MoEMLP upstream already did (BERT's output.dense:
-    the MoEMLP replaces `intermediate` and returns the MLP's output; BertOutput then adds the residual
-    and normalises). Holds nothing: the bias lives in the MoEMLP."""
+    the MoEMLP replaces `intermediate` and returns the MLP's output, bias included; BertOutput then
+    adds the residual and normalises)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -269,9 +302,9 @@ def find_mlps(model: nn.Module) -> list[MLPSite]:
             sites.append(MLPSite(i, mlp_in, gate, mlp_out, _parent(mlp_in), mlp_out))
         else:
             raise LeanformerError(
-                f"{block_name}: its MLP ({mlp_in} → {act_name} → {mlp_out}) is computed by the block's own forward, "
-                f"not by a module moefy can replace; looked for {looked} inside one MLP module (Llama's mlp) or an "
-                "input module holding the activation (BERT's intermediate)")
+                f"{block_name}: its MLP ({mlp_in} → {act_name} → {mlp_out}) is computed by the block's own "
+                f"forward, not by a module moefy can replace; looked for {looked} inside one MLP module (Llama's "
+                "mlp) or an input module holding the activation (BERT's intermediate)")
     return sites
 
 
@@ -279,33 +312,37 @@ def find_mlps(model: nn.Module) -> list[MLPSite]:
 # Clustering
 
 
+def expert_sizes(width: int, experts: int) -> list[int]:
+    """Neurons per expert: width / experts each, or, when that is not whole, sizes that differ by one
+    (the first width mod experts experts one larger)."""
+    return [width // experts + (1 if e < width % experts else 0) for e in range(experts)]
+
+
 def balanced_kmeans(points: torch.Tensor, clusters: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
-    """Labels (n,) putting exactly n / clusters points in each cluster, by cosine distance between
-    L2-normalised points and centroids (see the module doc for the assignment)."""
+    """Labels (n,) putting expert_sizes(n, clusters)[c] points in cluster c (n / clusters each when it
+    divides), by cosine distance between L2-normalised points and centroids (see the module doc)."""
     n = points.shape[0]
-    size = n // clusters
+    sizes = expert_sizes(n, clusters)
     x = nn.functional.normalize(points.float(), dim=1)
     g = torch.Generator().manual_seed(seed)
     centroids = x[torch.randperm(n, generator=g)[:clusters]].clone()
-    labels = torch.empty(n, dtype=torch.long)
+    labels: list[int] = []
     for _ in range(iters):
         distance = 1 - x @ nn.functional.normalize(centroids, dim=1).t()  # (n, clusters)
-        order = distance.flatten().argsort()
-        room = [size] * clusters
-        labels.fill_(-1)
-        left = n
-        for flat in order.tolist():
+        room, assigned, left = list(sizes), [-1] * n, n
+        for flat in distance.flatten().argsort().tolist():  # closest (point, cluster) pairs first
             point, cluster = divmod(flat, clusters)
-            if labels[point] < 0 and room[cluster]:
-                labels[point] = cluster
+            if assigned[point] < 0 and room[cluster]:
+                assigned[point] = cluster
                 room[cluster] -= 1
                 left -= 1
                 if not left:
                     break
-        new = torch.zeros_like(centroids).index_add_(0, labels, x)
-        if torch.allclose(new, centroids):
+        if assigned == labels:
             break
-        centroids = new
+        labels = assigned
+        centroids = nn.functional.one_hot(torch.tensor(labels), clusters).to(x.dtype).t() @ x  # each cluster's sum
+    labels = torch.tensor(labels)
     return labels
 
 
@@ -382,7 +419,7 @@ def _train_router(moe: MoEMLP, inputs: torch.Tensor, config: DSTI, desc: str) ->
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum, steps = loss_sum + float(loss), steps + 1
+            loss_sum, steps = loss_sum + float(loss.detach()), steps + 1
         loss_sum /= max(steps, 1)
     for p in params:
         p.requires_grad_(False)
@@ -391,7 +428,7 @@ def _train_router(moe: MoEMLP, inputs: torch.Tensor, config: DSTI, desc: str) ->
 
 def _expert_norms(moe: MoEMLP, x: torch.Tensor) -> torch.Tensor:
     """(n, E): ‖output of expert e‖₂ for each row of x (the router's regression target)."""
-    h = moe._hidden(x, None).view(x.shape[0], moe.experts, moe.expert_size)
+    h = moe._hidden_all(x).view(x.shape[0], moe.experts, moe.expert_size)
     return torch.einsum("nes,esd->ned", h, moe.w_out).norm(dim=-1)
 
 
@@ -402,12 +439,11 @@ def _expert_norms(moe: MoEMLP, x: torch.Tensor) -> torch.Tensor:
 def _empty_moe(model: nn.Module, site: MLPSite, layers: dict, config: dict, block_act: nn.Module) -> MoEMLP:
     in_f, d_ff = _shape(layers[site.mlp_in])
     d_ff_out, d_out = _shape(layers[site.mlp_out])
-    experts = int(config["experts"])
-    if d_ff % experts:
-        near = sorted((k for k in range(1, d_ff + 1) if d_ff % k == 0), key=lambda k: abs(k - experts))[:4]
-        raise LeanformerError(f"experts={experts} does not divide the MLP width {d_ff} of {site.mlp_in}: experts are "
-                              f"equal-sized groups of neurons; nearest valid counts: {', '.join(map(str, sorted(near)))}")
-    return MoEMLP(in_f, d_out, experts, d_ff // experts, site.mlp_gate is not None,
+    experts = int(config["experts"] or max(1, round(d_ff / EXPERT_SIZE)))
+    if experts > d_ff:
+        raise LeanformerError(f"experts={experts} is more than the {d_ff} neurons of the MLP at {site.mlp_in}: "
+                              f"each expert needs at least one; use at most {d_ff}")
+    return MoEMLP(in_f, d_out, experts, d_ff, site.mlp_gate is not None,
                   getattr(layers[site.mlp_in], "bias", None) is not None,
                   getattr(layers[site.mlp_out], "bias", None) is not None, copy.deepcopy(block_act),
                   int(config["router_width"]), config["rule"], float(config["tau"]), int(config["k"]))
@@ -421,7 +457,7 @@ def _shape(layer: nn.Module) -> tuple[int, int]:
 def _install(model: nn.Module, site: MLPSite, moe: MoEMLP) -> None:
     set_module(model, site.replace, moe)
     if site.passthrough:
-        set_module(model, site.passthrough, AddBias())
+        set_module(model, site.passthrough, PassThrough())
 
 
 def _block_activation(model: nn.Module, index: int) -> nn.Module:
@@ -437,17 +473,26 @@ def _fill_experts(moe: MoEMLP, layers: dict, site: MLPSite, config: DSTI) -> Non
     gate = dense_weight(layers[site.mlp_gate]).detach().float() if site.mlp_gate else None
     gate_bias = getattr(layers[site.mlp_gate], "bias", None) if site.mlp_gate else None
     labels = balanced_kmeans(gate if gate is not None else w1, moe.experts, config.kmeans_iters, config.seed)
-    neurons = torch.argsort(labels, stable=True)  # expert 0's neurons, then expert 1's, …
-    e, s = moe.experts, moe.expert_size
-    rows = w1[neurons].view(e, s, -1)
-    moe.w_in.copy_(torch.cat([gate[neurons].view(e, s, -1), rows], 1) if gate is not None else rows)
+    e, s, width = moe.experts, moe.expert_size, moe.width
+    # slot j of expert i holds dense neuron slots[i·s + j]; `width` (one past the last) marks padding
+    slots = torch.full((e, s), width, dtype=torch.long)
+    for i in range(e):
+        mine = (labels == i).nonzero().flatten()
+        slots[i, :mine.numel()] = mine
+    slots = slots.flatten()
+
+    def rows_of(w: torch.Tensor) -> torch.Tensor:  # (width, …) → (E, s, …), zero rows at padding
+        return torch.cat([w, w.new_zeros(1, *w.shape[1:])])[slots].view(e, s, *w.shape[1:])
+
+    rows = rows_of(w1)
+    moe.w_in.copy_(torch.cat([rows_of(gate), rows], 1) if gate is not None else rows)
     if moe.b_in is not None:
-        b = b1.detach().float()[neurons].view(e, s)
-        moe.b_in.copy_(torch.cat([gate_bias.detach().float()[neurons].view(e, s), b], 1) if gate is not None else b)
-    moe.w_out.copy_(w2[:, neurons].t().reshape(e, s, -1))
+        b = rows_of(b1.detach().float())
+        moe.b_in.copy_(torch.cat([rows_of(gate_bias.detach().float()), b], 1) if gate is not None else b)
+    moe.w_out.copy_(rows_of(w2.t()))
     if moe.b_out is not None:
         moe.b_out.copy_(layers[site.mlp_out].bias.detach().float())
-    moe.neurons.copy_(neurons)
+    moe.neurons.copy_(torch.where(slots == width, -1, slots))
 
 
 def moefy(model: nn.Module, config: DSTI | None = None, *, tokenizer=None, calibration=None, **overrides) -> dict:
@@ -467,7 +512,8 @@ def moefy(model: nn.Module, config: DSTI | None = None, *, tokenizer=None, calib
     inputs = _mlp_inputs(model, tokenizer, chunks, sites, config)
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
-    report = {"layers": [], "calibration_tokens": int(inputs[0].shape[0])}
+    report = {"experts": moes[0].experts, "neurons_per_expert": moes[0].sizes.tolist(), "layers": [],
+              "calibration_tokens": int(inputs[0].shape[0])}
     for site, moe, x in tqdm(list(zip(sites, moes, inputs)), desc="moefy: experts + routers"):
         moe.to(device)
         _fill_experts(moe, layers, site, config)
@@ -482,7 +528,7 @@ def moefy(model: nn.Module, config: DSTI | None = None, *, tokenizer=None, calib
     for site, moe in zip(sites, moes):
         _install(model, site, moe)
     model.train(was_training)
-    state = {"sites": [asdict(s) for s in sites]}
+    state = {"sites": [asdict(s) for s in sites], "shapes": [[m.d_in, m.width, m.d_out] for m in moes]}
     push(model, Applied("moefy", config, state))
     return report
 
@@ -497,6 +543,13 @@ def replay(model: nn.Module, config: dict, state: dict) -> None:
                               f"which the base ({type(model).__name__}) does not have; load it onto the base it was "
                               "made from")
     layers = linear_layers(model)
+    for site, recorded in zip(sites, state.get("shapes", [])):
+        here = [_shape(layers[site.mlp_in])[0], _shape(layers[site.mlp_in])[1], _shape(layers[site.mlp_out])[1]]
+        if here != recorded:
+            raise LeanformerError(
+                f"the saved moefied model was made from a base whose MLP {site.mlp_in} → {site.mlp_out} has "
+                f"(input, width, output) {tuple(recorded)}; this base's has {tuple(here)}: load it onto the base it "
+                "was made from")
     moes = [_empty_moe(model, s, layers, config, _block_activation(model, s.block)) for s in sites]
     for site, moe in zip(sites, moes):
         _install(model, site, moe)
@@ -559,8 +612,7 @@ def moe_layers(model: nn.Module) -> list[MoEMLP]:
 def _set_tau(model: nn.Module, tau: float) -> None:
     for m in moe_layers(model):
         m.tau = tau
-        if m.rule == "topk":
-            m.rule = "dynk_max"  # τ asks for dynamic k; set_top_k asks for static
+        m.rule = m.dynamic_rule  # τ asks for dynamic k (after set_top_k asked for static)
 
 
 def set_top_k(model: nn.Module, k: int) -> None:
@@ -571,6 +623,8 @@ def set_top_k(model: nn.Module, k: int) -> None:
     if not 1 <= int(k) <= layers[0].experts:
         raise LeanformerError(f"k must be in 1..{layers[0].experts} (the experts per layer), got {k}")
     for m in layers:
+        if m.rule != "topk":
+            m.dynamic_rule = m.rule
         m.rule, m.k = "topk", int(k)
 
 
@@ -579,6 +633,8 @@ def set_rule(model: nn.Module, rule: str) -> None:
         raise LeanformerError(f"rule {rule!r} is not one of {', '.join(RULES)}")
     for m in moe_layers(model):
         m.rule = rule
+        if rule != "topk":
+            m.dynamic_rule = rule
 
 
 def _reset_cost(model: nn.Module) -> None:
@@ -594,7 +650,7 @@ def _cost(model: nn.Module) -> dict:
         return {"mlp_flops_per_token": None, "flops_per_token": None, "tokens": 0, "experts_per_token": None,
                 "router_flops_share": None}
     router = sum(s[2] * m.router_flops for m in layers for s in m.seen.values())
-    executed_mlp = sum(s[1] * m.expert_flops for m in layers for s in m.seen.values()) + router
+    executed_mlp = sum(s[3] * m.neuron_flops for m in layers for s in m.seen.values()) + router
     dense_mlp = sum(s[0] * getattr(m, DENSE_MLP_ATTR) for m in layers for s in m.seen.values())
     attention = sum(n_tokens * dense_flops_per_token(model, seq_len)["attention"]
                     for seq_len, (n_tokens, *_) in layers[0].seen.items())

@@ -16,6 +16,8 @@ where an uninterrupted run would (same data order, RNG, optimizer and scheduler 
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -31,6 +33,7 @@ from transformers import DataCollatorWithPadding, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..adapters.base import AdapterConfig, adapt
+from ..dynamic import early_exit as _early_exit
 from ..errors import LeanformerError
 from ..capture import residual_stream
 from ..evaluation import evaluate_task
@@ -43,7 +46,7 @@ from .callbacks import (TRAINER_STATE, EvaluateEvery, RecordingTrainer, SaveAndS
                         TrainingInterrupted, loss_curve)
 from .lr_finder import RangeTest, range_test
 from .randomized_backprop import RandomizedBackprop, apply_randomized_backprop, remove_randomized_backprop
-from .regularizers import CosineRegularizer
+from .regularizers import ActivationSparsity, CosineRegularizer, mlp_activations
 
 # TrainingArguments that decide what a run computes; a checkpoint resumes only under the same values.
 RESULT_ARGUMENTS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
@@ -83,8 +86,12 @@ class TaskTrainer(RecordingTrainer):
     (or accumulation steps)."""
 
     def __init__(self, *args, head_learning_rate: float | None = None, lengths: list[int] | None = None,
-                 linearity_reg: float = 0.0, **kwargs):
+                 linearity_reg: float = 0.0, sparsity_reg: ActivationSparsity | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # finetune(sparsity_reg=...): warmed-up w·(square Hoyer or L1 of the MLP activations), D2DMoE's
+        # sparsity phase (train/regularizers.py); each step's unweighted mean over blocks kept and logged
+        self.sparsity = sparsity_reg if sparsity_reg is not None and sparsity_reg.weight else None
+        self.sparsity_values: list[float] = []
         self.head_learning_rate = head_learning_rate
         # finetune(linearity_reg=λ): λ·Σ(1 − cos(h_i, h_{i−1})) over the residual stream added to the loss
         # (train/regularizers.py); each step's unweighted sum is kept in `linearity_values` and logged
@@ -104,7 +111,9 @@ class TaskTrainer(RecordingTrainer):
             if p.requires_grad:
                 # the head's own name inside the path: "classifier.weight", or a peft model's
                 # "base_model.model.classifier.modules_to_save.default.weight"
-                groups.setdefault((head is not None and head in name.split("."), name in decay), []).append(p)
+                parts = name.split(".")  # the early exits' heads (dynamic/early_exit.py) train at the head's rate too
+                is_head = (head is not None and head in parts) or _early_exit.MODULE_NAME in parts
+                groups.setdefault((is_head, name in decay), []).append(p)
         param_groups = [{"params": groups[key], "weight_decay": self.args.weight_decay if key[1] else 0.0,
                          "lr": self.head_learning_rate if key[0] else self.args.learning_rate, "head": key[0]}
                         for key in sorted(groups)]
@@ -114,20 +123,32 @@ class TaskTrainer(RecordingTrainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.regularizer is None:
+        if self.regularizer is None and self.sparsity is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with residual_stream(self.accelerator.unwrap_model(model)) as states:
+        unwrapped = self.accelerator.unwrap_model(model)
+        with contextlib.ExitStack() as hooks:
+            states = hooks.enter_context(residual_stream(unwrapped)) if self.regularizer is not None else None
+            acts = hooks.enter_context(mlp_activations(unwrapped)) if self.sparsity is not None else None
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-            per_layer = self.regularizer.per_layer(states, inputs.get("attention_mask"))
-        if model.training:
-            self.linearity_values.append(float(per_layer.sum().detach()))
-        loss = loss + self.regularizer.lam * per_layer.sum()
+            if self.regularizer is not None:
+                per_layer = self.regularizer.per_layer(states, inputs.get("attention_mask"))
+                if model.training:
+                    self.linearity_values.append(float(per_layer.sum().detach()))
+                loss = loss + self.regularizer.lam * per_layer.sum()
+            if self.sparsity is not None:
+                sparsity = self.sparsity.per_layer(acts, inputs.get("attention_mask")).mean()
+                if model.training:
+                    self.sparsity_values.append(float(sparsity.detach()))
+                loss = loss + self.sparsity.weight_at(self.state.global_step, self.state.max_steps) * sparsity
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if self.regularizer is not None and self.linearity_values and "loss" in logs:
             window = self.linearity_values[-max(1, self.args.logging_steps * self.args.gradient_accumulation_steps):]
             logs["linearity_reg"] = sum(window) / len(window)  # the unweighted Σ(1 − cos), mean over the window
+        if self.sparsity is not None and self.sparsity_values and "loss" in logs:
+            window = self.sparsity_values[-max(1, self.args.logging_steps * self.args.gradient_accumulation_steps):]
+            logs["sparsity_reg"] = sum(window) / len(window)
         super().log(logs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -193,8 +214,9 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
              head_learning_rate: float | None = None, resume_from_checkpoint: str | bool | None = None,
              callbacks: list | tuple = (), evaluate: bool = True, optimizer: str = "adamw",
              optimizer_options: dict | None = None, randomized_backprop: RandomizedBackprop | None = None,
-             linearity_reg: float = 0.0, learning_rate_test: RangeTest | None = None, eval_steps: int | None = None,
-             loss_every: int | None = None) -> dict:
+             linearity_reg: float = 0.0, sparsity_reg: ActivationSparsity | None = None, relu_mlp: bool = False,
+             learning_rate_test: RangeTest | None = None, eval_steps: int | None = None,
+             loss_every: int | None = None, early_exit: "_early_exit.EarlyExit | None" = None) -> dict:
     """Train `model` (a sequence-classification model with task.num_labels outputs) on task.train
     with transformers.Trainer under `args`; evaluate on task.dev; return the metrics dict.
 
@@ -212,12 +234,25 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
     the cosine regulariser on the residual stream (train/regularizers.py), its value logged and
     returned as linearity_reg.
 
+    Sparsity phase of D2DMoE (before lf.moefy): relu_mlp switches every MLP activation to ReLU
+    first (dynamic/moe.py, relu_mlp); sparsity_reg, an ActivationSparsity, adds its warmed-up
+    square-Hoyer or L1 term on the MLP activations, returned as sparsity_reg (unweighted, last steps'
+    mean) with mlp_zero_fraction (share of exactly-zero MLP activations on the dev examples).
+
     Seeing the run: learning_rate_test (a RangeTest) replaces args.learning_rate by the pick of a
     learning-rate range test on training batches (train/lr_finder.py), returned as
     learning_rate_test; the training loss is returned every `loss_every` steps (default
     args.logging_steps; a tenth of the run when that is longer than the run) as loss_curve;
     eval_steps evaluates on dev every that many steps (eval_curve); a loss that has not moved by a
-    third of training is warned about (warnings)."""
+    third of training is warned about (warnings).
+
+    early_exit: an lf.EarlyExit config: internal classifiers are put on the blocks (dynamic/early_exit.py;
+    a model that has them keeps them) and trained on their mean cross-entropy, with the backbone frozen
+    when method is None, else jointly with what `method` trains (the model's head's loss included);
+    for kind "ztw" a second run of the same length then trains only the ensembles at
+    early_exit.ensemble_learning_rate (its checkpoints under output_dir/ensemble; an interrupted
+    ensemble phase restarts from its beginning). Returned under "early_exit": each exit's dev accuracy,
+    and the dev metrics and cost at early_exit.tau."""
     n_labels = getattr(getattr(model, "config", None), "num_labels", None)
     if n_labels is not None and n_labels != task.num_labels:
         raise LeanformerError(f"the model's head has {n_labels} outputs but task {task.name} has "
@@ -232,6 +267,9 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
             raise LeanformerError(f"resume_from_checkpoint=True, but {args.output_dir} holds no complete "
                                   "checkpoint-N directory")
     resume_from_checkpoint = resume_from_checkpoint or None
+    if relu_mlp:
+        from ..dynamic.moe import relu_mlp as switch_to_relu
+        switch_to_relu(model)
     indices = train_indices(len(task.train), max_train_samples)
     rows = encode_split(tokenizer, task.train, indices, max_seq_length)
     head = classifier_head_name(model)
@@ -240,7 +278,8 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
             p.requires_grad_(True)
     elif isinstance(method, AdapterConfig):
         # every module the task head adds (DistilBERT's pre_classifier, DeBERTa's pooler, …) trains and is saved
-        heads = head_modules(model) if head else []
+        # (early exits' heads train as themselves, not as modules_to_save copies the hooks would not call)
+        heads = [h for h in head_modules(model) if h != _early_exit.MODULE_NAME] if head else []
         keep = list(method.modules_to_save) + [h for h in heads if h not in method.modules_to_save]
         method = dataclasses.replace(method, modules_to_save=keep)
         if hasattr(method, "fit_basis"):  # SparseGrad: its basis comes from gradients on the first training batches
@@ -249,6 +288,8 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
         adapt(model, method)
     elif method is not None:
         raise LeanformerError(f"method must be None, 'full' or an adapter config (lf.LoRA(...), …), got {method!r}")
+    if early_exit is not None:
+        _early_exit.prepare_training(model, early_exit, train_backbone=method is not None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
         raise LeanformerError("the model has no trainable parameters: adapt it (lf.adapt, or method=lf.LoRA(...)) "
@@ -262,14 +303,16 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
     if learning_rate_test is not None:  # on a throwaway Trainer of the same run; the model is restored after
         probe = TaskTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
                             head_learning_rate=head_learning_rate, lengths=lengths, linearity_reg=linearity_reg,
-                            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs)
+                            sparsity_reg=sparsity_reg, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs)
         range_result = range_test(probe, learning_rate_test)
         args.learning_rate = range_result.learning_rate
         optimizer_cls_and_kwargs = optimizer_for(optimizer, model, args, **optimizer_options)  # at the picked lr
     run = _run_settings(args, model, task, len(indices), max_seq_length=max_seq_length,
                         head_learning_rate=head_learning_rate, optimizer=optimizer, optimizer_options=optimizer_options,
                         randomized_backprop=dataclasses.asdict(randomized_backprop) if randomized_backprop else None,
-                        linearity_reg=linearity_reg)
+                        linearity_reg=linearity_reg, relu_mlp=relu_mlp,
+                        sparsity_reg=dataclasses.asdict(sparsity_reg) if sparsity_reg else None,
+                        early_exit=early_exit.to_dict() if early_exit is not None else None)
     # A Trainer checkpoint holds torch.save'd files (optimizer.pt, scheduler.pt, rng_state.pth: pickles).
     # transformers 5.24 reads them only with torch.load(weights_only=True), which refuses arbitrary
     # objects (Trainer._load_optimizer_and_scheduler, _load_rng_state), and never reads training_args.bin;
@@ -282,7 +325,7 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
     trainer = TaskTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
                           callbacks=[stopper, stall, *([evaluator] if evaluator else []), *callbacks],
                           step_log=step_log, head_learning_rate=head_learning_rate,
-                          lengths=lengths, linearity_reg=linearity_reg,
+                          lengths=lengths, linearity_reg=linearity_reg, sparsity_reg=sparsity_reg,
                           optimizer_cls_and_kwargs=optimizer_cls_and_kwargs)
     if randomized_backprop is not None:
         apply_randomized_backprop(model, randomized_backprop)
@@ -298,6 +341,13 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
             f"{stopper.stopped_by}: stopped after step {state.global_step} of {state.max_steps} and wrote "
             f"{os.path.join(args.output_dir, f'checkpoint-{state.global_step}')}; run again with the same arguments "
             "(and resume_from_checkpoint) to continue")
+    ensemble_phase = None
+    if early_exit is not None and early_exit.kind == "ztw":
+        ensemble_phase = _train_ensembles(model, args, rows, collator, lengths, early_exit, optimizer, optimizer_options,
+                                          callbacks, step_log.run)
+    if early_exit is not None:
+        _early_exit.end_training(model)
+        _early_exit.exit_heads(model).reset_cost()
     model.eval()
 
     metrics: dict = {}
@@ -332,7 +382,68 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
     if trainer.regularizer is not None:
         window = trainer.linearity_values[-LOSS_WINDOW:]
         metrics["linearity_reg"] = float(sum(window) / len(window)) if window else None
+    if trainer.sparsity is not None:
+        window = trainer.sparsity_values[-LOSS_WINDOW:]
+        metrics["sparsity_reg"] = float(sum(window) / len(window)) if window else None
+    if early_exit is not None:
+        dev = task.dev
+        n = len(dev) if max_eval_samples is None else min(max_eval_samples, len(dev))
+        metrics["early_exit"] = {
+            **early_exit.to_dict(), "cost": _early_exit.exit_heads(model).cost() if evaluate else None,
+            "exit_accuracy": _early_exit.exit_accuracies(model, tokenizer, dev.text_a[:n],
+                                                         None if dev.text_b is None else dev.text_b[:n], dev.labels[:n],
+                                                         args.per_device_eval_batch_size, max_seq_length),
+            **(ensemble_phase or {})}
+    if trainer.sparsity is not None or relu_mlp:
+        metrics["mlp_zero_fraction"] = _mlp_zero_fraction(model, tokenizer, task, max_seq_length)
     return metrics
+
+
+def _train_ensembles(model: nn.Module, args: TrainingArguments, rows: list[dict], collator, lengths: list[int],
+                     config, optimizer: str, optimizer_options: dict, callbacks, run: dict) -> dict:
+    """ZTW's second phase: the geometric ensembles alone, the same number of steps, at their own rate."""
+    heads = _early_exit.start_ensemble_phase(model)
+    phase_args = copy.copy(args)
+    phase_args.learning_rate = config.ensemble_learning_rate
+    phase_args.output_dir = os.path.join(args.output_dir, "ensemble")
+    step_log = StepLog({**run, "phase": "ensemble", "learning_rate": config.ensemble_learning_rate})
+    stopper = SaveAndStopOnSignal()
+    trainer = TaskTrainer(model=model, args=phase_args, train_dataset=rows, data_collator=collator,
+                          callbacks=[stopper, *callbacks], step_log=step_log, lengths=lengths,
+                          optimizer_cls_and_kwargs=optimizer_for(optimizer, model, phase_args, **optimizer_options))
+    try:
+        trainer.train()
+    finally:
+        stopper.restore()
+    state = trainer.state
+    if stopper.stopped_at is not None and state.global_step < state.max_steps:
+        raise TrainingInterrupted(f"{stopper.stopped_by}: stopped in the ensemble phase after step {state.global_step} "
+                                  f"of {state.max_steps}; run again with the same arguments (the ensemble phase "
+                                  "restarts from its beginning)")
+    losses = step_log.losses[-LOSS_WINDOW:]
+    return {"ensemble_train_steps": state.global_step,
+            "ensemble_train_loss": float(sum(losses) / len(losses)) if losses else None,
+            "ensemble_trainable_params": sum(p.numel() for p in heads.ensembles.parameters()),
+            "ensemble_weights": [[round(float(w), 4) for w in e.weight.detach().exp()] for e in heads.ensembles]}
+
+
+@torch.no_grad()
+def _mlp_zero_fraction(model: nn.Module, tokenizer, task: Task, max_seq_length: int, n: int = 256) -> float:
+    """Share of exactly-zero MLP activations over the valid tokens of the first n dev examples."""
+    from ..capture import _valid_tokens
+
+    device = next(model.parameters()).device
+    zeros = total = 0
+    for i in range(0, min(n, len(task.dev)), 32):
+        a = task.dev.text_a[i:i + 32]
+        b = task.dev.text_b[i:i + 32] if task.dev.text_b is not None else None
+        enc = tokenizer(a, b, truncation=True, max_length=max_seq_length, padding=True, return_tensors="pt").to(device)
+        with mlp_activations(model) as acts:
+            model(**enc)
+        for act in acts:
+            valid = _valid_tokens(act, enc["attention_mask"].bool(), "MLP activation")
+            zeros, total = zeros + int((valid == 0).sum()), total + valid.numel()
+    return zeros / max(total, 1)
 
 
 def _steps(value: float, max_steps: int) -> int:
