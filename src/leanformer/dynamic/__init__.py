@@ -65,10 +65,6 @@ def kind_of(model: nn.Module) -> DynamicKind:
     return KINDS[found[-1]]
 
 
-def is_dynamic(model: nn.Module) -> bool:
-    return any(e.transform in KINDS for e in applied(model))
-
-
 def check_tau(tau) -> float:
     try:
         value = float(tau)
@@ -92,7 +88,7 @@ def cost(model: nn.Module) -> dict:
     return kind_of(model).cost(model)
 
 
-__all__ = ["DynamicKind", "KINDS", "register", "kind_of", "is_dynamic", "check_tau", "set_tau", "reset_cost", "cost",
+__all__ = ["DynamicKind", "KINDS", "register", "kind_of", "check_tau", "set_tau", "reset_cost", "cost",
            "dense_flops_per_token"]
 
 from . import moe as _moe  # noqa: E402  (registers "moefy")

@@ -451,25 +451,25 @@ def prepare_training(model: nn.Module, config: EarlyExit, train_backbone: bool) 
         heads = early_exit(model, config)
     elif heads.kind != config.kind:
         raise LeanformerError(f"the model already has {heads.kind!r} early exits; asked to train {config.kind!r}")
-    if not train_backbone:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    for p in heads.ics.parameters():
-        p.requires_grad_(True)
-    for p in heads.ensembles.parameters():
-        p.requires_grad_(False)
-    heads.phase, heads.train_backbone, heads.training_exits = "heads", train_backbone, True
-    return heads
+    return _enter_phase(model, heads, "heads", train_backbone)
 
 
 def start_ensemble_phase(model: nn.Module) -> ExitHeads:
     """ztw phase 2: only the ensembles train; the ICs and the backbone are frozen (backbone in eval mode)."""
-    heads = _require_heads(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    return _enter_phase(model, _require_heads(model), "ensemble", train_backbone=False)
+
+
+def _enter_phase(model: nn.Module, heads: ExitHeads, phase: str, train_backbone: bool) -> ExitHeads:
+    """Make the phase's own parameters trainable ("heads": the ICs, "ensemble": the ensembles) and
+    freeze the other exit parameters; without train_backbone every other parameter is frozen too."""
+    if not train_backbone:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for p in heads.ics.parameters():
+        p.requires_grad_(phase == "heads")
     for p in heads.ensembles.parameters():
-        p.requires_grad_(True)
-    heads.phase, heads.train_backbone, heads.training_exits = "ensemble", False, True
+        p.requires_grad_(phase == "ensemble")
+    heads.phase, heads.train_backbone, heads.training_exits = phase, train_backbone, True
     return heads
 
 

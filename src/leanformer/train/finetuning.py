@@ -91,12 +91,14 @@ class TaskTrainer(RecordingTrainer):
         # finetune(sparsity_reg=...): warmed-up w·(square Hoyer or L1 of the MLP activations), D2DMoE's
         # sparsity phase (train/regularizers.py); each step's unweighted mean over blocks kept and logged
         self.sparsity = sparsity_reg if sparsity_reg is not None and sparsity_reg.weight else None
-        self.sparsity_values: list[float] = []
         self.head_learning_rate = head_learning_rate
         # finetune(linearity_reg=λ): λ·Σ(1 − cos(h_i, h_{i−1})) over the residual stream added to the loss
-        # (train/regularizers.py); each step's unweighted sum is kept in `linearity_values` and logged
+        # (train/regularizers.py); each step's unweighted sum is kept and logged
         self.regularizer = CosineRegularizer(linearity_reg) if linearity_reg else None
-        self.linearity_values: list[float] = []
+        # each active regulariser's unweighted value per training step, by the key it is logged under
+        self.regularizer_values: dict[str, list[float]] = {
+            **({"linearity_reg": []} if self.regularizer is not None else {}),
+            **({"sparsity_reg": []} if self.sparsity is not None else {})}
         self.lengths = lengths
         self.model_accepts_loss_kwargs = False
 
@@ -133,22 +135,20 @@ class TaskTrainer(RecordingTrainer):
             if self.regularizer is not None:
                 per_layer = self.regularizer.per_layer(states, inputs.get("attention_mask"))
                 if model.training:
-                    self.linearity_values.append(float(per_layer.sum().detach()))
+                    self.regularizer_values["linearity_reg"].append(float(per_layer.sum().detach()))
                 loss = loss + self.regularizer.lam * per_layer.sum()
             if self.sparsity is not None:
                 sparsity = self.sparsity.per_layer(acts, inputs.get("attention_mask")).mean()
                 if model.training:
-                    self.sparsity_values.append(float(sparsity.detach()))
+                    self.regularizer_values["sparsity_reg"].append(float(sparsity.detach()))
                 loss = loss + self.sparsity.weight_at(self.state.global_step, self.state.max_steps) * sparsity
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        if self.regularizer is not None and self.linearity_values and "loss" in logs:
-            window = self.linearity_values[-max(1, self.args.logging_steps * self.args.gradient_accumulation_steps):]
-            logs["linearity_reg"] = sum(window) / len(window)  # the unweighted Σ(1 − cos), mean over the window
-        if self.sparsity is not None and self.sparsity_values and "loss" in logs:
-            window = self.sparsity_values[-max(1, self.args.logging_steps * self.args.gradient_accumulation_steps):]
-            logs["sparsity_reg"] = sum(window) / len(window)
+        if "loss" in logs:  # each regulariser's mean over the steps since the last log
+            for key, values in self.regularizer_values.items():
+                if values:
+                    logs[key] = _window_mean(values, self.args.logging_steps * self.args.gradient_accumulation_steps)
         super().log(logs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -354,8 +354,7 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
     if evaluate:
         metrics.update(evaluate_task(model, tokenizer, task, "dev", args.per_device_eval_batch_size, max_seq_length,
                                      max_eval_samples))
-    losses = step_log.losses[-LOSS_WINDOW:]
-    train_loss = float(sum(losses) / len(losses)) if losses else None
+    train_loss = _window_mean(step_log.losses, LOSS_WINDOW) if step_log.losses else None
     if train_loss is not None and args.world_size > 1:  # each process logged the loss of its own batches
         train_loss = float(trainer.accelerator.reduce(torch.tensor(train_loss, device=args.device), "mean"))
     metrics.update({
@@ -379,12 +378,8 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
         metrics["learning_rate_test"] = range_result.to_json()
     if evaluator is not None:
         metrics["eval_curve"] = evaluator.history
-    if trainer.regularizer is not None:
-        window = trainer.linearity_values[-LOSS_WINDOW:]
-        metrics["linearity_reg"] = float(sum(window) / len(window)) if window else None
-    if trainer.sparsity is not None:
-        window = trainer.sparsity_values[-LOSS_WINDOW:]
-        metrics["sparsity_reg"] = float(sum(window) / len(window)) if window else None
+    for key, values in trainer.regularizer_values.items():
+        metrics[key] = _window_mean(values, LOSS_WINDOW) if values else None
     if early_exit is not None:
         dev = task.dev
         n = len(dev) if max_eval_samples is None else min(max_eval_samples, len(dev))
@@ -397,6 +392,12 @@ def finetune(model: nn.Module, tokenizer, task: Task, args: TrainingArguments, *
     if trainer.sparsity is not None or relu_mlp:
         metrics["mlp_zero_fraction"] = _mlp_zero_fraction(model, tokenizer, task, max_seq_length)
     return metrics
+
+
+def _window_mean(values: list[float], window: int) -> float:
+    """Mean of the last `window` (at least one) values."""
+    last = values[-max(1, window):]
+    return float(sum(last) / len(last))
 
 
 def _train_ensembles(model: nn.Module, args: TrainingArguments, rows: list[dict], collator, lengths: list[int],
