@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from child_runs import ChildFailed, run_child
 from provenance import git_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,22 +342,19 @@ def main() -> int:
 
     def run_one(job):
         m, s = job
-        path = runs_dir / f"{m}_seed{s}.json"
-        if path.is_file():  # finished earlier: a rerun continues where an interrupted one stopped
-            return
-        cmd = [sys.executable, __file__, "--child", m, str(s), "--child-out", str(path), "--data", args.data,
-               "--tasks", *args.tasks, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--train-samples", str(args.train_samples), "--max-seq-length", str(args.max_seq_length)]
         t = time.time()
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-                   TOKENIZERS_PARALLELISM="false")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode:
-            print(f"{m} seed {s} failed:\n{proc.stderr[-3000:]}", flush=True)
+        try:
+            res, ran = run_child(__file__, [
+                "--child", m, str(s), "--child-out", str(runs_dir / f"{m}_seed{s}.json"), "--data", args.data,
+                "--tasks", *args.tasks, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                "--train-samples", str(args.train_samples), "--max-seq-length", str(args.max_seq_length)],
+                runs_dir / f"{m}_seed{s}.json")
+        except ChildFailed as e:
+            print(f"{m} seed {s} failed:\n{e}", flush=True)
             return
-        res = json.loads(path.read_text())
-        scores = "  ".join(f"{n} {v['primary'] * 100:.1f}" for n, v in res["tasks"].items())
-        print(f"{m:>14} seed {s}: {scores}  ({time.time() - t:.0f}s)", flush=True)
+        if ran:
+            scores = "  ".join(f"{n} {v['primary'] * 100:.1f}" for n, v in res["tasks"].items())
+            print(f"{m:>14} seed {s}: {scores}  ({time.time() - t:.0f}s)", flush=True)
 
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         list(pool.map(run_one, jobs))

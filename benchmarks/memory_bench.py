@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from child_runs import ChildFailed, run_child
 from provenance import commit_label
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -345,22 +344,19 @@ def main() -> int:
     def run_one(job):
         n, t, s = job
         path = runs_dir / f"{t}_{n}_seed{s}.json"
-        if path.is_file():  # finished earlier: a rerun continues where an interrupted one stopped
-            return json.loads(path.read_text())
-        if start_by is not None and datetime.datetime.now(datetime.timezone.utc) > start_by:
+        if not path.is_file() and start_by is not None and datetime.datetime.now(datetime.timezone.utc) > start_by:
             return None
-        cmd = [sys.executable, __file__, "--child", n, t, str(s), "--child-out", str(path), "--data", args.data,
-               "--train-samples", str(args.train_samples), "--epochs", str(args.epochs),
-               "--batch-size", str(args.batch_size), "--max-seq-length", str(args.max_seq_length)]
         started = time.time()
-        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                   TOKENIZERS_PARALLELISM="false")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"{n} {t} seed {s} failed:\n{proc.stderr[-3000:]}")
-        res = json.loads(path.read_text())
-        print(f"{t:>6} {n:>12} seed {s}: {METRIC[t]} {res[METRIC[t]]:.4f}  step {res['train_seconds_per_step']:.3f}s  "
-              f"({time.time() - started:.0f}s)", flush=True)
+        try:
+            res, ran = run_child(__file__, [
+                "--child", n, t, str(s), "--child-out", str(path), "--data", args.data,
+                "--train-samples", str(args.train_samples), "--epochs", str(args.epochs),
+                "--batch-size", str(args.batch_size), "--max-seq-length", str(args.max_seq_length)], path)
+        except ChildFailed as e:
+            raise ChildFailed(f"{n} {t} seed {s} failed:\n{e}") from None
+        if ran:
+            print(f"{t:>6} {n:>12} seed {s}: {METRIC[t]} {res[METRIC[t]]:.4f}  step {res['train_seconds_per_step']:.3f}s  "
+                  f"({time.time() - started:.0f}s)", flush=True)
         return res
 
     from tqdm import tqdm
