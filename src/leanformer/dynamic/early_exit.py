@@ -316,18 +316,22 @@ class _FlopModel:
     once per sequence. The dense reference runs every block and no IC."""
 
     def __init__(self, model: nn.Module, heads: ExitHeads):
+        from itertools import accumulate
+
         one, two = dense_flops_per_token(model, 1), dense_flops_per_token(model, 2)
-        self.attention = [(2 * r1["attention"] - r2["attention"], r2["attention"] - r1["attention"])
-                          for r1, r2 in zip(one["blocks"], two["blocks"])]
-        self.mlp = [r["mlp"] for r in one["blocks"]]
-        self.ic = [sum(linear_flops(m) for m in linear_layers(ic).values())
-                   + (2 * (k + 1) * heads.n_classes if heads.kind == "ztw" else 0) for k, ic in enumerate(heads.ics)]
+        a = [2 * r1["attention"] - r2["attention"] for r1, r2 in zip(one["blocks"], two["blocks"])]
+        b = [r2["attention"] - r1["attention"] for r1, r2 in zip(one["blocks"], two["blocks"])]
+        ic = [sum(linear_flops(m) for m in linear_layers(ic).values())
+              + (2 * (k + 1) * heads.n_classes if heads.kind == "ztw" else 0) for k, ic in enumerate(heads.ics)]
+        # prefix sums (index k: the first k blocks / ICs), so that counting an example is O(1) in the forward
+        self.attention_a, self.attention_b, self.mlp, self.ic = (
+            [0, *accumulate(xs)] for xs in (a, b, [r["mlp"] for r in one["blocks"]], ic))
 
     def executed(self, blocks: int, n: int, ics: int) -> tuple[float, float]:
         """(all FLOPs, MLP FLOPs) of one n-token example that ran `blocks` blocks and `ics` ICs."""
-        mlp = n * sum(self.mlp[:blocks])
-        attention = n * sum(a + b * n for a, b in self.attention[:blocks])
-        return attention + mlp + sum(self.ic[:ics]), mlp
+        mlp = n * self.mlp[blocks]
+        attention = n * (self.attention_a[blocks] + n * self.attention_b[blocks])
+        return attention + mlp + self.ic[ics], mlp
 
 
 class _ExitingForward:
