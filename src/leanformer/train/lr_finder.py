@@ -35,7 +35,6 @@ class RangeTest:
     max_lr: float = 1.0
     steps: int = 40          # "a few dozen": enough points per decade (≈ 6.7) to see the valley
     probe_examples: int = 32  # the fixed training examples whose loss is read after every step
-    smoothing: float = 0.8   # EMA of the per-batch loss, for the plot only
     diverge_factor: float = 4.0
     min_drop: float = 0.01   # a probe minimum less than 1 % below the start is noise
     rise: float = 0.1        # the probe loss 10 % above its start marks the edge of stability
@@ -47,7 +46,6 @@ class RangeTestResult:
     learning_rate: float                      # the pick
     lrs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)           # loss of each step's own batch
-    smoothed: list[float] = field(default_factory=list)         # its EMA
     min_loss_lr: float | None = None                            # where the probe loss is lowest
     stopped_early: bool = False
     probe_losses: list[float] = field(default_factory=list)     # the probe's loss after each step
@@ -57,7 +55,7 @@ class RangeTestResult:
     def to_json(self) -> dict:
         return {"learning_rate": self.learning_rate, "min_loss_lr": self.min_loss_lr,
                 "stopped_early": self.stopped_early, "flat": self.flat, "lrs": self.lrs, "losses": self.losses,
-                "smoothed": self.smoothed, "probe_losses": self.probe_losses, "probe_start": self.probe_start}
+                "probe_losses": self.probe_losses, "probe_start": self.probe_start}
 
     @classmethod
     def from_json(cls, d: dict) -> "RangeTestResult":
@@ -102,7 +100,6 @@ def range_test(trainer, settings: RangeTest = RangeTest()) -> RangeTestResult:
         model.train()
         return total / sum(len(b["input_ids"]) for b in probe)
 
-    avg = 0.0
     try:
         result.probe_start = probe_loss()
         for i in range(settings.steps):
@@ -115,10 +112,8 @@ def range_test(trainer, settings: RangeTest = RangeTest()) -> RangeTestResult:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             value = float(loss.detach())
-            avg = settings.smoothing * avg + (1 - settings.smoothing) * value
             result.lrs.append(lr)
             result.losses.append(value)
-            result.smoothed.append(avg / (1 - settings.smoothing ** (i + 1)))
             result.probe_losses.append(probe_loss())
             lowest = min([result.probe_start, *result.probe_losses])
             if not math.isfinite(result.probe_losses[-1]) or result.probe_losses[-1] > settings.diverge_factor * lowest:
@@ -169,7 +164,6 @@ def plot_range_test(result: RangeTestResult, path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ax.plot(result.lrs, result.losses, ".", color="0.6", label="loss of the step's batch")
-    ax.plot(result.lrs, result.smoothed, "-", color="0.5", lw=0.8, label="… smoothed")
     if result.probe_losses:
         ax.plot(result.lrs[:len(result.probe_losses)], result.probe_losses, "-", color="C0", lw=2,
                 label="probe loss (what the pick reads)")
