@@ -35,7 +35,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"  # before torch loads: every model runs on one thread
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -65,32 +64,16 @@ BOOTSTRAP = 1000
 # Measurements
 
 
-@contextlib.contextmanager
-def module_timer(model, names: list[str]):
-    """Wall seconds spent inside the named modules (summed) during the block."""
-    clock = {"seconds": 0.0}
-    starts: dict[int, float] = {}
-    handles = []
-    for name in names:
-        module = model.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(lambda m, a: starts.__setitem__(id(m), time.perf_counter())))
-        handles.append(module.register_forward_hook(
-            lambda m, a, o: clock.__setitem__("seconds", clock["seconds"] + time.perf_counter() - starts[id(m)])))
-    try:
-        yield clock
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @torch.no_grad()
 def mlp_latency_ms(model, batches: list[dict], repeats: int, names: list[str]) -> float:
     """Median over runs of the time inside the MLP modules, per example (ms)."""
+    from leanformer.dynamic.sweep import forward_timer
+
     n = sum(len(b["input_ids"]) for b in batches)
     model(**batches[0])
     runs = []
     for _ in range(repeats):
-        with module_timer(model, names) as clock:
+        with forward_timer(*(model.get_submodule(n) for n in names)) as clock:
             for b in batches:
                 model(**b)
         runs.append(clock["seconds"] * 1000 / n)

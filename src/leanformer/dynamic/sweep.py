@@ -26,24 +26,25 @@ LOWER_IS_BETTER = ("perplexity", "nll_per_token")
 
 
 @contextlib.contextmanager
-def forward_timer(model: nn.Module) -> Iterator[dict]:
-    """{"seconds", "calls"}: wall time spent inside model.forward calls made within the block."""
-    clock = {"seconds": 0.0, "calls": 0, "_start": 0.0}
+def forward_timer(*modules: nn.Module) -> Iterator[dict]:
+    """{"seconds", "calls"}: wall time spent inside the forward calls of `modules` (summed) made within
+    the block; a module's calls nested in another timed module's count twice, so time siblings."""
+    clock = {"seconds": 0.0, "calls": 0}
+    starts: dict[int, float] = {}
 
-    def start(_module, _args):
-        clock["_start"] = time.perf_counter()
+    def start(module, _args):
+        starts[id(module)] = time.perf_counter()
 
-    def stop(_module, _args, _output):
-        clock["seconds"] += time.perf_counter() - clock["_start"]
+    def stop(module, _args, _output):
+        clock["seconds"] += time.perf_counter() - starts[id(module)]
         clock["calls"] += 1
 
-    handles = [model.register_forward_pre_hook(start), model.register_forward_hook(stop)]
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(start), m.register_forward_hook(stop))]
     try:
         yield clock
     finally:
         for h in handles:
             h.remove()
-        clock.pop("_start", None)
 
 
 def evaluate_at(model: nn.Module, tokenizer, tau: float, config: EvalConfig | None = None, *, task=None,
