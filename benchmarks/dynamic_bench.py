@@ -528,9 +528,8 @@ if __name__ == "__main__":
     parser.add_argument("--smoke", action="store_true", help="tiny random models and toy data (under a minute)")
     parser.add_argument("--out", default=str(OUT), help="output directory (default: results/dynamic)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="GLUE tasks under the shared data")
-    parser.add_argument("--max-train-samples", dest="max_train_samples", type=int)
-    parser.add_argument("--epochs", type=float)
-    parser.add_argument("--experts", type=int)
-    parser.add_argument("--repeats", type=int)
+    for key, default in FULL.items():  # every setting can be overridden, as JSON (e.g. --taus '[1, 0.9]')
+        parser.add_argument("--" + key.replace("_", "-"), dest=key, type=json.loads,
+                            help=f"default: {json.dumps(default)}")
     a = parser.parse_args()
     main_smoke(a) if a.smoke else main_full(a)
