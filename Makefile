@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.leanformer-installed
 
-.PHONY: env demo test bench dynamic-bench zoo-table clean
+.PHONY: env demo test bench dynamic-bench quant-bench zoo-table clean
 
 env: $(STAMP)
 
@@ -27,6 +27,9 @@ bench: env
 
 dynamic-bench: env  # dense vs dynamic-k MoE vs early exit, FLOPs and CPU latency (hours on one thread)
 	$(PY) benchmarks/dynamic_bench.py
+
+quant-bench: env  # quantization Pareto curves (quality vs honest bits) + latency table (≈40 min on one thread)
+	$(PY) benchmarks/quant_bench.py
 
 zoo-table: env  # the README's architecture support table, from the zoo test's recorded outcomes
 	$(PY) benchmarks/zoo_table.py

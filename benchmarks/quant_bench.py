@@ -1,82 +1,384 @@
-"""Kashin vs RTN vs HQQ at matched honest bits per weight, on minilm and stories260K.
+"""Quantization on the CPU: quality against honest bits per weight (Pareto curves) and a latency table.
 
-For every configuration (≈3 and ≈4 bits per weight, plus each method's usual group sizes):
-  minilm       relative weight error per layer; cosine between original and quantized mean-pooled
-               sentence embeddings on SST-2 sentences; SST-2 dev accuracy of a fine-tuned minilm
-               classifier before and after quantization; quantization wall time; on-disk size
-  stories260K  TinyStories validation perplexity; on-disk size
-Bits per weight are honest: lf.size_report counts every stored byte (indices, codebooks, scales,
-zeros, step sizes, domain bits, seeds) of the quantized Linear layers.
+Models and quality (each with a 95 % bootstrap interval, and one for the paired difference from fp32)
+  minilm       the fine-tuned SST-2 classifier (full fine-tune, cached under --cache): dev accuracy from
+               per-example predictions (a fixed random sample of --sst2-dev dev examples, the same for
+               every config); and the mean cosine between the quantized and fp32 mean-pooled sentence
+               embeddings (last hidden state, sentence-transformers' pooling) of --sentences held-out SST-2
+               *training* sentences. --embeddings picks whose embeddings: "classifier" (default: its
+               encoder, so one quantization per config serves both metrics) or "base" (the
+               sentence-transformers minilm, quantized separately: about twice the quantization time).
+  stories260K  perplexity on --windows fixed, non-overlapping windows of --window tokens of held-out
+               TinyStories validation text (each window scored on its own; the interval resamples windows).
+  Calibration (lf.plan only) never overlaps an evaluation set: SST-2 training sentences after the
+  embedding sentences; TinyStories validation stories from the end of the file, the windows from its start.
+x = honest bits per weight: lf.size_report's total over the quantized Linear layers (every stored byte).
 
-  .venv/bin/python benchmarks/quant_bench.py            # writes results/quant/{results.json,results.md,*.png}
+Configurations: RTN and HQQ at 2/3/4 bits × group 32/64/128/192/per row (a group that divides no layer
+of a model is skipped there; layers it does not divide are quantized per row, listed in the row);
+column scaling (col_scale=True) on RTN/HQQ at groups 64 and per row; Kashin at 2/3/4 bits with and
+without column scaling, vectors spanning two rows, the per-layer layout choice; lf.plan at 2.5/3.0/3.5
+bits, with and without the block-influence profile. Families missing from this version of the library
+are listed as skipped, with the reason, never measured.
 
-One thread (torch.set_num_threads(1)) so timings compare fairly on a shared machine. The fine-tuned
-SST-2 classifier is cached under --cache (full fine-tune, fixed seed) and reused by later runs.
+Latency (one torch thread; OMP/MKL/OpenBLAS pinned to one thread before torch loads), for fp32 and a
+representative subset saved with lf.save and reloaded in a fresh child process:
+  batch 1   stories260K greedy generation of --new-tokens tokens from a fixed prompt (model.generate,
+            use_cache=True), tokens/s, median of --repeats runs
+  batch 32  minilm classifier forward over the same --latency-batches SST-2 dev batches, ms per batch
+  memory    the child's peak RSS (ru_maxrss) after lf.load, after the timed default forwards, and after
+            the cache=True forwards, each minus its RSS after importing torch and leanformer; beside the
+            saved directory's size on disk
+Each finished row (quality per model and config, latency per model and config) is appended to
+--cache/rows.jsonl and not measured again on a rerun with the same settings; results.json, results.md
+and the plots are rebuilt from all finished rows after every row.
+
+  make quant-bench                                         # = the line below
+  .venv/bin/python benchmarks/quant_bench.py               # → results/quant/{results.json,results.md,*.png}
+  .venv/bin/python benchmarks/quant_bench.py --only 'kashin-3$|rtn-3-g64$'   # a subset (regex on labels)
+  .venv/bin/python benchmarks/quant_bench.py --smoke       # tiny random models, < 1 min, writes to a temp dir
 """
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":  # before torch loads: every model runs on one thread
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_var] = "1"
+
 import argparse
 import copy
-import csv
+import dataclasses
+import hashlib
 import json
+import math
 import platform
+import re
+import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
-import leanformer as lf
-from leanformer.compress import relative_weight_errors
-from leanformer.paths import data_root
-from leanformer.tasks import load_task
-from leanformer.text import read_text_files
-from leanformer.files import save_json
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child_runs import ONE_THREAD  # noqa: E402
+from provenance import git_state  # noqa: E402
+
+import leanformer as lf  # noqa: E402
+from leanformer.compress.quantization import QuantConfig  # noqa: E402
+from leanformer.files import save_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(__file__).resolve().parent
+BOOTSTRAP = 1000
+GROUPS = (32, 64, 128, 192, None)  # None = one group per row
+PROMPT = "Once upon a time, there was a little girl named Lily."
+LATENCY_SUBSET = ("kashin-3", "rtn-3-g64", "hqq-3-g64", "plan-3.0", "kashin-4", "rtn-4-g64", "hqq-4-g64")
+SMOKE_SUBSET = ("rtn-3-g64", "hqq-3-g192", "rtn-3-row-col", "kashin-3", "kashin-3-span2", "plan-3.0")
+SMOKE_LATENCY = ("kashin-3",)
+FAMILY_STYLE = {  # plot colour and marker per family
+    "rtn": ("tab:blue", "o"), "rtn+col": ("tab:cyan", "o"), "hqq": ("tab:green", "s"),
+    "hqq+col": ("tab:olive", "s"), "kashin": ("tab:red", "D"), "kashin-nocol": ("tab:pink", "D"),
+    "kashin-span": ("tab:purple", "^"), "kashin-auto": ("tab:brown", "v"), "plan": ("black", "*"),
+    "plan-noprofile": ("tab:gray", "*"),
+}
 
 
-def configs():
-    """(label, family, config factory). Family pairs configs of about the same honest bits."""
-    K, R, H = lf.Kashin, lf.RTN, lf.HQQ
-    return [
-        # ≈3 bits per weight
-        ("kashin-3", "3", lambda: K(bits=3, cache=True)),
-        ("kashin-3-shared", "3", lambda: K(bits=3, step_sizes="shared", cache=True)),
-        ("rtn-3-row", "3", lambda: R(bits=3, group_size=None, cache=True)),
-        ("hqq-3-row", "3", lambda: H(bits=3, group_size=None, cache=True)),
-        ("rtn-3-g128", "3+", lambda: R(bits=3, group_size=128, cache=True)),
-        ("hqq-3-g64", "3+", lambda: H(bits=3, group_size=64, cache=True)),
-        # ≈4 bits per weight
-        ("kashin-4", "4", lambda: K(bits=4, cache=True)),
-        ("kashin-4-shared", "4", lambda: K(bits=4, step_sizes="shared", cache=True)),
-        ("rtn-4-row", "4", lambda: R(bits=4, group_size=None, cache=True)),
-        ("hqq-4-row", "4", lambda: H(bits=4, group_size=None, cache=True)),
-        ("rtn-3-g32", "4", lambda: R(bits=3, group_size=32, cache=True)),
-        ("hqq-3-g32", "4", lambda: H(bits=3, group_size=32, cache=True)),
-        # usual configurations (≈4.25–5 bits)
-        ("rtn-4-g128", "4+", lambda: R(bits=4, group_size=128, cache=True)),
-        ("kashin-4-g128", "4+", lambda: K(bits=4, group_size=128, cache=True)),
-        ("hqq-4-g64", "4+", lambda: H(bits=4, group_size=64, cache=True)),
-        ("rtn-4-g32", "4+", lambda: R(bits=4, group_size=32, cache=True)),
-        ("hqq-4-g32", "4+", lambda: H(bits=4, group_size=32, cache=True)),
-        # the reference (unstructured) Kashin variants, for comparison
-        ("kashin-4-kmeans", "ref", lambda: K(bits=4, codebook="kmeans", cache=True)),
-        ("kashin-4-matrix", "ref", lambda: K(bits=4, codebook="kmeans", form="matrix", transform="random", cache=True)),
-    ]
+class Unavailable(Exception):
+    """This version of the library does not offer what a configuration needs (reported, not measured)."""
 
 
-def dir_bytes(path: Path) -> dict:
-    weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-    total = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-    return {"safetensors_bytes": weights, "dir_bytes": total}
+# --------------------------------------------------------------------------------------------
+# Configurations
+
+
+@dataclass
+class Spec:
+    """One benchmark configuration: `make(context)` returns a QuantConfig, or a QuantPlan for lf.plan."""
+    label: str
+    family: str
+    nominal_bits: float
+    make: Callable[[dict], object]
+    prior_seconds: float  # a guess at one minilm quantization, for the ETA until a family has been timed
+
+
+def _has_field(cls, name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(cls)}
+
+
+def _grouped(cls, bits: int, group: int | None, col_scale: bool | None = None):
+    def make(_ctx):
+        kwargs = {"bits": bits, "group_size": group, "cache": True}
+        if col_scale is not None:
+            if not _has_field(cls, "col_scale"):
+                raise Unavailable(f"{cls.__name__} has no col_scale field in this version of leanformer")
+            kwargs["col_scale"] = col_scale
+        return cls(**kwargs)
+    return make
+
+
+def _kashin(bits: int, **fields):
+    def make(_ctx):
+        for name, value in fields.items():
+            if not _has_field(lf.Kashin, name):
+                raise Unavailable(f"Kashin has no {name} field in this version of leanformer")
+            if name == "layout":
+                choices = next(f for f in dataclasses.fields(lf.Kashin) if f.name == "layout").metadata.get("choices", ())
+                if value not in choices:
+                    raise Unavailable(f"Kashin's layout offers {choices}, not {value!r}")
+        return lf.Kashin(bits=bits, cache=True, **fields)
+    return make
+
+
+_MEASURED_PLANS: dict[int, object] = {}  # id(calibration texts) → the plan measured on them (one per model)
+
+
+def _plan(target_bits: float, use_profile: bool):
+    def make(ctx):
+        if not hasattr(lf, "plan"):
+            raise Unavailable("lf.plan is not in this version of leanformer")
+        # the measurement (every candidate on every layer) is the cost; each target and the ablation
+        # re-allocate from it (QuantPlan.with_target), as a user sweeping budgets would
+        key = id(ctx["calibration"])
+        if key not in _MEASURED_PLANS:
+            _MEASURED_PLANS[key] = lf.plan(ctx["model"], target_bits=3.0, calibration=ctx["calibration"],
+                                           tokenizer=ctx["tokenizer"], use_profile=True, progress=False)
+        return _MEASURED_PLANS[key].with_target(target_bits, use_profile=use_profile)
+    return make
+
+
+def specs() -> list[Spec]:
+    out = []
+    for name, cls, prior in (("rtn", lf.RTN, 0.5), ("hqq", lf.HQQ, 3.0)):
+        for bits in (2, 3, 4):
+            for g in GROUPS:
+                out.append(Spec(f"{name}-{bits}-{'row' if g is None else f'g{g}'}", name, bits,
+                                _grouped(cls, bits, g), prior))
+        for bits in (2, 3, 4):
+            for g in (64, None):
+                out.append(Spec(f"{name}-{bits}-{'row' if g is None else f'g{g}'}-col", f"{name}+col", bits,
+                                _grouped(cls, bits, g, col_scale=True), prior))
+    for bits in (2, 3, 4):
+        out.append(Spec(f"kashin-{bits}", "kashin", bits, _kashin(bits, col_scale=True), 20.0))
+        out.append(Spec(f"kashin-{bits}-nocol", "kashin-nocol", bits, _kashin(bits, col_scale=False), 20.0))
+        out.append(Spec(f"kashin-{bits}-span2", "kashin-span", bits, _kashin(bits, rows_per_vector=2), 20.0))
+    # the per-layer layout search encodes up to 12 candidate layouts per layer: 3 bits only
+    out.append(Spec("kashin-3-auto", "kashin-auto", 3, _kashin(3, layout="auto"), 150.0))
+    for t in (2.5, 3.0, 3.5):
+        out.append(Spec(f"plan-{t}", "plan", t, _plan(t, True), 90.0))
+        out.append(Spec(f"plan-{t}-noprofile", "plan-noprofile", t, _plan(t, False), 90.0))
+    return out
+
+
+def apply_config(model, spec: Spec, ctx: dict) -> dict:
+    """Quantize `model` in place by `spec`; what was done. A group size is applied where it fits a
+    layer and per row elsewhere; a group that fits no layer raises Unavailable (the config is skipped)."""
+    from leanformer.targets import linear_shape, select_linear
+
+    t0 = time.perf_counter()
+    cfg = spec.make({**ctx, "model": model})
+    info = {"fallback_per_row": [], "skipped_layers": {}}
+    if not isinstance(cfg, QuantConfig):  # a QuantPlan
+        info["settings"] = _jsonable(cfg.to_dict() if hasattr(cfg, "to_dict") else repr(cfg))
+        reports = lf.quantize(model, cfg, progress=False)
+        reports = reports if isinstance(reports, list) else [reports]
+    else:
+        info["settings"] = cfg.to_dict()
+        g = getattr(cfg, "group_size", None)
+        names = select_linear(model, cfg.targets)
+        shapes = {n: linear_shape(model.get_submodule(n)) for n in names}  # (in, out)
+        odd = [n for n in names if g is not None and shapes[n][0] % g]
+        if odd and len(odd) == len(names):
+            widths = sorted({shapes[n][0] for n in names})
+            raise Unavailable(f"group {g} divides no layer's input width ({', '.join(map(str, widths))})")
+        reports = []
+        if odd:
+            cfg.targets = [n for n in names if n not in odd]
+            reports.append(lf.quantize(model, dataclasses.replace(cfg, group_size=None, targets=odd), progress=False))
+            info["fallback_per_row"] = odd
+        reports.append(lf.quantize(model, cfg, progress=False))
+    for r in reports:
+        info["skipped_layers"].update(r.skipped)
+    set_cache(model, True)  # quality only: the rebuilt weights are the same, evaluation runs faster
+    info["quantize_seconds"] = time.perf_counter() - t0
+    return info
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def set_cache(model, on: bool) -> None:
+    """Turn QuantizedLinear's weight cache on or off after the fact (default off: rebuilt per forward)."""
+    for m in model.modules():
+        if isinstance(m, lf.QuantizedLinear):
+            m.cache = on
+            m._cached = None
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+def bootstrap(stat: Callable[[np.ndarray], float], n: int, seed: int) -> list[float]:
+    """95 % percentile interval of stat(resampled indices) over BOOTSTRAP resamples of n items."""
+    rng = np.random.default_rng(seed)
+    values = [stat(rng.integers(0, n, n)) for _ in range(BOOTSTRAP)]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+@torch.no_grad()
+def predictions(model, tok, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
+    """Class ids, in the order of `texts`; batched by length (less padding), each batch padded alone."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = np.zeros(len(texts), dtype=np.int64)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        enc = tok([texts[j] for j in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        out[idx] = model(**enc).logits.argmax(-1).numpy()
+    return out
+
+
+@torch.no_grad()
+def embeddings(encoder, tok, texts: list[str], max_length: int, batch_size: int = 64) -> torch.Tensor:
+    """Mean-pooled last hidden state over valid tokens (sentence-transformers' pooling for MiniLM)."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        h = encoder(**enc).last_hidden_state.float()
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        out.append((h * mask).sum(1) / mask.sum(1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor, batch_size: int = 16) -> np.ndarray:
+    """Summed next-token NLL of each window (tokens 2..L, context only from the window itself)."""
+    out = []
+    for i in range(0, len(windows), batch_size):
+        ids = windows[i:i + batch_size]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        out.append(nll.sum(1))
+    return torch.cat(out).double().numpy()
+
+
+def encoder_of(model):
+    return model.base_model if hasattr(model, "base_model") else model
+
+
+def minilm_quality(clf, enc_model, data: dict, ref: dict | None, seed: int) -> dict:
+    """SST-2 accuracy and embedding cosine, with intervals; paired differences against `ref` (fp32)."""
+    pred = predictions(clf, data["tok"], data["dev_texts"], data["max_length"])
+    correct = (pred == data["dev_labels"]).astype(np.float64)
+    acc = {"accuracy": float(correct.mean()), "ci": bootstrap(lambda i: correct[i].mean(), len(correct), seed),
+           "n": len(correct), "predictions": pred.tolist()}
+    emb = embeddings(encoder_of(enc_model), data["tok"], data["sentences"], data["max_length"])
+    out = {"sst2": acc, "_emb": emb}
+    if ref is not None:
+        ref_correct = (np.asarray(ref["sst2"]["predictions"]) == data["dev_labels"]).astype(np.float64)
+        d = correct - ref_correct
+        acc["delta_vs_fp32"] = float(d.mean())
+        acc["delta_ci"] = bootstrap(lambda i: d[i].mean(), len(d), seed)
+        cos = torch.nn.functional.cosine_similarity(emb, ref["_emb"], dim=1).double().numpy()
+        out["embedding"] = {"cosine": float(cos.mean()), "ci": bootstrap(lambda i: cos[i].mean(), len(cos), seed),
+                            "min": float(cos.min()), "n": len(cos), "per_sentence": np.round(cos, 6).tolist()}
+    return out
+
+
+def stories_quality(model, data: dict, ref: dict | None, seed: int) -> dict:
+    nll = window_nll(model, data["windows"])
+    per = data["windows"].shape[1] - 1  # predicted tokens per window
+    n = len(nll)
+    out = {"perplexity": float(math.exp(nll.sum() / (n * per))),
+           "ci": bootstrap(lambda i: math.exp(nll[i].sum() / (n * per)), n, seed),
+           "windows": n, "window_tokens": per + 1, "nll_per_window": np.round(nll, 4).tolist()}
+    if ref is not None:
+        ref_nll = np.asarray(ref["nll_per_window"])
+        out["delta_vs_fp32"] = out["perplexity"] - ref["perplexity"]
+        out["delta_ci"] = bootstrap(lambda i: math.exp(nll[i].sum() / (n * per)) - math.exp(ref_nll[i].sum() / (n * per)),
+                                    n, seed)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Data and models
+
+
+def full_setup(args) -> dict:
+    """The real models and data (shared data root); the fine-tuned classifier is trained once and cached."""
+    from leanformer.paths import data_root
+    from leanformer.tasks import load_task
+    from leanformer.text import read_text_files
+
+    root = data_root(required=True)
+    sst2 = load_task(str(root / "glue" / "SST-2"))
+    rng = np.random.default_rng(args.seed)
+    n_dev = min(args.sst2_dev, len(sst2.dev))
+    dev_idx = np.sort(rng.choice(len(sst2.dev), n_dev, replace=False)) if n_dev < len(sst2.dev) else np.arange(n_dev)
+    train = rng.permutation(len(sst2.train))
+    sentences = [sst2.train.text_a[i] for i in train[:args.sentences]]
+    calibration = [sst2.train.text_a[i] for i in train[args.sentences:args.sentences + args.calibration]]
+    clf, tok, _ = finetuned_minilm(Path(args.cache), sst2, args.finetune_steps, args.seed)
+    base = lf.load("minilm")[0] if args.embeddings == "base" else None
+    llama, ltok = lf.load("stories260k")
+    stories = read_text_files([root / "text" / "tinystories.valid.txt"])
+    return {"clf": clf, "base": base, "tok": tok, "llama": llama, "ltok": ltok, "max_length": 64,
+            "dev_texts": [sst2.dev.text_a[i] for i in dev_idx], "dev_labels": np.asarray(sst2.dev.labels)[dev_idx],
+            "dev_all": len(sst2.dev), "sentences": sentences, "calibration": calibration,
+            "windows": story_windows(ltok, stories, args.windows, args.window),
+            "story_calibration": stories[-args.story_calibration:]}
+
+
+def story_windows(tok, stories: list[str], n: int, length: int) -> torch.Tensor:
+    """(n, length) token windows cut from the start of the stories' token stream (each with its BOS)."""
+    ids: list[int] = []
+    for s in stories:
+        ids.extend(tok(s)["input_ids"])
+        if len(ids) >= n * length:
+            break
+    if len(ids) < n * length:
+        raise SystemExit(f"only {len(ids)} tokens of stories for {n} windows of {length}; lower --windows")
+    return torch.tensor(ids[:n * length]).view(n, length)
+
+
+def smoke_setup(args) -> dict:
+    """Tiny random models (a BERT classifier and base, a Llama whose MLP is 96 wide) and toy text."""
+    import random
+
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel, LlamaConfig, \
+        LlamaForCausalLM
+
+    from leanformer.models import alias_path, ensure_pad_token
+
+    tok = ensure_pad_token(AutoTokenizer.from_pretrained(str(alias_path("minilm"))))
+    torch.manual_seed(0)
+    bert = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                      vocab_size=tok.vocab_size, num_labels=2)
+    clf = BertForSequenceClassification(bert).eval()
+    base = BertModel(bert).eval() if args.embeddings == "base" else None
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=tok.vocab_size,
+                                         max_position_embeddings=256)).eval()
+    r = random.Random(0)
+    words = ["bad", "awful", "good", "great", "the", "cat", "a", "dog", "sat", "ran"]
+    sent = lambda k: " ".join(r.choice(words) for _ in range(k))  # noqa: E731
+    windows = torch.randint(1000, 3000, (16, 32), generator=torch.Generator().manual_seed(0))
+    return {"clf": clf, "base": base, "tok": tok, "llama": llama, "ltok": tok, "max_length": 32,
+            "dev_texts": [sent(6) for _ in range(48)], "dev_labels": np.asarray([r.randint(0, 1) for _ in range(48)]),
+            "dev_all": 48, "sentences": [sent(8) for _ in range(16)], "calibration": [sent(12) for _ in range(32)],
+            "windows": windows, "story_calibration": [sent(30) for _ in range(16)]}
 
 
 def finetuned_minilm(cache: Path, task, steps: int, seed: int):
     """Full fine-tune of minilm on SST-2 (batch 32, length 64), cached as an HF directory."""
-    import tempfile
-
     from transformers import TrainingArguments
 
     out = cache / f"minilm-sst2-full-{steps}steps-seed{seed}"
@@ -99,225 +401,647 @@ def finetuned_minilm(cache: Path, task, steps: int, seed: int):
     return model, tok, metrics
 
 
-def quantize_grouped(model, make):
-    """Quantize with the config's group size where it divides a layer's width and per row where it
-    does not (stories260K's down_proj is 172 wide = 4·43, which no usual group size divides)."""
-    from leanformer.targets import select_linear
+# --------------------------------------------------------------------------------------------
+# Finished rows: one JSON line each under --cache, reused on a rerun with the same settings
 
-    cfg = make()
-    g = getattr(cfg, "group_size", None)
-    names = select_linear(model, cfg.targets)
-    odd = [n for n in names if g is not None and model.get_submodule(n).in_features % g]
-    if not odd:
-        return lf.quantize(model, cfg, progress=False)
-    rest = make()
-    rest.group_size, rest.targets = None, odd
-    if len(odd) == len(names):  # the group is wider than every layer: per row throughout
-        return lf.quantize(model, rest, progress=False)
-    cfg.targets = [n for n in names if n not in odd]
-    rep = lf.quantize(model, cfg, progress=False)
-    rep2 = lf.quantize(model, rest, progress=False)
-    rep.quantized += rep2.quantized
-    rep.skipped.update(rep2.skipped)
-    rep.seconds += rep2.seconds
-    return rep
+
+class Rows:
+    def __init__(self, path: Path, fingerprint: str, fresh: bool):
+        self.path, self.fingerprint = path, fingerprint
+        self.rows: dict[str, dict] = {}
+        if path.is_file() and not fresh:
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+                if row.get("fingerprint") == fingerprint:
+                    self.rows[row["key"]] = row
+
+    def get(self, key: str) -> dict | None:
+        return self.rows.get(key)
+
+    def add(self, key: str, row: dict) -> dict:
+        row = {"key": key, "fingerprint": self.fingerprint, **row}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows[key] = row
+        return row
+
+
+# --------------------------------------------------------------------------------------------
+# Latency and memory, in a fresh child process per saved model
+
+CHILD = """
+import json, resource, sys
+import torch, leanformer
+torch.set_num_threads(1)
+sys.path.insert(0, {bench!r})
+import quant_bench
+quant_bench.import_architecture({spec!r}["dir"])
+print(json.dumps(quant_bench.latency_child({spec!r})))
+"""
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ≥ 4.0: write 5 to /proc/self/clear_refs), so the peak read
+    after a step is that step's, not an import's transient."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def import_architecture(path: str) -> None:
+    """Import the saved model's transformers modeling module (transformers imports it lazily on first
+    use, tens of MiB of code), so the RSS after the imports does not charge it to loading the weights."""
+    import transformers
+    from transformers import AutoConfig
+
+    from leanformer.models import model_class
+
+    meta = Path(path) / "leanformer.json"
+    if meta.is_file():  # lf.save's format names the class
+        getattr(transformers, json.loads(meta.read_text())["base"]["model_class"])
+    else:
+        config = AutoConfig.from_pretrained(path)
+        model_class(config, "auto")._model_mapping[type(config)]  # the lazy mapping imports the concrete class
+
+
+def latency_child(spec: dict) -> dict:
+    """Runs in the child (after importing torch and leanformer): load the saved model, time it with the
+    cache off then on; after each step the peak RSS above the RSS right after the imports. Two
+    readings: ru_maxrss (the process's lifetime peak, as getrusage reports it) and VmHWM after resetting
+    the peak mark once the imports are done (not inflated by an import's transient allocations)."""
+    base_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    reset = _reset_peak_rss()
+    base_rss = _proc_status_kib("VmRSS")
+
+    def mem(prefix: str) -> dict:
+        out = {f"{prefix}_maxrss_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_maxrss) / 1024}
+        hwm = _proc_status_kib("VmHWM")
+        if reset and hwm is not None and base_rss is not None:
+            out[f"{prefix}_mib"] = (hwm - base_rss) / 1024
+        else:
+            out[f"{prefix}_mib"] = out[f"{prefix}_maxrss_mib"]
+        return out
+
+    t0 = time.perf_counter()
+    model, _ = lf.load(spec["dir"])
+    out = {"load_seconds": time.perf_counter() - t0, "peak_reset": reset, **mem("rss_load")}
+    quantized = any(isinstance(m, lf.QuantizedLinear) for m in model.modules())
+    for mode in ("default", "cache") if quantized else ("default",):
+        set_cache(model, mode == "cache")
+        out[mode] = _encoder_timing(model, spec) if spec["kind"] == "encoder" else _decoder_timing(model, spec)
+        out[mode].update(mem("rss"))
+    return out
+
+
+@torch.inference_mode()
+def _encoder_timing(model, spec: dict) -> dict:
+    batches = [{k: torch.tensor(v) for k, v in b.items()} for b in json.loads(Path(spec["inputs"]).read_text())]
+    for b in batches:  # warm-up (and, with the cache on, the one-time rebuild of every weight)
+        model(**b)
+    runs = []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        for b in batches:
+            model(**b)
+        runs.append((time.perf_counter() - t0) * 1000 / len(batches))
+    return {"ms_per_batch": statistics.median(runs), "runs_ms": runs, "batches": len(batches),
+            "batch_size": len(batches[0]["input_ids"])}
+
+
+@torch.inference_mode()
+def _decoder_timing(model, spec: dict) -> dict:
+    ids = torch.tensor([spec["prompt_ids"]])
+    kwargs = dict(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"], do_sample=False,
+                  use_cache=True, pad_token_id=spec["pad_id"], attention_mask=torch.ones_like(ids))
+    out = model.generate(ids, **kwargs)  # warm-up
+    runs = []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        runs.append(time.perf_counter() - t0)
+    new = out.shape[1] - ids.shape[1]
+    return {"tokens_per_s": new / statistics.median(runs), "runs_s": runs, "new_tokens": new,
+            "generated_ids": out[0, ids.shape[1]:].tolist()}
+
+
+def run_latency_child(spec: dict) -> dict:
+    code = CHILD.format(bench=str(BENCH_DIR), spec=spec)
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **ONE_THREAD), capture_output=True,
+                          text=True, timeout=900)
+    if proc.returncode:
+        raise RuntimeError(f"latency child for {spec['dir']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def dir_bytes(path: Path) -> dict:
+    return {"safetensors_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")),
+            "dir_bytes": sum(p.stat().st_size for p in path.iterdir() if p.is_file())}
+
+
+def saved_dir(cache: Path, fingerprint: str, model_key: str, label: str) -> Path:
+    return cache / "saved" / fingerprint / model_key / label
+
+
+def is_saved(path: Path) -> bool:
+    return (path / "leanformer.json").is_file() or (path / "config.json").is_file()
+
+
+def save_model(model, tok, path: Path) -> None:
+    if not is_saved(path):
+        lf.save(model, tok, path, overwrite=True, base_weights="stored")
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+class Eta:
+    """Seconds left: measured mean per (model, family) where timed, else the spec's prior guess."""
+
+    def __init__(self):
+        self.seconds: dict[tuple, list[float]] = {}
+
+    def add(self, key: tuple, s: float):
+        self.seconds.setdefault(key, []).append(s)
+
+    def guess(self, key: tuple, prior: float) -> float:
+        return statistics.mean(self.seconds[key]) if key in self.seconds else prior
+
+
+def prior_row_seconds(model_key: str, spec: Spec, data: dict, embeddings_model: str) -> float:
+    if model_key == "stories260k":
+        return 2.0 + spec.prior_seconds / 10
+    n_q = 2 if embeddings_model == "base" else 1
+    return n_q * spec.prior_seconds + 0.03 * (len(data["dev_texts"]) + len(data["sentences"]))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "results" / "quant"))
-    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "leanformer-quant-bench"))
-    ap.add_argument("--sentences", type=int, default=2000, help="SST-2 train sentences for the embedding cosine")
+    ap.add_argument("--out", default=None, help="output directory (default results/quant; --smoke: a temp dir)")
+    ap.add_argument("--cache", default=None,
+                    help="fine-tuned classifier, saved models, rows.jsonl (default $TMPDIR/leanformer-quant-bench)")
+    ap.add_argument("--only", default=None, help="regex: run only configs whose label it matches (re.search)")
+    ap.add_argument("--smoke", action="store_true", help="tiny random models and toy data, < 1 min")
+    ap.add_argument("--fresh", action="store_true", help="ignore finished rows in --cache/rows.jsonl")
+    ap.add_argument("--no-latency", action="store_true", help="quality only")
+    ap.add_argument("--embeddings", choices=("classifier", "base"), default="classifier",
+                    help="whose sentence embeddings the cosine compares (module docstring)")
+    ap.add_argument("--sst2-dev", type=int, default=436, help="SST-2 dev examples (fixed random sample; 872 = all)")
+    ap.add_argument("--sentences", type=int, default=128, help="held-out SST-2 train sentences for the cosine")
+    ap.add_argument("--calibration", type=int, default=64, help="SST-2 train sentences for lf.plan's calibration")
+    ap.add_argument("--windows", type=int, default=64, help="TinyStories windows for perplexity")
+    ap.add_argument("--window", type=int, default=256, help="tokens per window")
+    ap.add_argument("--story-calibration", type=int, default=32, help="TinyStories stories for lf.plan's calibration")
     ap.add_argument("--finetune-steps", type=int, default=200)
-    ap.add_argument("--stories", type=int, default=400, help="TinyStories validation stories for perplexity")
-    ap.add_argument("--only", nargs="*", help="run only these config labels")
-    ap.add_argument("--append", action="store_true",
-                    help="merge these rows into an existing --out/results.json (same setup) instead of replacing it")
+    ap.add_argument("--repeats", type=int, default=5, help="latency: timed runs (median)")
+    ap.add_argument("--latency-batches", type=int, default=4, help="minilm SST-2 dev batches of 32 timed")
+    ap.add_argument("--new-tokens", type=int, default=64, help="stories260K tokens generated per timed run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    started = time.perf_counter()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    root = data_root(required=True)
-    out, cache = Path(args.out), Path(args.cache)
+    scratch = Path(tempfile.mkdtemp(prefix="quant_bench_smoke_")) if args.smoke else None
+    out = Path(args.out) if args.out else (scratch / "results" if args.smoke else ROOT / "results" / "quant")
+    cache = Path(args.cache) if args.cache else (
+        scratch / "cache" if args.smoke else Path(tempfile.gettempdir()) / "leanformer-quant-bench")
+    if args.smoke:
+        args.repeats, args.latency_batches, args.new_tokens = 2, 2, 8
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
 
-    sst2 = load_task(str(root / "glue" / "SST-2"))
-    with open(root / "glue" / "SST-2" / "train.tsv", encoding="utf-8") as f:
-        sentences = [r[0] for r in list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:args.sentences + 1]]
-    stories = read_text_files([root / "text" / "tinystories.valid.txt"])[: args.stories]
-
-    base, tok = lf.load("minilm")
-    ref_emb = lf.sentence_embeddings(base, tok, sentences, max_length=64)
-    clf, clf_tok, train_metrics = finetuned_minilm(cache, sst2, args.finetune_steps, args.seed)
-    clf_fp = lf.evaluate_task(clf, clf_tok, sst2, max_length=64)
-    llama, ltok = lf.load("stories260k")
-    ppl_fp = lf.perplexity(llama, ltok, stories, max_length=256)
-    print(f"full precision: SST-2 dev {clf_fp}, TinyStories {ppl_fp}")
-
-    # full-precision on-disk sizes for reference (safetensors of the fp32 weights)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        base.save_pretrained(Path(tmp) / "b")
-        llama.save_pretrained(Path(tmp) / "l")
-        fp_disk = {"minilm": (Path(tmp) / "b" / "model.safetensors").stat().st_size,
-                   "stories260k": (Path(tmp) / "l" / "model.safetensors").stat().st_size}
-
-    setup = {"torch_threads": 1, "torch": torch.__version__, "machine": platform.machine(),
-             "processor": platform.processor(), "sentences": len(sentences), "stories": len(stories),
-             "stories_tokens": ppl_fp["n_tokens"], "finetune": {"steps": args.finetune_steps, "batch": 32,
-             "max_seq_length": 64, "learning_rate": 5e-5, "seed": args.seed,
-             "train_seconds_per_step": train_metrics.get("train_seconds_per_step")},
+    data = smoke_setup(args) if args.smoke else full_setup(args)
+    settings = {k: v for k, v in vars(args).items()  # what the quality rows depend on (latency rows: latency())
+                if k not in ("out", "cache", "only", "fresh", "no_latency", "repeats", "latency_batches", "new_tokens")}
+    settings["sst2_dev"] = len(data["dev_texts"])
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    rows = Rows(cache / "rows.jsonl", fingerprint, args.fresh)
+    git = git_state()
+    setup = {"settings": settings, "git": git, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+             "machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version(),
+             "sst2_dev_of": data["dev_all"], "bootstrap": BOOTSTRAP,
              "command": "python benchmarks/quant_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    full_precision = {"sst2_dev": clf_fp, "tinystories": ppl_fp, "disk_bytes": fp_disk}
-    rows = []
-    for label, family, make in configs():
-        if args.only and label not in args.only:
+    all_specs = specs()
+    wanted = SMOKE_SUBSET if args.smoke else None
+    selected = [s for s in all_specs if (wanted is None or s.label in wanted)
+                and (args.only is None or re.search(args.only, s.label))]
+    models = {"minilm": data["clf"], "stories260k": data["llama"]}
+    skipped: dict[str, str] = {}
+
+    def rebuild(plot: bool = True):
+        write(out, setup, all_specs, rows, skipped, plot)
+
+    # fp32 references (cached like every other row)
+    ref = {}
+    for key in models:
+        row = rows.get(f"{key}/fp32")
+        if row is None:
+            t0 = time.perf_counter()
+            if key == "minilm":
+                q = minilm_quality(data["clf"], data["base"] or data["clf"], data, None, args.seed)
+                q.pop("_emb")
+            else:
+                q = {"tinystories": stories_quality(data["llama"], data, None, args.seed)}
+            row = rows.add(f"{key}/fp32", {"model": key, "config": "fp32", "family": "fp32", "git": git,
+                                            "seconds": time.perf_counter() - t0, **q})
+        ref[key] = row
+    ref["minilm"] = {**ref["minilm"], "_emb": embeddings(encoder_of(data["base"] or data["clf"]), data["tok"],
+                                                         data["sentences"], data["max_length"])}
+    print(f"fp32: SST-2 dev {ref['minilm']['sst2']['accuracy']:.4f} ({len(data['dev_texts'])} examples), "
+          f"TinyStories ppl {ref['stories260k']['tinystories']['perplexity']:.4f}", flush=True)
+
+    eta = Eta()
+    todo = [(key, s) for s in selected for key in models if rows.get(f"{key}/{s.label}") is None]
+    print(f"{len(selected)} configs selected, {len(todo)} model×config rows to measure, "
+          f"{len(selected) * len(models) - len(todo)} finished earlier; first ETA "
+          f"{sum(prior_row_seconds(k, s, data, args.embeddings) for k, s in todo) / 60:.0f} min (priors)", flush=True)
+    latency_labels = [lab for lab in (SMOKE_LATENCY if args.smoke else LATENCY_SUBSET)
+                      if args.only is None or re.search(args.only, lab)]
+    for done, (key, spec) in enumerate(todo, 1):
+        rk = f"{key}/{spec.label}"
+        t0 = time.perf_counter()
+        try:
+            row = quality_row(key, spec, data, ref[key], args, cache,
+                              rows.fingerprint if spec.label in latency_labels else None)
+        except Unavailable as e:
+            skipped[rk] = str(e)
+            print(f"  skip {rk}: {e}", flush=True)
             continue
-        row = {"config": label, "family": family, "settings": make().to_dict()}
-        # minilm encoder: weight error, embeddings, size, time
-        q = copy.deepcopy(base)
-        t0 = time.perf_counter()
-        rep = lf.quantize(q, make(), progress=False)
-        row["minilm_quantize_seconds"] = time.perf_counter() - t0
-        row["minilm_skipped"] = rep.skipped
-        sizes = lf.size_report(q)
-        row["minilm_bits_per_weight"] = sizes.total["bits_per_weight"]
-        errs = relative_weight_errors(base, q)
-        row["minilm_weight_error_per_layer"] = errs
-        row["minilm_weight_error_mean"] = sum(errs.values()) / len(errs)
-        emb = lf.sentence_embeddings(q, tok, sentences, max_length=64)
-        cos = torch.nn.functional.cosine_similarity(emb, ref_emb, dim=1)
-        row["minilm_embedding_cosine"] = float(cos.mean())
-        row["minilm_embedding_cosine_min"] = float(cos.min())
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            lf.save(q, tok, Path(tmp) / "q")
-            row["minilm_disk"] = dir_bytes(Path(tmp) / "q")
-        del q
-        # fine-tuned classifier (same targets: the encoder's Linear layers; head and pooler stay fp32)
-        qc = copy.deepcopy(clf)
-        lf.quantize(qc, make(), progress=False)
-        row["sst2_dev"] = lf.evaluate_task(qc, clf_tok, sst2, max_length=64)
-        del qc
-        # stories260K
-        ql = copy.deepcopy(llama)
-        t0 = time.perf_counter()
-        rep = quantize_grouped(ql, make)
-        row["stories_quantize_seconds"] = time.perf_counter() - t0
-        row["stories_skipped"] = rep.skipped
-        row["stories_bits_per_weight"] = lf.size_report(ql).total["bits_per_weight"]
-        row["stories_weight_error_mean"] = sum(relative_weight_errors(llama, ql).values()) / len(rep.quantized)
-        row["tinystories"] = lf.perplexity(ql, ltok, stories, max_length=256)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            lf.save(ql, ltok, Path(tmp) / "q")
-            row["stories_disk"] = dir_bytes(Path(tmp) / "q")
-        del ql
-        rows.append(row)
-        write(out, setup, full_precision, rows, args.append)
-        print(f"{label:>16}: minilm {row['minilm_bits_per_weight']:.3f} b/w cos {row['minilm_embedding_cosine']:.4f} "
-              f"acc {row['sst2_dev']['accuracy']:.4f} ({row['minilm_quantize_seconds']:.1f} s) | stories "
-              f"{row['stories_bits_per_weight']:.3f} b/w ppl {row['tinystories']['perplexity']:.4f}", flush=True)
+        row.update(model=key, config=spec.label, family=spec.family, nominal_bits=spec.nominal_bits, git=git,
+                   seconds=time.perf_counter() - t0)
+        rows.add(rk, row)
+        eta.add((key, spec.family), row["seconds"])
+        remaining = sum(eta.guess((k, s.family), prior_row_seconds(k, s, data, args.embeddings)) for k, s in todo[done:])
+        print(f"[{done}/{len(todo)}] {rk:<32} {row['bits_per_weight']:.3f} b/w  {quality_text(row)}  "
+              f"({row['seconds']:.0f} s; elapsed {(time.perf_counter() - started) / 60:.1f} min, "
+              f"ETA {remaining / 60:.1f} min + latency)", flush=True)
+        rebuild(plot=False)
 
-    write(out, setup, full_precision, rows, args.append)
+    if not args.no_latency and latency_labels:
+        latency(data, rows, all_specs, latency_labels, ["fp32"] + latency_labels, cache, args, git, skipped)
+    rebuild()
     print((out / "results.md").read_text())
+    print(f"done in {(time.perf_counter() - started) / 60:.1f} min; results in {out}")
 
 
-def write(out: Path, setup: dict, full_precision: dict, rows: list, append: bool) -> None:
-    """results.json / results.md / plots, rewritten after every configuration (a crash keeps the rows);
-    with --append, rows of an earlier run on the same setup are kept unless re-measured."""
-    result = {"setup": dict(setup), "full_precision": full_precision, "rows": list(rows)}
-    if append and (out / "results.json").is_file():
-        old = json.loads((out / "results.json").read_text())
-        if old["full_precision"] != full_precision:
-            raise SystemExit("--append: the existing results were measured on a different setup; rerun all")
-        order = [label for label, _, _ in configs()]
-        merged = {r["config"]: r for r in old["rows"]} | {r["config"]: r for r in rows}
-        result["rows"] = sorted(merged.values(), key=lambda r: order.index(r["config"]))
-        if setup["command"] not in old["setup"]["command"]:
-            result["setup"]["command"] = old["setup"]["command"] + " ; " + setup["command"]
+def quality_row(key: str, spec: Spec, data: dict, ref: dict, args, cache: Path, fingerprint: str | None) -> dict:
+    """One model × config: quantize, measure; saved under --cache when `fingerprint` is given (latency subset)."""
+    from leanformer.compress import relative_weight_errors
+
+    if key == "minilm":
+        q = copy.deepcopy(data["clf"])
+        info = apply_config(q, spec, {"calibration": data["calibration"], "tokenizer": data["tok"]})
+        enc = q
+        if data["base"] is not None:
+            enc = copy.deepcopy(data["base"])
+            base_info = apply_config(enc, spec, {"calibration": data["calibration"], "tokenizer": data["tok"]})
+            info["base_bits_per_weight"] = lf.size_report(enc).total["bits_per_weight"]
+            info["base_quantize_seconds"] = base_info["quantize_seconds"]
+        metrics = minilm_quality(q, enc, data, ref, args.seed)
+        metrics.pop("_emb")
+        tok, orig = data["tok"], data["clf"]
+    else:
+        q = copy.deepcopy(data["llama"])
+        info = apply_config(q, spec, {"calibration": data["story_calibration"], "tokenizer": data["ltok"]})
+        metrics = {"tinystories": stories_quality(q, data, ref["tinystories"], args.seed)}
+        tok, orig = data["ltok"], data["llama"]
+    errors = relative_weight_errors(orig, q)
+    row = {**info, **metrics, "bits_per_weight": lf.size_report(q).total["bits_per_weight"],
+           "weight_error_mean": sum(errors.values()) / max(len(errors), 1)}
+    if fingerprint:  # the latency phase reloads it from disk
+        set_cache(q, False)
+        save_model(q, tok, saved_dir(cache, fingerprint, key, spec.label))
+    return row
+
+
+def quality_text(row: dict) -> str:
+    if "tinystories" in row:
+        return f"ppl {row['tinystories']['perplexity']:.4f}"
+    return f"acc {row['sst2']['accuracy']:.4f}  cos {row['embedding']['cosine']:.4f}"
+
+
+def latency(data, rows: Rows, all_specs, labels, order, cache: Path, args, git, skipped) -> None:
+    """fp32 and the subset: save (if needed), then one child process per model and config."""
+    by_label = {s.label: s for s in all_specs}
+    lat_settings = {"repeats": args.repeats, "latency_batches": args.latency_batches, "new_tokens": args.new_tokens}
+    inputs = cache / f"latency_inputs_{rows.fingerprint}.json"
+    dev = data["dev_texts"][:32 * args.latency_batches]
+    batches = []
+    for i in range(0, len(dev), 32):
+        enc = data["tok"](dev[i:i + 32], truncation=True, max_length=data["max_length"], padding=True)
+        batches.append({k: v for k, v in enc.items()})
+    inputs.write_text(json.dumps(batches))
+    prompt_ids = data["ltok"](PROMPT)["input_ids"]
+    pad = data["ltok"].pad_token_id if data["ltok"].pad_token_id is not None else data["ltok"].eos_token_id
+    for label in order:
+        for key, model, tok in (("stories260k", data["llama"], data["ltok"]), ("minilm", data["clf"], data["tok"])):
+            rk = f"latency/{key}/{label}"
+            if (rows.get(rk) or {}).get("latency_settings") == lat_settings:
+                continue
+            path = saved_dir(cache, rows.fingerprint, key, label)
+            if not is_saved(path):
+                q = copy.deepcopy(model)
+                if label != "fp32":
+                    try:
+                        apply_config(q, by_label[label], {"calibration": data["calibration" if key == "minilm" else
+                                                                             "story_calibration"], "tokenizer": tok})
+                    except Unavailable as e:
+                        skipped[rk] = str(e)
+                        print(f"  skip {rk}: {e}", flush=True)
+                        continue
+                    set_cache(q, False)
+                save_model(q, tok, path)
+            spec = {"dir": str(path), "repeats": args.repeats}
+            if key == "minilm":
+                spec.update(kind="encoder", inputs=str(inputs))
+            else:
+                spec.update(kind="decoder", prompt_ids=prompt_ids, new_tokens=args.new_tokens, pad_id=pad)
+            t0 = time.perf_counter()
+            result = run_latency_child(spec)
+            row = rows.add(rk, {"model": key, "config": label, "git": git, "disk": dir_bytes(path),
+                                "latency_settings": lat_settings,
+                                "seconds": time.perf_counter() - t0, **result})
+            d = row["default"]
+            speed = f"{d['tokens_per_s']:.1f} tok/s" if key == "stories260k" else f"{d['ms_per_batch']:.1f} ms/batch"
+            print(f"  latency {key:<12} {label:<12} {speed}  RSS on load {row['rss_load_mib']:.1f} MiB", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Results: JSON, markdown, plots — all rebuilt from the finished rows
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[int]:
+    """Indices of the points no other point dominates (fewer or equal bits and better or equal quality,
+    one of them strictly)."""
+    sign = 1 if higher_is_better else -1
+    front = []
+    for i, (b, q) in enumerate(points):
+        if not any((b2 <= b and sign * q2 >= sign * q) and (b2 < b or sign * q2 > sign * q)
+                   for j, (b2, q2) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+METRICS = {  # model → [(panel name, row → quality, higher is better, row → interval or None)]
+    "minilm": [("embedding cosine", lambda r: r["embedding"]["cosine"], True, lambda r: r["embedding"]["ci"]),
+               ("SST-2 dev accuracy", lambda r: r["sst2"]["accuracy"], True, lambda r: r["sst2"]["ci"])],
+    "stories260k": [("TinyStories perplexity", lambda r: r["tinystories"]["perplexity"], False,
+                     lambda r: r["tinystories"]["ci"])],
+}
+PRIMARY = {"minilm": "embedding cosine", "stories260k": "TinyStories perplexity"}
+
+
+def summarize(rows: Rows, all_specs) -> dict:
+    order = {s.label: i for i, s in enumerate(all_specs)}
+    quality = {m: sorted([r for r in rows.rows.values() if r["model"] == m and not r["key"].startswith("latency/")
+                          and r["config"] != "fp32"], key=lambda r: order.get(r["config"], 1e9)) for m in METRICS}
+    fronts = {}
+    for m, panels in METRICS.items():
+        fronts[m] = {}
+        for name, get, higher, _ in panels:
+            pts = [(r["bits_per_weight"], get(r)) for r in quality[m]]
+            fronts[m][name] = [quality[m][i]["config"] for i in pareto_front(pts, higher)]
+    return {"quality": quality, "fronts": fronts}
+
+
+def write(out: Path, setup: dict, all_specs, rows: Rows, skipped: dict, plot: bool = True) -> None:
+    """results.json and results.md (and the plots: slow, so not after every row) from the finished rows."""
+    summary = summarize(rows, all_specs)
+    fp32 = {m: rows.get(f"{m}/fp32") for m in METRICS}
+    lat = [r for r in rows.rows.values() if r["key"].startswith("latency/")]
+    commits = sorted({r["git"]["commit"] + ("+dirty" if r["git"]["dirty"] else "") for r in rows.rows.values()})
+    result = {"setup": setup, "commits_of_rows": commits, "fp32": fp32, "rows": summary["quality"],
+              "pareto_fronts": summary["fronts"], "latency": lat, "skipped": skipped,
+              "targets": targets(summary, rows)}
     save_json(out / "results.json", result)
     (out / "results.md").write_text(markdown(result))
-    plots(result, out)
+    if plot:
+        plots(result, out)
 
 
-def markdown(res) -> str:
-    fp = res["full_precision"]
-    lines = [
-        "# Quantization: Kashin vs RTN vs HQQ at honest bits per weight",
-        "",
-        f"minilm: {res['setup']['sentences']} SST-2 sentences for the embedding cosine; fine-tuned classifier "
-        f"(full fine-tune, {res['setup']['finetune']['steps']} steps) full-precision SST-2 dev accuracy "
-        f"{fp['sst2_dev']['accuracy']:.4f}. stories260K: {res['setup']['stories']} TinyStories validation stories "
-        f"({fp['tinystories']['n_tokens']} tokens), full-precision perplexity {fp['tinystories']['perplexity']:.4f}. "
-        f"fp32 safetensors: minilm {fp['disk_bytes']['minilm'] / 2**20:.2f} MiB, stories260K "
-        f"{fp['disk_bytes']['stories260k'] / 2**10:.0f} KiB. One torch thread.",
-        "",
-        "Bits/w = every stored byte of the quantized Linear layers (indices, codebooks, scales, zeros, step sizes, "
-        "domain bits, seeds, column scales) per weight. Embeddings, norms, biases and heads stay fp32 (counted in the "
-        "on-disk size). stories260K's down_proj (172 wide) is quantized per row where a group size does not divide it.",
-        "",
-        "| config | bits class | minilm bits/w | weight err | emb. cosine (min) | SST-2 acc | quantize s | disk MiB "
-        "| stories bits/w | TinyStories ppl | disk KiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in res["rows"]:
-        lines.append(
-            f"| {r['config']} | {r['family']} | {r['minilm_bits_per_weight']:.3f} | {r['minilm_weight_error_mean']:.4f} | "
-            f"{r['minilm_embedding_cosine']:.4f} ({r['minilm_embedding_cosine_min']:.3f}) | {r['sst2_dev']['accuracy']:.4f} | "
-            f"{r['minilm_quantize_seconds']:.1f} | {r['minilm_disk']['safetensors_bytes'] / 2**20:.2f} | "
-            f"{r['stories_bits_per_weight']:.3f} | {r['tinystories']['perplexity']:.4f} | "
-            f"{r['stories_disk']['safetensors_bytes'] / 2**10:.0f} |")
-    skipped = [(r["config"], k, v) for r in res["rows"] for k, v in {**r["minilm_skipped"], **r["stories_skipped"]}.items()]
-    lines += ["", "Layers kept in full precision (did not converge): " + (
-        "; ".join(f"{c}: {k} ({v})" for c, k, v in skipped) if skipped else "none.")]
+def _lat(rows: Rows, model: str, label: str) -> dict | None:
+    return rows.get(f"latency/{model}/{label}")
+
+
+def targets(summary: dict, rows: Rows) -> list[dict]:
+    """Each target with the numbers that decide it: met, missed, or not measured."""
+    out = []
+    fp_s, fp_m = _lat(rows, "stories260k", "fp32"), _lat(rows, "minilm", "fp32")
+    low = ("kashin-3", "rtn-3-g64", "hqq-3-g64", "plan-3.0")
+    for name, model, fp, get, ok in (
+            ("≤3-bit models at batch 1 at least as fast as fp32 (stories260K tokens/s, default forward)", "stories260k",
+             fp_s, lambda r: r["default"]["tokens_per_s"], lambda v, f: v >= f),
+            ("≤3-bit models at batch 32 within 1.2× fp32 (minilm ms per batch, default forward)", "minilm", fp_m,
+             lambda r: r["default"]["ms_per_batch"], lambda v, f: v <= 1.2 * f)):
+        found = {lab: _lat(rows, model, lab) for lab in low}
+        found = {k: v for k, v in found.items() if v is not None}
+        if fp is None or not found:
+            out.append({"target": name, "status": "not measured", "detail": "no latency rows yet"})
+            continue
+        f = get(fp)
+        detail = {k: {"value": get(v), "fp32": f, "ratio": get(v) / f, "met": ok(get(v), f)} for k, v in found.items()}
+        missing = [lab for lab in low if lab not in found]
+        status = "missed" if not all(d["met"] for d in detail.values()) else "incomplete" if missing else "met"
+        out.append({"target": name, "status": status, "detail": detail,
+                    "missing": [lab for lab in low if lab not in found]})
+    detail = {}
+    for m in METRICS:
+        front = summary["fronts"][m].get(PRIMARY[m], [])
+        detail[m] = {"front": front, "kashin_on_front": [c for c in front if c.startswith("kashin")]}
+    measured = all(any(r["family"].startswith("kashin") for r in summary["quality"][m]) for m in METRICS)
+    out.append({"target": "Kashin (any variant) on the Pareto front on both models (primary metric)",
+                "status": "not measured" if not measured else
+                ("met" if all(d["kashin_on_front"] for d in detail.values()) else "missed"), "detail": detail})
+    detail, status = {}, "met"
+    for m, panels in METRICS.items():
+        by = {r["config"]: r for r in summary["quality"][m]}
+        if "plan-3.0" not in by or "kashin-3" not in by:
+            status = "not measured"
+            continue
+        p, k = by["plan-3.0"], by["kashin-3"]
+        for name, get, higher, _ in panels:
+            better = get(p) > get(k) if higher else get(p) < get(k)
+            detail[f"{m}: {name}"] = {"plan-3.0": get(p), "kashin-3": get(k), "plan_bits": p["bits_per_weight"],
+                                      "kashin_bits": k["bits_per_weight"], "plan_better": better}
+            if name == PRIMARY[m] and not better and status == "met":
+                status = "missed"
+    out.append({"target": "plan-3.0 beats uniform Kashin-3 (primary metric, both models)", "status": status,
+                "detail": detail})
+    return out
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def markdown(res: dict) -> str:
+    s = res["setup"]
+    st = s["settings"]
+    fp = res["fp32"]
+    lines = ["# Quantization: quality against honest bits per weight, and latency", "",
+             f"Commit {s['git']['commit'][:12]}{' (uncommitted changes)' if s['git']['dirty'] else ''}; rows measured at: "
+             f"{', '.join(c[:12] + ('+dirty' if c.endswith('+dirty') else '') for c in res['commits_of_rows'])}. "
+             f"`{s['command']}`. torch {s['torch']}, {s['torch_threads']} thread, {s['machine']}.", ""]
+    if fp["minilm"] and fp["stories260k"]:
+        lines += [
+            f"minilm: the fine-tuned SST-2 classifier ({st['finetune_steps']} steps, cached), accuracy on "
+            f"{st['sst2_dev']} of {s['sst2_dev_of']} dev examples (fixed random sample, seed {st['seed']}): fp32 "
+            f"{fp['minilm']['sst2']['accuracy']:.4f} {_ci(fp['minilm']['sst2']['ci'])}; embedding cosine vs fp32 on "
+            f"{st['sentences']} held-out SST-2 training sentences ({st['embeddings']} model's mean-pooled last hidden "
+            f"state). stories260K: {st['windows']} windows of {st['window']} TinyStories validation tokens, fp32 "
+            f"perplexity {fp['stories260k']['tinystories']['perplexity']:.4f} "
+            f"{_ci(fp['stories260k']['tinystories']['ci'])}. Intervals: 95 % bootstrap ({s['bootstrap']} resamples) "
+            "over examples / sentences / windows; Δ intervals are paired (same resample for fp32 and the config).", ""]
+    if st.get("smoke"):
+        lines += ["**Smoke run: tiny random models and toy data; the numbers mean nothing.**", ""]
+    lines += ["Bits/w: every stored byte of the quantized Linear layers (codes, scales, zeros, step sizes, column "
+              "scales, codebooks, seeds) per weight (lf.size_report). Embeddings, norms, biases and heads stay fp32.", ""]
+    lines += ["## Targets", "", "| target | status | numbers |", "|---|---|---|"]
+    for t in res["targets"]:
+        lines.append(f"| {t['target']} | **{t['status']}** | {_target_numbers(t)} |")
+    for m, panels in METRICS.items():
+        rows = res["rows"][m]
+        lines += ["", f"## {m}", "", f"![{m}]({m}_pareto.png)", ""]
+        if not rows:
+            lines.append("No rows yet.")
+            continue
+        fronts = res["pareto_fronts"][m]
+        head = "| config | family | bits/w | " + " | ".join(f"{n} [95 % CI] | Δ vs fp32 [95 % CI]" for n, *_ in panels) \
+            + " | front | weight err | quantize s | notes |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in rows:
+            cells = []
+            for name, get, _, ci in panels:
+                block = r["embedding"] if name == "embedding cosine" else r["sst2"] if m == "minilm" else r["tinystories"]
+                delta = (f"{block['delta_vs_fp32']:+.4f} {_ci(block['delta_ci'])}" if "delta_vs_fp32" in block else "—")
+                cells.append(f"{get(r):.4f} {_ci(ci(r))} | {delta}")
+            on = ", ".join(n.split()[-1] for n in fronts if r["config"] in fronts[n]) or ""
+            notes = []
+            if r.get("fallback_per_row"):
+                notes.append(f"per row on {len(r['fallback_per_row'])} layers the group does not divide")
+            if r.get("skipped_layers"):
+                notes.append(f"{len(r['skipped_layers'])} layers kept fp32")
+            lines.append(f"| {r['config']} | {r['family']} | {r['bits_per_weight']:.3f} | " + " | ".join(cells)
+                         + f" | {on} | {r['weight_error_mean']:.4f} | {r['quantize_seconds']:.1f} | {'; '.join(notes)} |")
+        lines += ["", "Families with a point on the Pareto front:", "", "| family | " + " | ".join(fronts) + " |",
+                  "|---|" + "---|" * len(fronts)]
+        fams = list(dict.fromkeys(r["family"] for r in rows))
+        by = {r["config"]: r["family"] for r in rows}
+        for fam in fams:
+            lines.append(f"| {fam} | " + " | ".join(
+                ", ".join(c for c in fronts[n] if by[c] == fam) or "no" for n in fronts) + " |")
+    lines += ["", "## plan-3.0 against uniform Kashin-3", ""]
+    plan_t = next(t for t in res["targets"] if t["target"].startswith("plan-3.0"))
+    if plan_t["detail"]:
+        lines += ["| model: metric | plan-3.0 | kashin-3 | bits/w plan / kashin | plan better |", "|---|---|---|---|---|"]
+        for k, d in plan_t["detail"].items():
+            lines.append(f"| {k} | {d['plan-3.0']:.4f} | {d['kashin-3']:.4f} | {d['plan_bits']:.3f} / "
+                         f"{d['kashin_bits']:.3f} | {'yes' if d['plan_better'] else 'no'} |")
+    else:
+        lines.append("Not measured (plan-3.0 or kashin-3 has no row).")
+    lines += _latency_md(res["latency"])
+    if res["skipped"]:
+        lines += ["", "## Skipped (not measured)", ""] + [f"- {k}: {v}" for k, v in sorted(res["skipped"].items())]
     return "\n".join(lines) + "\n"
 
 
-def plots(res, out: Path) -> None:
+def _target_numbers(t: dict) -> str:
+    if t["status"] == "not measured" and not isinstance(t["detail"], dict):
+        return t["detail"]
+    if t["target"].startswith("≤3-bit"):
+        text = "; ".join(f"{k} {d['ratio']:.2f}× fp32" for k, d in t["detail"].items())
+        return text + (f"; not measured: {', '.join(t['missing'])}" if t.get("missing") else "")
+    if t["target"].startswith("Kashin"):
+        return "; ".join(f"{m}: {', '.join(d['kashin_on_front']) or 'none'} of front {', '.join(d['front'])}"
+                         for m, d in t["detail"].items())
+    return "; ".join(f"{k}: {d['plan-3.0']:.4f} vs {d['kashin-3']:.4f}" for k, d in t["detail"].items()) or "—"
+
+
+def _latency_md(lat: list[dict]) -> list[str]:
+    lines = ["", "## Latency and memory", ""]
+    if not lat:
+        return lines + ["Not measured yet."]
+    lines += ["One torch thread, each model loaded from its saved directory in a fresh child process; median of the "
+              "timed runs after a warm-up. default = weights rebuilt on every forward; cache = rebuilt once and kept. "
+              "RSS: the child's peak during the step minus its RSS after importing torch, leanformer and the model's "
+              "transformers architecture module (peak mark reset after those imports; the raw ru_maxrss deltas are "
+              "in results.json).", ""]
+    for model, unit, get in (("stories260k", "tokens/s (batch 1, greedy)", lambda d: d["tokens_per_s"]),
+                             ("minilm", "ms per batch of 32", lambda d: d["ms_per_batch"])):
+        rows = [r for r in lat if r["model"] == model]
+        fp = next((r for r in rows if r["config"] == "fp32"), None)
+        if not rows:
+            continue
+        lines += [f"### {model}: {unit}" + (" (fp32 = the bare dense forward, the floor)" if model == "minilm" else ""),
+                  "", "| config | default | ratio to fp32 | cache=True | ratio | RSS load MiB | RSS after default MiB "
+                  "| RSS after cache MiB | disk MiB |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: (r["config"] != "fp32", r["config"])):
+            d, c = r["default"], r.get("cache")
+            ratio = lambda x: f"{x / get(fp['default']):.2f}" if fp else "—"  # noqa: E731
+            lines.append(f"| {r['config']} | {get(d):.2f} | {ratio(get(d))} | {get(c):.2f} | {ratio(get(c))} | "
+                         if c else f"| {r['config']} | {get(d):.2f} | {ratio(get(d))} | — | — | ")
+            lines[-1] += (f"{r['rss_load_mib']:.1f} | {d['rss_mib']:.1f} | {c['rss_mib']:.1f} | " if c else
+                          f"{r['rss_load_mib']:.1f} | {d['rss_mib']:.1f} | — | ") + f"{r['disk']['dir_bytes'] / 2**20:.2f} |"
+        lines.append("")
+    return lines
+
+
+def plots(res: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"kashin": "tab:red", "rtn": "tab:blue", "hqq": "tab:green"}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for r in res["rows"]:
-        c = colors[r["settings"]["method"]]
-        axes[0].scatter(r["minilm_bits_per_weight"], 1 - r["minilm_embedding_cosine"], color=c)
-        axes[0].annotate(r["config"], (r["minilm_bits_per_weight"], 1 - r["minilm_embedding_cosine"]), fontsize=6)
-        axes[1].scatter(r["minilm_bits_per_weight"], r["sst2_dev"]["accuracy"], color=c)
-        axes[1].annotate(r["config"], (r["minilm_bits_per_weight"], r["sst2_dev"]["accuracy"]), fontsize=6)
-        axes[2].scatter(r["stories_bits_per_weight"], r["tinystories"]["perplexity"], color=c)
-        axes[2].annotate(r["config"], (r["stories_bits_per_weight"], r["tinystories"]["perplexity"]), fontsize=6)
-    fp = res["full_precision"]
-    axes[1].axhline(fp["sst2_dev"]["accuracy"], color="k", lw=0.8, ls="--", label="fp32")
-    axes[2].axhline(fp["tinystories"]["perplexity"], color="k", lw=0.8, ls="--", label="fp32")
-    axes[0].set(xlabel="honest bits / weight", ylabel="1 − embedding cosine", yscale="log", title="minilm embeddings")
-    axes[1].set(xlabel="honest bits / weight", ylabel="SST-2 dev accuracy", title="fine-tuned minilm")
-    axes[2].set(xlabel="honest bits / weight", ylabel="perplexity", yscale="log", title="stories260K TinyStories")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    for m, c in colors.items():
-        axes[0].scatter([], [], color=c, label=m)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_bits.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(12, 4))
-    for r in res["rows"]:
-        if r["family"] != "4":
+    for m, panels in METRICS.items():
+        rows = res["rows"][m]
+        if not rows:
             continue
-        errs = r["minilm_weight_error_per_layer"]
-        ax.plot(range(len(errs)), list(errs.values()), marker=".", label=f"{r['config']} ({r['minilm_bits_per_weight']:.2f} b/w)")
-    names = list(res["rows"][0]["minilm_weight_error_per_layer"])
-    ax.set_xticks(range(len(names)), [n.replace("encoder.layer.", "L").replace("attention.", "").replace("self.", "")
-                                      for n in names], rotation=90, fontsize=6)
-    ax.set(ylabel="‖W − Ŵ‖ / ‖W‖", title="minilm relative weight error per layer, ≈4 bits per weight")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "weight_error_per_layer.png", dpi=120)
-    plt.close(fig)
+        fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5), squeeze=False)
+        fp = res["fp32"][m]
+        for ax, (name, get, higher, ci) in zip(axes[0], panels):
+            for fam in dict.fromkeys(r["family"] for r in rows):
+                pts = sorted((r for r in rows if r["family"] == fam), key=lambda r: r["bits_per_weight"])
+                color, marker = FAMILY_STYLE.get(fam, ("k", "x"))
+                x = [r["bits_per_weight"] for r in pts]
+                y = [get(r) for r in pts]
+                err = np.maximum(np.array([[get(r) - ci(r)[0], ci(r)[1] - get(r)] for r in pts]).T, 0)
+                ax.errorbar(x, y, yerr=err, fmt=marker, color=color, ms=5, capsize=2, lw=0.8, label=fam)
+                own = pareto_front(list(zip(x, y)), higher)  # the family's own best-at-bits curve
+                ax.plot([x[i] for i in own], [y[i] for i in own], color=color, lw=1, alpha=0.7)
+            front = set(res["pareto_fronts"][m][name])
+            fr = sorted((r for r in rows if r["config"] in front), key=lambda r: r["bits_per_weight"])
+            ax.step([r["bits_per_weight"] for r in fr], [get(r) for r in fr], where="post", color="gold", lw=4,
+                    alpha=0.5, zorder=0, label="Pareto front")
+            for r in fr:
+                ax.annotate(r["config"], (r["bits_per_weight"], get(r)), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+            ref = get(fp) if name != "embedding cosine" else 1.0
+            ax.axhline(ref, color="k", lw=0.8, ls="--", label="fp32")
+            ax.set(xlabel="honest bits / weight", ylabel=name, title=f"{m}: {name}")
+            if name == "TinyStories perplexity":
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / f"{m}_pareto.png", dpi=120)
+        plt.close(fig)
 
 
 if __name__ == "__main__":

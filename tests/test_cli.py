@@ -77,7 +77,7 @@ def _value(cls, f, hint):
         return ["query", "value"], [flag_name(f), "query", "value"]
     if "choices" in f.metadata:
         v = next(c for c in f.metadata["choices"] if c != default)
-        return v, [flag_name(f), v]
+        return v, [flag_name(f), str(v)]
     inner = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     if inner is bool:
         return (not default), [("--no-" if default else "--") + flag_name(f)[2:]]
@@ -85,7 +85,7 @@ def _value(cls, f, hint):
     return v, [flag_name(f), str(v)]
 
 
-FIXED = {lf.PruneConfig: {"by": "index"}, METHODS["kashin"]: {"form": "vector"}}  # values other fields need
+FIXED = {lf.PruneConfig: {"by": "index"}, METHODS["kashin"]: {"form": "vector", "rows_per_vector": 1, "codebook": "closed"}}  # values other fields need
 
 
 @pytest.mark.parametrize("command", sorted(CONFIGS))
@@ -96,7 +96,7 @@ def test_every_flag_reaches_its_config(command, parsers):
         for f in cli_fields(cls):
             if f.name in FIXED.get(cls, {}):
                 expected[f.name] = FIXED[cls][f.name]
-                argv += [flag_name(f), expected[f.name]]
+                argv += [flag_name(f), str(expected[f.name])]
             else:
                 expected[f.name], more = _value(cls, f, hints[f.name])
                 argv += more
@@ -158,7 +158,7 @@ def test_bad_values_name_the_flag(tiny_llama_dir, tmp_path, capsys):
     assert "--start is only for by='index'" in capsys.readouterr().err
     assert main(["compress", str(tiny_llama_dir), "--method", "rtn", "--transform", "random", "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
-    assert "--transform applies to kashin, not to --method rtn; rtn takes --bits, --targets, --cache, --group-size" in err
+    assert "--transform applies to kashin, not to --method rtn; rtn takes --bits, --targets, --cache, --kernel, --group-size, --col-scale" in err
     assert main(["eval", str(tiny_llama_dir), "--text", "x.txt", "--max-eval-samples", "0"]) == 2
     assert "--max-eval-samples must be positive" in capsys.readouterr().err
     assert {p.name for p in tmp_path.iterdir()} == {"tiny-llama"}  # nothing written

@@ -13,6 +13,7 @@ import leanformer as lf
 import leanformer.files
 from leanformer.compress.kmeans import kmeans
 from leanformer.compress.packing import pack_bits, packed_nbytes, unpack_bits
+from leanformer.compress import quantization
 from leanformer.compress.quantization import QuantizedLinear, relative_weight_errors
 from leanformer.targets import select_linear
 from leanformer.compress.kashin import Transform, dct, idct, kashin_matrix, kashin_vectors, _matrix
@@ -167,13 +168,15 @@ def test_hqq_wrapper_matches_the_hqq_package():
     assert (w_ours - w).norm() < 1.02 * (w_theirs - w).norm()
 
 
-def test_cache_gives_identical_outputs(make_tiny_bert):
+def test_cache_gives_the_same_outputs(make_tiny_bert):
     base = make_tiny_bert()
     a, b = copy.deepcopy(base), copy.deepcopy(base)
     lf.quantize(a, lf.Kashin(bits=3), progress=False)
     lf.quantize(b, lf.Kashin(bits=3, cache=True), progress=False)
     ya, yb, yb2 = (m(input_ids=IDS).last_hidden_state for m in (a, b, b))
-    assert torch.equal(ya, yb) and torch.equal(yb, yb2)
+    # Kashin's own forward (Kashin.linear) sums in another order than a matmul with the rebuilt weight
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=0)
+    assert torch.equal(yb, yb2)
 
 
 def test_unconverged_layers_stay_full_precision_and_are_reported(make_tiny_bert):
@@ -236,7 +239,7 @@ def test_save_load_is_bit_identical(make, tmp_path, tied_llama):
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, loaded(input_ids=IDS).logits)
     # the packed indices on disk are the packed indices in memory
-    assert torch.equal(loaded.get_submodule(name).packed, model.get_submodule(name).packed)
+    assert torch.equal(loaded.get_submodule(name).stored_tensors()["packed"], model.get_submodule(name).stored_tensors()["packed"])
     assert lf.size_report(loaded).total == lf.size_report(model).total
 
 
@@ -344,3 +347,29 @@ def test_kashin_on_minilm_keeps_sentence_embeddings():
     assert lf.size_report(model).total["bits_per_weight"] < 4.2
     texts = ["a gripping, beautifully shot film", "it is a mess from start to finish", "the cat sat on the mat"]
     assert lf.embedding_cosine(model, ref, tok, texts)["embedding_cosine"] > 0.9
+
+
+@pytest.mark.parametrize("broken", ["raises", "disagrees"])
+def test_compiled_kernel_that_cannot_run_falls_back_with_a_warning(broken, monkeypatch):
+    layer = nn.Linear(64, 48)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    plain = nn.Sequential(copy.deepcopy(layer))
+    lf.quantize(plain, lf.RTN(bits=3, group_size=16), progress=False)
+    compiled = nn.Sequential(copy.deepcopy(layer))
+    lf.quantize(compiled, lf.RTN(bits=3, group_size=16, kernel="compiled"), progress=False)
+
+    def fake_compile(fn, **kwargs):
+        if broken == "raises":
+            raise RuntimeError("no C++ compiler found")
+        return lambda *a: fn(*a) + 1.0  # a back end that computes the wrong weight
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(quantization, "_COMPILED", {})
+    with pytest.warns(UserWarning, match="kernel='compiled' is not usable.*falling back to kernel='decode'"):
+        out = compiled(x)
+    assert torch.equal(out, plain(x))  # never a wrong result
+    assert compiled[0].kernel == "decode"
+
+
+def test_unknown_kernel_is_named():
+    with pytest.raises(LeanformerError, match="unknown kernel 'int4'; choose from decode, compiled"):
+        lf.RTN(kernel="int4")

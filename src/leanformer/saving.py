@@ -52,6 +52,10 @@ def _replay_weights_only(transform: str):
 REPLAY = {"prune": _prune.replay, "quantize": _quantize.replay, "adapt": _adapters.replay,
           "heal": _replay_weights_only("heal"), "moefy": _moe.replay, "relu_mlp": _moe.replay_relu,
           "early_exit": _early_exit.replay}
+# transforms whose replay only rebuilds structure, never reading a base weight (LoRA-XS, for one, takes
+# an SVD of it): with only these, load builds the base without allocating its weights
+EMPTY_BUILD_TRANSFORMS = {"quantize", "prune", "heal"}
+
 # module types no plain transformers checkpoint can hold
 FOREIGN_MODULES = (_quantize.QuantizedLinear, AdaptedLinear, _prune.LinearReplacement, _moe.MoEMLP, _moe.PassThrough,
                    _early_exit.ExitHeads)
@@ -212,6 +216,7 @@ def load(name_or_path: str | os.PathLike, head: str = "auto", num_labels: int | 
     except (SafetensorError, OSError) as e:
         raise LeanformerError(f"{weights}: cannot read the tensors ({e}); the file is truncated or corrupt — "
                               "save the model again") from e
+    empty = False
     if meta["weights"]["base"] == "referenced" and base is not None:
         model, tokenizer = base, load_tokenizer(path, required=False)
     elif meta["weights"]["base"] == "referenced":
@@ -219,14 +224,19 @@ def load(name_or_path: str | os.PathLike, head: str = "auto", num_labels: int | 
     elif base is not None:
         raise LeanformerError(f"{path} stores its base weights; load it without base=")
     else:
-        model = _build_base(path, meta["base"])
+        # a stack whose replay reads no base weight is built without allocating them: the saved tensors are
+        # taken over as they are, so a quantized model never exists in full precision, even while loading
+        empty = {e["transform"] for e in meta["transforms"]} <= EMPTY_BUILD_TRANSFORMS
+        model = _build_base(path, meta["base"], empty=empty)
         tokenizer = load_tokenizer(path, required=False)
     set_base(model, meta["base"])
     for entry in meta["transforms"]:
         REPLAY[entry["transform"]](model, entry["config"], entry["state"])
     if meta["weights"]["base"] == "referenced":
         _check_fingerprint(path, model, meta["base"])
-    _load_tensors(path, model, tensors, meta)
+    _load_tensors(path, model, tensors, meta, assign=empty)
+    if empty and hasattr(model, "tie_weights"):
+        model.tie_weights()  # the load gave tied parameters the same tensor; make them the same parameter again
     for name, module in model.named_modules():  # adapters that rebuilt factors from the base check them
         if hasattr(module, "check_rebuilt"):
             module.check_rebuilt(f"{path}: {name}")
@@ -265,11 +275,17 @@ def _transformers_class(name: str):
     return cls
 
 
-def _build_base(path: Path, base: dict) -> nn.Module:
-    """The recorded architecture with placeholder weights (all of them are overwritten by the load)."""
+def _build_base(path: Path, base: dict, empty: bool = False) -> nn.Module:
+    """The recorded architecture with placeholder weights (all of them are overwritten by the load);
+    empty=True leaves the parameters unallocated (meta device), buffers real."""
+    from accelerate import init_empty_weights
+
     cls = _transformers_class(base["model_class"])
     config = cls.config_class.from_dict(base["config"])
-    return cls(config)
+    if not empty:
+        return cls(config)
+    with init_empty_weights(include_buffers=False):
+        return cls(config)
 
 
 def _referenced_base(path: Path, meta: dict, device: str):
@@ -288,21 +304,27 @@ def _check_fingerprint(path: Path, model: nn.Module, base: dict) -> None:
             "base it was trained on (same checkpoint and dtype)")
 
 
-def _load_tensors(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _load_tensors(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict,
+                  assign: bool = False) -> None:
+    """Load the saved tensors into the replayed model (assign=True: take them over, for a model whose
+    weights were never allocated), refusing anything that does not fit."""
     for dropped, kept in (meta.get("tied") or {}).items():
         if kept in tensors and dropped not in tensors:
             tensors[dropped] = tensors[kept]
-    state = model.state_dict()
-    wrong = [f"{k}: saved {tuple(v.shape)}, model {tuple(state[k].shape)}" for k, v in tensors.items()
-             if k in state and state[k].shape != v.shape]
-    unexpected = [k for k in tensors if k not in state]
-    if meta["weights"]["base"] == "referenced":
-        missing = [k for k in _adapter_tensors(model) if k not in tensors]
-    else:
-        missing = [k for k in state if k not in tensors]
-    if wrong or unexpected or missing:
+    referenced = meta["weights"]["base"] == "referenced"
+    with _quantize.state_dict_specs_only():  # names, shapes and dtypes only: no code stream is packed
+        state = model.state_dict()
+    keys = set(state)
+    expected = set(_adapter_tensors(model)) if referenced else keys
+    missing = sorted(k for k in expected if k not in tensors)
+    unexpected = sorted(k for k in tensors if k not in keys)
+    if missing or unexpected:
         raise LeanformerError(f"{path}: the saved tensors do not fit the replayed model "
-                              f"(shape mismatches {wrong[:3]}, missing {missing[:5]}, unexpected {unexpected[:5]})")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            state[k].copy_(v)
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if assign:  # taken over, not copied: keep the dtype the architecture was built in (float32), as a copy would
+        tensors = {k: v.to(state[k].dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    try:
+        with torch.no_grad():
+            model.load_state_dict(tensors, strict=False, assign=assign)
+    except RuntimeError as e:  # shape mismatches, packed code streams of the wrong size
+        raise LeanformerError(f"{path}: the saved tensors do not fit the replayed model: {e}") from e

@@ -1,11 +1,16 @@
 """leanformer compress MODEL --method kashin|rtn|hqq [--bits B] [--group-size G] [--targets ...] --out DIR
+leanformer compress MODEL --target-bits B [--calibration TASK_DIR_OR_TEXT_FILE] [--method M] --out DIR
 
 The flags are the union of the methods' config fields (Kashin, RTN, HQQ); a flag left out keeps
-the chosen method's own default."""
+the chosen method's own default. With --target-bits, a plan (lf.plan) picks each layer's method and
+bits from measured sensitivity so the average honest bits/weight stays within B; --method then
+restricts the candidates to that method at 2, 3 and 4 bits (its other flags shape them), and the
+plan is printed and saved as plan.json next to the model."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..compress.plan import PlanConfig
 from ..compress.quantization import METHODS
 from ..errors import LeanformerError
 from ..files import OutputDirError
@@ -16,6 +21,8 @@ COMMAND = "compress"
 HELP = "quantize a model's Linear layers (Kashin, RTN or HQQ) and save it with packed indices"
 
 ORDER = ("kashin", "rtn", "hqq")  # flag order and help order; every registered method is offered
+PLAN_BITS = (2, 3, 4)  # the widths a --target-bits plan offers each layer when --method names one method
+SHARED = ("targets", "cache")  # QuantConfig fields every method has: with --target-bits they apply to every candidate
 
 
 def _methods() -> dict[str, type]:
@@ -25,44 +32,128 @@ def _methods() -> dict[str, type]:
 def add_arguments(p) -> None:
     methods = _methods()
     p.add_argument("model", metavar="MODEL", help="alias (minilm, stories260k), HF directory, or hub id")
-    p.add_argument("--method", required=True, choices=list(methods), help="quantization method")
+    p.add_argument("--method", choices=list(methods),
+                   help="quantization method (required without --target-bits; with it, the plan chooses only among "
+                        f"this method at {', '.join(map(str, PLAN_BITS))} bits)")
     add_config_arguments(p, *methods.values(), labels={cls: name for name, cls in methods.items()})
+    plan = p.add_argument_group("per-layer plan (--target-bits)")
+    plan.add_argument("--target-bits", type=float, metavar="B",
+                      help="choose method and bits per layer from measured sensitivity so the average honest "
+                           "bits/weight (every stored byte counted) is at most B; the plan is saved as plan.json")
+    plan.add_argument("--calibration", metavar="TASK_DIR_OR_TEXT_FILE",
+                      help="with --target-bits: the text each layer's output error is measured on, a plain text file "
+                           "or a task (GLUE-format directory, 'TRAIN,DEV' pair, HF dataset name; its training split) "
+                           "(default: the built-in corpus)")
+    add_config_arguments(plan, PlanConfig)
     add_out(p)
     add_device(p)
 
 
-def build_config(args):
-    """The chosen method's config from the flags; a flag of another method is an error, not ignored."""
-    methods = _methods()
-    cls = methods[args.method]
+def _foreign_flags_error(args, cls, method: str) -> None:
+    """A flag of another method is an error, not ignored."""
     own = set(given(args, cls))
     foreign = {}
-    for name, other in methods.items():
+    for name, other in _methods().items():
         for field_name in given(args, other):
             if field_name not in own:
                 foreign.setdefault(field_name, []).append(name)
     if foreign:
         wrong = "; ".join(f"--{f.replace('_', '-')} applies to {', '.join(ms)}" for f, ms in foreign.items())
         takes = ", ".join(flag_name(f) for f in cli_fields(cls))
-        raise LeanformerError(f"{wrong}, not to --method {args.method}; {args.method} takes {takes}")
+        raise LeanformerError(f"{wrong}, not to --method {method}; {method} takes {takes}")
+
+
+def build_config(args):
+    """The chosen method's config from the flags; a flag of another method is an error, not ignored."""
+    cls = _methods()[args.method]
+    _foreign_flags_error(args, cls, args.method)
     return config_from_args(cls, args)
+
+
+def _plan_flags(args) -> list[str]:
+    given_ = ["--target-bits"] if args.target_bits is not None else []
+    given_ += ["--calibration"] if args.calibration is not None else []
+    return given_ + [flag_name(f) for f in cli_fields(PlanConfig) if hasattr(args, f.name)]
+
+
+def build_candidates(args) -> tuple[list, PlanConfig]:
+    """(the plan's candidates, its PlanConfig) from the flags: --method's configs at PLAN_BITS shaped by its
+    flags, else lf.plan's default set; --targets picks the layers, --cache applies to every candidate."""
+    from dataclasses import replace
+
+    from ..compress.plan import default_candidates
+
+    shared = {k: v for cls in _methods().values() for k, v in given(args, cls).items() if k in SHARED}
+    config = config_from_args(PlanConfig, args, **({"targets": shared["targets"]} if "targets" in shared else {}))
+    cache = {"cache": shared["cache"]} if "cache" in shared else {}
+    if args.method is None:
+        shaping = sorted({flag_name(f) for cls in _methods().values() for f in cli_fields(cls)
+                          if hasattr(args, f.name) and f.name not in SHARED})
+        if shaping:
+            raise LeanformerError(f"{', '.join(shaping)} shape one method's candidates; with --target-bits add --method "
+                                  f"({', '.join(_methods())}), or leave them out for the default candidates")
+        return [replace(c, **cache) for c in default_candidates()], config
+    cls = _methods()[args.method]
+    _foreign_flags_error(args, cls, args.method)
+    if hasattr(args, "bits"):
+        raise LeanformerError(f"--bits fixes one width for every layer; with --target-bits the plan chooses among "
+                              f"{', '.join(map(str, PLAN_BITS))} bits per layer: leave --bits out")
+    flags = {k: v for k, v in given(args, cls).items() if k != "targets"}
+    try:
+        candidates = [cls(**{**flags, "bits": b}) for b in PLAN_BITS if b in cls.SUPPORTED_BITS]
+    except LeanformerError as e:
+        raise LeanformerError(f"--method {args.method}: {e}") from e
+    return candidates, config
+
+
+def _calibration(spec: str | None):
+    from ..tasks import load_task
+    from ..text import get_texts
+
+    if spec is None:
+        return get_texts()
+    if Path(spec).is_file():
+        return get_texts([spec])
+    return load_task(spec)
 
 
 def run(args) -> int:
     from ..compress import quantize, size_report
     from ..saving import load, save
 
-    config = build_config(args)  # bad flags fail before the model loads
+    plan_mode = args.target_bits is not None
+    if not plan_mode:
+        if args.method is None:
+            raise LeanformerError("give --method (one of " + ", ".join(_methods()) + ") to quantize every layer "
+                                  "alike, or --target-bits B to let a plan choose method and bits per layer")
+        if _plan_flags(args):
+            raise LeanformerError(f"{', '.join(_plan_flags(args))} only apply with --target-bits")
+        config = build_config(args)  # bad flags fail before the model loads
+    else:
+        candidates, plan_config = build_candidates(args)
     device = check_device(args.device)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         # fail before the work, not after it (save would refuse the same way)
         raise OutputDirError(f"--out {out} already exists and is not empty; choose a new directory or pass "
                              "--overwrite to replace it")
-    model, tokenizer = load(args.model, device=device)
-    report = quantize(model, config)
-    print(report)
+    extra = None
+    if plan_mode:
+        from ..compress.plan import plan as make_plan
+
+        calibration = _calibration(args.calibration)  # a missing file or task fails before the model loads
+        model, tokenizer = load(args.model, device=device)
+        plan = make_plan(model, args.target_bits, calibration=calibration, tokenizer=tokenizer, candidates=candidates,
+                         config=plan_config)
+        print(plan)
+        for report in quantize(model, plan):
+            print(report)
+        extra = {"plan.json": {"model": str(args.model), **plan.to_dict()}}
+    else:
+        model, tokenizer = load(args.model, device=device)
+        print(quantize(model, config))
     print(size_report(model))
-    save(model, tokenizer, args.out, overwrite=args.overwrite)
-    print(f"wrote {args.out} (load with lf.load or `leanformer eval {args.out} ...`)")
+    save(model, tokenizer, args.out, overwrite=args.overwrite, extra_json=extra)
+    print(f"wrote {args.out}" + (" with plan.json" if extra else "")
+          + f" (load with lf.load or `leanformer eval {args.out} ...`)")
     return 0

@@ -3,6 +3,7 @@
 Importing the package registers every quantization method (each config class registers itself)."""
 from .hqq import HQQ
 from .kashin import Kashin
+from .plan import PlanConfig, QuantPlan
 from .quantization import METHODS, QuantConfig, QuantizedLinear, QuantizeReport, quantize, relative_weight_errors
 from .rtn import RTN
 from .size import SizeReport, size_report

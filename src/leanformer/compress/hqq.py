@@ -5,8 +5,10 @@ HQQLinear does run on CPU (float32 compute, checked with hqq 0.2.8.post1), but i
 packing and serialisation; storing the codes in our QuantizedLinear makes packing, save/reload and
 the size accounting identical for every method, so the comparison is like for like.
 
-Stored per layer: b-bit codes (packed), per group a float16 scale and float16 zero.
-Honest size: bits + 32 / group_size bits per weight.
+Stored per layer: b-bit codes (packed), per group a float16 scale and float16 zero; with col_scale,
+one float16 per input column too (Kashin's column scaling, offered to the baseline: hqq optimises
+the column-scaled weight). Honest size: bits + 32 / group_size bits per weight (+ 16 / out_features
+with col_scale).
 """
 from __future__ import annotations
 
@@ -15,13 +17,15 @@ from typing import ClassVar
 
 import torch
 
-from .packing import fp16, pack_bits, unpack_bits
+from .kashin import col_scale_field, column_rms
+from .packing import fp16, pack_bits
 from .quantization import QuantConfig, check_group_size, group_size_field
 
 
 @dataclass
 class HQQ(QuantConfig):
     group_size: int | None = group_size_field(64)  # hqq's usual choice
+    col_scale: bool = col_scale_field(False)
 
     method: ClassVar[str] = "hqq"
     SUPPORTED_BITS: ClassVar[tuple[int, ...]] = (1, 2, 3, 4, 5, 6, 8)
@@ -31,6 +35,10 @@ class HQQ(QuantConfig):
 
         out_f, in_f = weight.shape
         g = check_group_size(self.group_size, in_f, name)
+        extra = {}
+        if self.col_scale:
+            extra["col_scale"] = column_rms(weight)
+            weight = weight / extra["col_scale"].float()
         codes, meta = Quantizer.quantize(weight, nbits=self.bits, channel_wise=True, group_size=g,
                                          optimize=True, round_zero=self.bits == 4, axis=1,
                                          bitpack=False, device="cpu")
@@ -39,13 +47,13 @@ class HQQ(QuantConfig):
         # are the best ones for what is actually stored (a no-op for almost every entry)
         w = weight.reshape(-1, g)
         codes = (w / scale.float()[:, None] + zero.float()[:, None]).round().clamp(0, 2 ** self.bits - 1)
-        tensors = {"packed": pack_bits(codes, self.bits), "scale": scale, "zero": zero}
-        return tensors, {"group_size": g}
+        tensors = {"packed": pack_bits(codes, self.bits), "scale": scale, "zero": zero, **extra}
+        return tensors, {"group_size": g, "col_scale": self.col_scale}
 
     @staticmethod
-    def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
+    def decode(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
         out_f, in_f = header["shape"]
-        g = header["group_size"]
-        codes = unpack_bits(tensors["packed"], header["bits"], out_f * in_f).view(-1, g).float()
-        w = (codes - tensors["zero"].float()[:, None]) * tensors["scale"].float()[:, None]
-        return w.view(out_f, in_f)
+        w = codes.view(-1, header["group_size"]).float()  # in place from here: this runs on every forward
+        w.sub_(tensors["zero"].float()[:, None]).mul_(tensors["scale"].float()[:, None])
+        w = w.view(out_f, in_f)
+        return w.mul_(tensors["col_scale"].float()) if "col_scale" in tensors else w

@@ -1,20 +1,24 @@
 """Kashin quantization (Merkulov et al., "Quantization of Large Language Models with an Overdetermined Basis", UAI 2024).
 
-Each weight vector x (a row of W, or a group of `group_size` consecutive entries of a row) is
-written through a Kashin representation x ≈ u + P v, P orthogonal, u and v of small ∞-norm. The
-greedy that builds it adds one scaled sign vector per step, in the plain domain (Δu = sign(ρ)‖ρ‖₁/N)
-or the transformed one (Δv = sign(Pᵀρ)‖Pᵀρ‖₁/N), so its factors concentrate on a few values.
+Each weight vector x (a row of W, a group of `group_size` consecutive entries of a row, or
+`rows_per_vector` consecutive whole rows) is written through a Kashin representation x ≈ u + P v,
+P orthogonal, u and v of small ∞-norm. The greedy that builds it adds one scaled sign vector per
+step, in the plain domain (Δu = sign(ρ)‖ρ‖₁/N) or the transformed one (Δv = sign(Pᵀρ)‖Pᵀρ‖₁/N), so
+its factors concentrate on a few values.
 
-P is the fast structured transform P z = IDCT(ε ⊙ DCT(z)) (sign-randomised DCT, O(N log N), ε from
-a seed; transform="random" uses a dense random orthogonal P, O(N²)).
+P is the fast structured transform P z = IDCT(ε ⊙ DCT(z)) (sign-randomised DCT, O(N log N) for any
+N, ε from a seed; transform="random" uses a dense random orthogonal P, O(N²)).
 
 Two ways to quantize the factors (`codebook`):
 - "closed" (default; the structured follow-up): keep `bits` greedy steps per vector, each one sign
   bit per weight in whichever domain (plain or P) removes more of the residual, with the step sizes
   refit jointly by least squares (the closed-form centroids: u takes the values ±c1 ±c2 …) and a
   few sweeps that re-pick each sign vector given the others. Stored: one `bits`-bit index per weight
-  (its sign bits), per vector `bits` float16 step sizes and `bits` domain bits, the seed; with
-  step_sizes="shared", one set of step sizes per layer and one float16 scale per vector instead.
+  (its sign bits), per vector `bits` step sizes and `bits` domain bits, the seed; with
+  step_sizes="shared", one float16 set of step sizes per layer and one scale per vector instead.
+  The per-vector numbers are float16, or with scale_bits=8 one byte each, log-coded between the
+  layer's smallest and largest (rounded to within (hi − lo)/508 octaves: at most 0.8 % for a 6-octave
+  spread, far below the quantization error at 2–4 bits).
 - "kmeans" (the reference): run the greedy to `tol`, then quantize the pairs (u_i, v_i) jointly with
   a k-means codebook of 2^bits points (float16) shared by the layer, plus a float16 scale per
   vector refit by least squares. form="matrix" is the reference's matrix form X ≈ U + Q1 V Q2ᵀ
@@ -23,6 +27,13 @@ Two ways to quantize the factors (`codebook`):
 In the vector form the input columns are first divided by their RMS (`col_scale`, one float16 per
 input column, stored): the decomposition spreads error evenly along a row, and this keeps columns
 of small weights (often the ones reading outlier activation features) from losing all precision.
+
+Short rows (narrow layers: stories260K's are 64 and 172 wide) make the per-vector metadata a large
+share of the bits: `bits` float16 step sizes on a 64-weight row cost 0.75 bits per weight at 3 bits.
+Three ways to pay less, each counted in the stored bytes: longer vectors (`rows_per_vector`), shared
+step sizes, 8-bit step sizes (`scale_bits`). layout="auto" picks among them per layer (rule in
+`Kashin._auto`); a saved header holds the chosen layout (its `group_size` is the vector length,
+which is a multiple of the width for whole-row vectors), so dequantize needs nothing else.
 
 Both check that the layer's Kashin decomposition converges (alternating greedy to `tol` within
 `max_iter` steps); a layer that does not raises NotConverged and stays in full precision.
@@ -35,6 +46,7 @@ from functools import lru_cache
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import LeanformerError
 from .kmeans import kmeans
@@ -46,41 +58,77 @@ FORMS = ("vector", "matrix")
 
 
 # --------------------------------------------------------------------------------------------
-# Orthonormal DCT-II / DCT-III along the last dimension via one FFT (Makhoul 1980)
+# Orthonormal DCT-II / DCT-III along the last dimension via one real FFT (Makhoul, "A fast cosine
+# transform in one and two dimensions", IEEE TASSP 1980, eqs. 19-22 and 38): reorder x into
+# v = (x_0, x_2, x_4, …, x_5, x_3, x_1), then DCT_k = scale_k Re(e^{−iπk/2N} V_k), V = FFT(v). v is
+# real, so V_{N−k} = conj(V_k) and the half spectrum of rfft gives every coefficient.
+
+ACTIVATION_ROUTE_TOKENS = 64  # Kashin.linear puts P on the activations up to this many tokens (× rows per vector)
+REBUILD_CHUNK = 2 ** 16  # weights rebuilt per step of the weight route (256 KiB of float32)
+DENSE_TRANSFORM_MAX = 256  # vectors up to this length apply P as one dense (cached) matrix product:
+                           # g² multiply-adds per vector beat the FFT's passes over memory at this size
 
 
 @lru_cache(maxsize=64)
-def _twiddle(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    k = torch.arange(n, dtype=torch.float64) * math.pi / (2 * n)
+def _even_odd_order(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Makhoul's reordering (evens, then odds reversed) as an index, and its inverse."""
+    order = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2).flip(0)])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n)
+    return order.to(device), inverse.to(device)
+
+
+@lru_cache(maxsize=64)
+def _twiddle(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """e^{−iπk/2N} for the half spectrum k = 0…N/2, and the orthonormal scale of each DCT coefficient."""
+    k = torch.arange(n // 2 + 1, dtype=torch.float64) * math.pi / (2 * n)
     scale = torch.full((n,), math.sqrt(2.0 / n), dtype=torch.float64)
     scale[0] = math.sqrt(1.0 / n)
-    return torch.polar(torch.ones(n, dtype=torch.float64), -k).to(torch.complex64), scale.float()
+    return torch.polar(torch.ones_like(k), -k).to(torch.complex64).to(device), scale.float().to(device)
 
 
 def dct(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
-    w, scale = (t.to(x.device) for t in _twiddle(n))
-    v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
-    return (torch.fft.fft(v, dim=-1) * w).real * scale
+    order, _ = _even_odd_order(n, x.device)
+    w, scale = _twiddle(n, x.device)
+    z = torch.fft.rfft(x.index_select(-1, order)) * w
+    # DCT_{N−k} = Re(e^{−iπ(N−k)/2N} conj(V_k)) = −Im(e^{−iπk/2N} V_k) for 0 < k < N/2
+    return torch.cat([z.real, -z.imag[..., 1:(n + 1) // 2].flip(-1)], dim=-1) * scale
 
 
 def idct(y: torch.Tensor) -> torch.Tensor:
     n = y.shape[-1]
-    w, scale = (t.to(y.device) for t in _twiddle(n))
-    # v real ⇒ V_{N−k} = conj(V_k), which gives e^{−iπk/2N} V_k = Y_k − i Y_{N−k} (Y_N := 0)
+    half = n // 2 + 1
+    _, inverse = _even_odd_order(n, y.device)
+    w, scale = _twiddle(n, y.device)
     yk = y / scale
-    yrev = torch.cat([torch.zeros_like(yk[..., :1]), yk[..., 1:].flip(-1)], dim=-1)
-    v = torch.fft.ifft(torch.complex(yk, -yrev) * w.conj(), dim=-1).real
-    x = torch.empty_like(v)
-    half = (n + 1) // 2
-    x[..., ::2] = v[..., :half]
-    x[..., 1::2] = v[..., half:].flip(-1)
-    return x
+    # the inverse of dct: V_k = e^{iπk/2N} (Y_k − i Y_{N−k}) for k = 0…N/2 (Y_N := 0)
+    yrev = torch.cat([torch.zeros_like(yk[..., :1]), yk[..., n - half + 1:].flip(-1)], dim=-1)
+    v = torch.fft.irfft(torch.complex(yk[..., :half], -yrev) * w.conj(), n=n)
+    return v.index_select(-1, inverse)
 
 
+@lru_cache(maxsize=256)  # dequantize builds P on every forward; the signs are read-only
 def _signs(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+
+
+@lru_cache(maxsize=256)
+def _spectral_signs(n: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """P = IDCT·diag(ε)·DCT on the half spectrum: with V = rfft(v) of the reordered input, the reordered
+    output is irfft(H), H_k = α_k V_k + β_k e^{iπk/N} conj(V_k), α_k = (ε_k + ε_{N−k})/2,
+    β_k = (ε_k − ε_{N−k})/2 (dct's DCT_k and DCT_{N−k} both come from V_k; the twiddles of dct and
+    idct cancel, and so do the scales). One of α_k, β_k is 0, so H_k = c_k · (V_k or conj(V_k)):
+    returns the (N/2+1, 2) real factors that conjugate (1, ±1) and the complex c_k."""
+    eps = _signs(n, seed).double()
+    half = n // 2 + 1
+    eps_mirror = torch.cat([eps[:1], eps[1:].flip(0)])[:half]  # ε_{N−k}; at k = 0 V_0 is real, any sign works
+    alpha, beta = (eps[:half] + eps_mirror) / 2, (eps[:half] - eps_mirror) / 2
+    k = torch.arange(half, dtype=torch.float64)
+    coef = torch.where(beta != 0, beta * torch.polar(torch.ones_like(k), k * math.pi / n), alpha.to(torch.complex128))
+    conjugate = torch.stack([torch.ones_like(beta), torch.where(beta != 0, -1.0, 1.0)], -1)
+    return conjugate.float().to(device), coef.to(torch.complex64).to(device)
 
 
 @lru_cache(maxsize=16)
@@ -96,21 +144,60 @@ def _dct_matrix(n: int, seed: int) -> torch.Tensor:
     return idct(_signs(n, seed) * dct(torch.eye(n))).T.contiguous()  # column j = P e_j
 
 
+@lru_cache(maxsize=64)
+def _dense_on(kind: str, n: int, seed: int, device: torch.device) -> torch.Tensor:
+    return _matrix(kind, n, seed).to(device)
+
+
 class Transform:
-    """The orthogonal P along the last dimension: apply(z) = P z, applyT(z) = Pᵀ z."""
+    """The orthogonal P along the last dimension: apply(z) = P z, applyT(z) = Pᵀ z.
+
+    For "dct", P is symmetric and an involution (Pᵀ = P) and costs one rfft, one elementwise pass and
+    one irfft per vector, plus Makhoul's reordering on the way in and out; `apply_reordered` skips the
+    reordering, for callers that can keep their data in that order (the reordering is `order`)."""
 
     def __init__(self, kind: str, n: int, seed: int):
-        self.kind, self.n = kind, n
+        self.kind, self.n, self.seed = kind, n, seed
         if kind == "dct":
-            self.eps = _signs(n, seed)  # P is symmetric and an involution: Pᵀ = P
+            self.eps = _signs(n, seed)
         else:
             self.q = _random_orthogonal(n, seed)
 
     def apply(self, z):
-        return idct(self.eps.to(z.device) * dct(z)) if self.kind == "dct" else z @ self.q.to(z.device).T
+        if self.kind != "dct":
+            return z @ self.q.to(z.device).T
+        order, inverse = _even_odd_order(self.n, z.device)
+        return self.apply_reordered(z.index_select(-1, order)).index_select(-1, inverse)
 
     def applyT(self, z):
-        return idct(self.eps.to(z.device) * dct(z)) if self.kind == "dct" else z @ self.q.to(z.device)
+        return self.apply(z) if self.kind == "dct" else z @ self.q.to(z.device)
+
+    def order(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """("dct") The reordering apply_reordered works in, and its inverse: (P z)[order] = apply_reordered(z[order])."""
+        return _even_odd_order(self.n, device)
+
+    def apply_reordered(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """("dct") P in Makhoul's order: v = z[order] ↦ (P z)[order] (written into `out` when given)."""
+        conjugate, coef = _spectral_signs(self.n, self.seed, v.device)
+        spectrum = torch.fft.rfft(v)
+        torch.view_as_real(spectrum).mul_(conjugate)  # in place: no more weight-sized buffers than needed
+        return torch.fft.irfft(spectrum.mul_(coef), n=self.n, out=out)
+
+    def matrix(self, device: torch.device) -> torch.Tensor:
+        """P as a dense (n, n) matrix M (P z = M z; rows z: z @ Mᵀ), cached per (kind, n, seed, device)."""
+        return _dense_on(self.kind, self.n, self.seed, device)
+
+    @property
+    def dense(self) -> bool:
+        """Whether the forward applies P as a dense matrix (short vectors, or a random P, which is dense anyway)."""
+        return self.kind != "dct" or self.n <= DENSE_TRANSFORM_MAX
+
+    def rows(self, z: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """P (or Pᵀ) applied to each vector along the last dimension, by the faster of the dense and FFT forms."""
+        if self.dense:
+            m = self.matrix(z.device)
+            return z @ (m if transpose else m.T)
+        return self.apply(z)  # dct: Pᵀ = P
 
 
 def _matrix(kind: str, n: int, seed: int) -> torch.Tensor:
@@ -228,6 +315,106 @@ def closed_form(x: torch.Tensor, P: Transform, k: int, sweeps: int, shared: bool
 
 
 # --------------------------------------------------------------------------------------------
+# Layouts: how the weight is cut into vectors and which metadata each vector stores
+
+LAYOUTS = ("fixed", "auto")
+AUTO_SPANS = (1, 2, 4)  # layout="auto" tries vectors 1, 2 and 4 times the configured length
+AUTO_ERROR_TIE = 0.01  # layout="auto": relative weight errors within 1 % of the lowest count as equal
+
+
+def column_rms(weight: torch.Tensor) -> torch.Tensor:
+    """col_scale's stored tensor: each input column's RMS in float16 (clamped into float16's normal
+    range, so an all-zero column divides by a finite, non-zero value)."""
+    return fp16(weight.pow(2).mean(0).sqrt().clamp(2.0 ** -14, 65504.0))
+
+
+def col_scale_field(default: bool):
+    """The `col_scale` field (Kashin's, and offered to RTN / HQQ): one help text, each method's default."""
+    return field(default=default, metadata={
+        "help": "divide the input columns by their RMS before quantizing (one fp16 per input column, stored, "
+                "multiplied back when the weight is rebuilt; Kashin: vector form only)"})
+
+
+def nearest_divisors(n: int, target: int, count: int = 4) -> list[int]:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return sorted(sorted(divisors, key=lambda d: abs(d - target))[:count])
+
+
+def vector_length(group_size: int | None, rows_per_vector: int, out_f: int, in_f: int, name: str) -> int:
+    """Kashin's vector length for an (out_f, in_f) layer: a divisor of the input width (group_size),
+    the width itself, or rows_per_vector whole consecutive rows (which must divide out_f, so the
+    vectors tile the weight)."""
+    if rows_per_vector == 1:
+        return check_group_size(group_size, in_f, name)
+    if out_f % rows_per_vector:
+        raise LeanformerError(
+            f"Kashin: rows_per_vector={rows_per_vector} does not divide the {out_f} output rows of layer {name}; "
+            f"nearest that do: {', '.join(map(str, nearest_divisors(out_f, rows_per_vector)))}")
+    return rows_per_vector * in_f
+
+
+def _fits(length: int, out_f: int, in_f: int) -> bool:
+    """Whether vectors of this length tile an (out_f, in_f) weight without crossing a row boundary
+    mid-row: a divisor of the width, or whole rows whose count divides out_f."""
+    return in_f % length == 0 or (length % in_f == 0 and out_f % (length // in_f) == 0)
+
+
+SCALE_BITS = (16, 8)
+LOG8_OCTAVES = 16  # log8 codes span at most this many octaves below the largest value; smaller ones store 0
+
+
+def log8_encode(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-negative values → uint8 codes: 0 is exactly zero, 1…255 are evenly spaced in log2 between
+    the smallest and the largest value (floored at LOG8_OCTAVES below the largest), plus that range
+    [lo, hi] of log2 as float32. Relative precision: half a code step, (hi − lo)/508 octaves."""
+    hi = values.max().clamp_min(1e-30).log2()
+    keep = values >= torch.exp2(hi - LOG8_OCTAVES)
+    lo = values[keep].log2().min() if keep.any() else hi
+    log_range = torch.stack([lo, hi]).float()
+    step = (hi - lo) / 254
+    q = 1 + ((values.clamp_min(1e-30).log2() - lo) / step.clamp_min(1e-12)).round().clamp(0, 254)
+    return torch.where(keep, q, 0).to(torch.uint8), log_range
+
+
+def log8_decode(codes: torch.Tensor, log_range: torch.Tensor) -> torch.Tensor:
+    lo, hi = log_range.float()
+    values = torch.exp2(lo + (codes.float() - 1) * ((hi - lo) / 254))
+    return torch.where(codes > 0, values, 0.0)
+
+
+@dataclass(frozen=True)
+class VectorLayout:
+    """One way to store a layer: vector length, step sizes and their coding (closed codebook), column scaling."""
+    length: int
+    step_sizes: str
+    scale_bits: int
+    col_scale: bool
+
+
+@dataclass
+class _Vectors:
+    """A layer cut into vectors for one (length, col_scale), with its Kashin decomposition's check."""
+    x: torch.Tensor            # (vectors, length), column-scaled
+    rms: torch.Tensor          # (vectors, 1)
+    P: Transform
+    col: torch.Tensor | None   # stored column scales (float16) or None
+    u: torch.Tensor            # the decomposition x / rms ≈ u + P v (the kmeans codebook quantizes it)
+    v: torch.Tensor
+    residual: float            # largest relative residual of the decomposition
+    iterations: int
+    kashin_level: float
+
+
+def layout_error(weight: torch.Tensor, rebuilt: torch.Tensor) -> float:
+    """‖W − Ŵ‖_F / ‖W‖_F, the error layout="auto" compares layouts by."""
+    return ((weight - rebuilt).norm() / weight.norm().clamp_min(1e-30)).item()
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# --------------------------------------------------------------------------------------------
 # The config
 
 
@@ -242,12 +429,26 @@ class Kashin(QuantConfig):
     form: str = field(default="vector", metadata={
         "help": "vector (per row / group) or matrix (U + Q1 V Q2ᵀ per layer; kmeans only)", "choices": FORMS})
     group_size: int | None = group_size_field(None)  # a group is one Kashin vector
+    rows_per_vector: int = field(default=1, metadata={
+        "help": "vector form: join this many consecutive rows into one Kashin vector (must divide each layer's "
+                "output rows; group_size none). Per-vector metadata is then spread over more weights: for "
+                "narrow layers, whose rows are short"})
     sweeps: int = field(default=4, metadata={"help": "closed codebook: refinement rounds over the sign vectors"})
     step_sizes: str = field(default="vector", metadata={
         "help": "closed codebook: vector (bits fp16 step sizes per vector) or shared (one set per layer + one "
                 "fp16 scale per vector: less metadata, for narrow layers)", "choices": STEP_SIZES})
-    col_scale: bool = field(default=True, metadata={
-        "help": "vector form: divide input columns by their RMS first (one fp16 per column, stored)"})
+    scale_bits: int = field(default=16, metadata={
+        "help": "closed codebook: bits of each stored per-vector number (the step sizes, or with shared "
+                "step_sizes the scale): 16 (float16) or 8 (log-coded between the layer's smallest and largest, "
+                "8 bytes per layer; halves that metadata, for 2–4-bit weights on short rows)",
+        "choices": SCALE_BITS})
+    col_scale: bool = col_scale_field(True)
+    layout: str = field(default="fixed", metadata={
+        "help": "vector form: fixed (the vector length, step_sizes, scale_bits and col_scale given) or auto (per "
+                "layer, also try vectors 2 and 4 times as long, the other step_sizes and scale_bits, col_scale "
+                "off/on; among the layouts storing no more bytes than the given one, keep the fewest bytes whose "
+                "weight error ‖W − Ŵ‖/‖W‖ is within 1 percent of the lowest; the choice is saved per layer)",
+        "choices": LAYOUTS})
     tol: float = field(default=1e-3, metadata={
         "help": "convergence: the decomposition's ‖residual‖ / ‖x‖ must fall below this within max_iter steps"})
     max_iter: int = field(default=200, metadata={"help": "greedy iterations allowed to reach tol"})
@@ -260,16 +461,29 @@ class Kashin(QuantConfig):
     def __post_init__(self):
         super().__post_init__()
         for field_, value, choices in (("transform", self.transform, TRANSFORMS), ("form", self.form, FORMS),
-                                       ("codebook", self.codebook, CODEBOOKS)):
+                                       ("codebook", self.codebook, CODEBOOKS), ("step_sizes", self.step_sizes, STEP_SIZES),
+                                       ("layout", self.layout, LAYOUTS)):
             if value not in choices:
                 raise LeanformerError(f"Kashin: unknown {field_} {value!r}; choose from {', '.join(choices)}")
         if self.form == "matrix" and (self.group_size is not None or self.codebook != "kmeans"):
             raise LeanformerError("Kashin: form='matrix' quantizes whole layers with a k-means codebook; "
                                   "use codebook='kmeans' and no group_size with it")
+        if self.form == "matrix" and (self.rows_per_vector != 1 or self.layout != "fixed"):
+            raise LeanformerError("Kashin: rows_per_vector and layout='auto' choose vectors of the vector form; "
+                                  "form='matrix' has none (use rows_per_vector=1, layout='fixed' with it)")
+        if not isinstance(self.rows_per_vector, int) or self.rows_per_vector < 1:
+            raise LeanformerError(f"Kashin: rows_per_vector must be a positive integer, got {self.rows_per_vector!r}")
+        if self.rows_per_vector > 1 and self.group_size is not None:
+            raise LeanformerError(f"Kashin: give either group_size={self.group_size} (a vector is part of a row) or "
+                                  f"rows_per_vector={self.rows_per_vector} (a vector is several whole rows), not both")
+        if self.scale_bits not in SCALE_BITS:
+            raise LeanformerError(f"Kashin: scale_bits must be one of {', '.join(map(str, SCALE_BITS))}, "
+                                  f"got {self.scale_bits!r}")
+        if self.scale_bits != 16 and self.codebook != "closed":
+            raise LeanformerError("Kashin: scale_bits codes the closed codebook's step sizes; codebook='kmeans' "
+                                  "stores float16 scales (use scale_bits=16 with it)")
         if not 0 < self.tol < 1:
             raise LeanformerError(f"Kashin: tol must be in (0, 1), got {self.tol}")
-        if self.step_sizes not in STEP_SIZES:
-            raise LeanformerError(f"Kashin: unknown step_sizes {self.step_sizes!r}; choose from {', '.join(STEP_SIZES)}")
 
     def quantize_weight(self, weight: torch.Tensor, name: str):
         out_f, in_f = weight.shape
@@ -277,52 +491,136 @@ class Kashin(QuantConfig):
         seed = (self.seed * 1_000_003 + sum(map(ord, name)) * 7919 + out_f * 31 + in_f) % (2 ** 62)
         if self.form == "matrix":
             return self._matrix(weight, name, seed)
-        g = check_group_size(self.group_size, in_f, name)
-        col = fp16(weight.pow(2).mean(0).sqrt().clamp_min(1e-8)) if self.col_scale else None
+        given = VectorLayout(vector_length(self.group_size, self.rows_per_vector, out_f, in_f, name),
+                             self.step_sizes, self.scale_bits, self.col_scale)
+        if self.layout == "auto":
+            return self._auto(weight, seed, given)
+        vectors = self._vectors(weight, seed, given.length, given.col_scale)
+        self._check_converged(vectors)
+        return self._encode(vectors, self._fit(vectors, given.step_sizes, seed), given, seed)
+
+    def _auto(self, weight: torch.Tensor, seed: int, given: VectorLayout):
+        """layout="auto": the candidate layouts are vectors 1, 2 and 4 times the given length (where they
+        tile the weight), both step_sizes, scale_bits 16 and 8, col_scale on and off; those storing more
+        bytes than the given layout are out. Among the rest: the lowest relative error ‖W − Ŵ‖_F / ‖W‖_F,
+        where errors within AUTO_ERROR_TIE (1 %) of the lowest count as equal and the fewest bytes wins
+        among them (then the candidates' order, the given layout first). So auto is never larger than
+        the given layout and never measurably less accurate; it keeps the metadata that buys accuracy
+        and drops what does not (8-bit step sizes on short rows cost ≈0.1 % error).
+
+        Not a bits-for-error trade (e.g. the lowest e · 2^b, one bit per halving of the error): on
+        stories260K that picks whole-row vectors and no column scaling, which lower the Frobenius
+        error per bit but cost far more perplexity than the error shows (rows of different size then
+        share step sizes, and columns reading outlier features lose precision)."""
+        out_f, in_f = weight.shape
+        lengths = [given.length * m for m in AUTO_SPANS if _fits(given.length * m, out_f, in_f)]
+        if self.codebook == "closed":
+            step_options = (given.step_sizes,) + tuple(s for s in STEP_SIZES if s != given.step_sizes)
+            bits_options = (given.scale_bits,) + tuple(b for b in SCALE_BITS if b != given.scale_bits)
+        else:  # step sizes and their coding are the closed codebook's; kmeans stores a codebook
+            step_options, bits_options = (given.step_sizes,), (given.scale_bits,)
+        budget, candidates, unconverged = None, [], None
+        for col_scale in (given.col_scale, not given.col_scale):
+            for length in lengths:
+                vectors = self._vectors(weight, seed, length, col_scale)
+                for step_sizes in step_options:
+                    fit = self._fit(vectors, step_sizes, seed)
+                    for scale_bits in bits_options:
+                        layout = VectorLayout(length, step_sizes, scale_bits, col_scale)
+                        tensors, header = self._encode(vectors, fit, layout, seed)
+                        nbytes = _nbytes(tensors)
+                        if layout == given:  # the first candidate: it sets the budget, converged or not
+                            budget = nbytes
+                        if vectors.residual >= self.tol:
+                            unconverged = unconverged or vectors
+                            continue
+                        if nbytes > budget:
+                            continue
+                        w = self.dequantize(tensors, {**header, "bits": self.bits, "shape": [out_f, in_f]})
+                        candidates.append((layout_error(weight, w), nbytes, tensors, header))
+        if not candidates:
+            self._check_converged(unconverged)
+        lowest = min(c[0] for c in candidates)
+        _, _, tensors, header = min((c for c in candidates if c[0] <= (1 + AUTO_ERROR_TIE) * lowest),
+                                    key=lambda c: c[1])  # min keeps the first of equal sizes
+        return tensors, {**header, "layout": "auto"}
+
+    def _vectors(self, weight: torch.Tensor, seed: int, length: int, col_scale: bool) -> _Vectors:
+        col = column_rms(weight) if col_scale else None
         if col is not None:
             # Input columns of very different size (features that carry outlier activations tend to have
-            # them) get the same relative precision: the decomposition spreads error evenly over a row.
+            # them) get the same relative precision: the decomposition spreads error evenly over a vector.
             weight = weight / col.float()
-        x = weight.reshape(-1, g)
-        # unit-RMS vectors: one tolerance and one codebook fit every row of the layer
-        rms = (x.norm(dim=1, keepdim=True) / math.sqrt(g)).clamp_min(1e-12)
-        P = Transform(self.transform, g, seed)
+        x = weight.reshape(-1, length)
+        # unit-RMS vectors: one tolerance and one codebook fit every vector of the layer
+        rms = (x.norm(dim=1, keepdim=True) / math.sqrt(length)).clamp_min(1e-12)
+        P = Transform(self.transform, length, seed)
         u, v, rel, it = kashin_vectors(x / rms, P, self.tol, self.max_iter)
-        if rel.max() >= self.tol:
-            raise NotConverged(f"Kashin decomposition residual {rel.max().item():.2e} ≥ tol {self.tol:g} "
-                               f"after {it} iterations")
-        header = {"form": "vector", "codebook": self.codebook, "transform": self.transform, "group_size": g,
-                  "iterations": it, "kashin_level": max(u.abs().max().item(), v.abs().max().item())}
-        seed_t = torch.tensor([seed], dtype=torch.int64)
-        extra = {"col_scale": col} if col is not None else {}
-        if self.codebook == "closed":
-            shared = self.step_sizes == "shared"
-            xn = x / rms if shared else x  # shared steps fit unit-RMS rows; a per-row scale restores them
-            signs, doms, coef = closed_form(xn, P, self.bits, self.sweeps, shared=shared)
-            bitsw = (signs > 0).long()  # (k, rows, N): bit j of each weight's index = sign of step j
-            idx = (bitsw << torch.arange(self.bits)[:, None, None]).sum(0)
-            tensors = {"packed": pack_bits(idx, self.bits), "domains": pack_bits(doms.T.long(), 1),
-                       "seed": seed_t, **extra}
-            if shared:
-                steps = fp16(coef[:1])
-                cols = torch.where(doms[..., None], P.apply(signs), signs)          # (k, rows, g)
-                xh = torch.einsum("krg,k->rg", cols, steps.float()[0])
-                energy = (xh * xh).sum(1)
-                scale = torch.where(energy > 0, (x * xh).sum(1) / energy.clamp_min(1e-30), rms[:, 0])
-                tensors.update(steps=steps, scale=fp16(scale))
+        level = max(u.abs().max().item(), v.abs().max().item())
+        return _Vectors(x, rms, P, col, u, v, rel.max().item(), it, level)
+
+    def _check_converged(self, vectors: _Vectors) -> None:
+        if vectors.residual >= self.tol:
+            raise NotConverged(f"Kashin decomposition residual {vectors.residual:.2e} ≥ tol {self.tol:g} "
+                               f"after {vectors.iterations} iterations")
+
+    def _fit(self, vectors: _Vectors, step_sizes: str, seed: int):
+        """Closed codebook: (signs (k, vectors, N) ±1, in-P-domain mask (k, vectors), step sizes, per-vector
+        scales): step sizes (vectors, k) and no scales, or with shared step sizes one float16 set (1, k)
+        and a least-squares scale per vector. kmeans: (centroids, labels)."""
+        x, rms, P = vectors.x, vectors.rms, vectors.P
+        if self.codebook == "kmeans":
+            return self._codebook(vectors.u, vectors.v, seed)
+        shared = step_sizes == "shared"
+        xn = x / rms if shared else x  # shared steps fit unit-RMS vectors; a per-vector scale restores them
+        signs, doms, coef = closed_form(xn, P, self.bits, self.sweeps, shared=shared)
+        if not shared:
+            return signs, doms, coef, None
+        steps = fp16(coef[:1])
+        xh = torch.einsum("kvn,k->vn", torch.where(doms[..., None], P.apply(signs), signs), steps.float()[0])
+        energy = (xh * xh).sum(1)
+        scale = torch.where(energy > 0, (x * xh).sum(1) / energy.clamp_min(1e-30), rms[:, 0])
+        return signs, doms, steps, scale
+
+    def _encode(self, vectors: _Vectors, fit: tuple, layout: VectorLayout, seed: int):
+        """Stored tensors and header of one layout, from its vectors and the codebook's fit to them."""
+        header = {"form": "vector", "codebook": self.codebook, "transform": self.transform,
+                  "group_size": layout.length, "col_scale": layout.col_scale, "iterations": vectors.iterations,
+                  "kashin_level": vectors.kashin_level}
+        tensors = {"seed": torch.tensor([seed], dtype=torch.int64)}
+        if vectors.col is not None:
+            tensors["col_scale"] = vectors.col
+        if self.codebook == "kmeans":
+            return {**tensors, **self._kmeans_tensors(vectors, *fit)}, header
+        signs, doms, steps, scale = fit
+        if layout.scale_bits == 8:
+            # log codes hold magnitudes: c s = |c| (sign(c) s), so a negative step size (or scale) flips its signs
+            if scale is None:
+                signs = signs * _sign(steps).T[..., None]
+                steps, log_range = log8_encode(steps.abs())
             else:
-                tensors["steps"] = fp16(coef)
-            header["step_sizes"] = self.step_sizes
-            return tensors, header
-        cent, lab = self._codebook(u, v, seed)
+                signs = signs * _sign(scale)[None, :, None]
+                scale, log_range = log8_encode(scale.abs())
+            tensors["log_range"] = log_range
+        else:
+            steps, scale = fp16(steps), None if scale is None else fp16(scale)
+        tensors["steps"] = steps
+        if scale is not None:
+            tensors["scale"] = scale
+        bitsw = (signs > 0).long()  # (k, vectors, N): bit j of each weight's index = sign of step j
+        idx = (bitsw << torch.arange(self.bits)[:, None, None]).sum(0)
+        tensors.update(packed=pack_bits(idx, self.bits), domains=pack_bits(doms.T.long(), 1))
+        header.update(step_sizes=layout.step_sizes, scale_bits=layout.scale_bits)
+        return tensors, header
+
+    def _kmeans_tensors(self, vectors: _Vectors, cent: torch.Tensor, lab: torch.Tensor) -> dict:
+        x, P = vectors.x, vectors.P
         c = cent.float()
         xh = c[lab, 0].view_as(x) + P.apply(c[lab, 1].view_as(x))
         # closed-form least-squares scale per vector for the quantized direction
         energy = (xh * xh).sum(1, keepdim=True)
-        scale = torch.where(energy > 0, (x * xh).sum(1, keepdim=True) / energy.clamp_min(1e-30), rms)
-        tensors = {"packed": pack_bits(lab, self.bits), "codebook": cent, "scale": fp16(scale.reshape(-1)),
-                   "seed": seed_t, **extra}
-        return tensors, header
+        scale = torch.where(energy > 0, (x * xh).sum(1, keepdim=True) / energy.clamp_min(1e-30), vectors.rms)
+        return {"packed": pack_bits(lab, self.bits), "codebook": cent, "scale": fp16(scale.reshape(-1))}
 
     def _codebook(self, u, v, seed):
         pts = torch.stack([u.reshape(-1), v.reshape(-1)], 1)
@@ -348,31 +646,147 @@ class Kashin(QuantConfig):
         return tensors, header
 
     @staticmethod
-    def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
+    def decode(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
         out_f, in_f = header["shape"]
-        bits = header["bits"]
-        seed = int(tensors["seed"][0])
-        lab = unpack_bits(tensors["packed"], bits, out_f * in_f)
         if header["form"] == "matrix":
+            seed = int(tensors["seed"][0])
+            lab = codes.long()  # a uint8 index would be read as a mask
             c = tensors["codebook"].float()
             q1, q2 = (_matrix(header["transform"], n, s).to(c.device) for n, s in ((out_f, seed), (in_f, seed + 1)))
             xh = c[lab, 0].view(out_f, in_f) + q1 @ c[lab, 1].view(out_f, in_f) @ q2.T
             return xh * tensors["scale"].float()
-        g = header["group_size"]
+        w, _ = Kashin._rebuild(codes, tensors, header, reordered=False)
         col = tensors["col_scale"].float() if "col_scale" in tensors else 1.0
-        P = Transform(header["transform"], g, seed)
+        return w.view(out_f, in_f) * col
+
+    @classmethod
+    def linear(cls, x: torch.Tensor, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """y = x Ŵᵀ + b without forming what costs most. Per vector Ŵ = (A + P B)·diag(col), so
+        x Ŵᵀ = x_c Aᵀ + (Pᵀ x_c) Bᵀ with x_c = x·diag(col): with few tokens P goes on the activations
+        (one matmul against A and B side by side; no transform of the weight), with many on the weight,
+        read in the FFT's order so that only the activations are reordered (`ACTIVATION_ROUTE_TOKENS`).
+        The matrix form rebuilds its weight (the default)."""
+        out_f, in_f = header["shape"]
+        if header["form"] == "matrix":
+            return super().linear(x, codes, tensors, header, bias)
+        if x.shape[-1] != in_f:
+            raise LeanformerError(f"Kashin layer of shape {out_f}x{in_f}: the input's last dimension is {x.shape[-1]}, "
+                                  f"it must be the layer's input width {in_f}")
+        g = header["group_size"]
+        rows = g // in_f if g > in_f else 1  # whole rows per vector (rows_per_vector), else 1
+        tokens = x.numel() // in_f
+        xc = x.reshape(tokens, in_f).float()
+        if "col_scale" in tensors:
+            xc = xc * tensors["col_scale"].float()
+        # the activation route multiplies against twice the weights (A and B), rows times over for whole-row
+        # vectors; the weight route transforms the weight once, whatever the tokens
+        if tokens * rows <= ACTIVATION_ROUTE_TOKENS:
+            y = cls._linear_on_activations(xc, codes, tensors, header)
+            if y is not None:
+                y = y.to(x.dtype) if bias is None else (y.to(x.dtype) + bias)
+                return y.view(*x.shape[:-1], out_f)
+        # reorder whichever is smaller: the activations (tokens × in) or the weight back (out × in)
+        w, order = cls._rebuild(codes, tensors, header, reordered=rows == 1 and tokens < out_f)
+        if order is not None:  # w is each vector in Makhoul's order; read x the same way instead of w back
+            xc = xc.view(tokens, in_f // g, g).index_select(-1, order).view(tokens, in_f)
+        y = F.linear(xc.to(x.dtype), w.view(out_f, in_f).to(x.dtype), bias)
+        return y.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def _tables(tensors: dict[str, torch.Tensor], header: dict, n_vec: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-vector lookup tables (vectors, 2^bits) of A and B, Ŵ = A + P B per vector before the column
+        scales: each vector's A and B take one of 2^bits values per weight, read with its code. B is None
+        when no vector has a step in the P domain."""
+        bits = header["bits"]
         if header["codebook"] == "kmeans":
-            c = tensors["codebook"].float()
-            xh = c[lab, 0].view(-1, g) + P.apply(c[lab, 1].view(-1, g))
-            return (xh * tensors["scale"].float()[:, None]).view(out_f, in_f) * col
-        rows = out_f * in_f // g
-        steps = tensors["steps"].float().expand(rows, -1)                        # (rows, k)
-        if "scale" in tensors:  # shared step sizes, one scale per vector
-            steps = steps * tensors["scale"].float()[:, None]
-        doms = unpack_bits(tensors["domains"], 1, rows * bits).view(rows, bits).float()
-        shifts = torch.arange(bits, device=lab.device)[:, None, None]
-        signs = ((lab.view(rows, g)[None] >> shifts) & 1).float() * 2 - 1  # (k, rows, g)
-        # Σ_j c_j s_j split by domain, so P is applied once: W = A + P B
-        a = torch.einsum("krg,rk->rg", signs, steps * (1 - doms))
-        b = torch.einsum("krg,rk->rg", signs, steps * doms)
-        return (a + P.apply(b)).view(out_f, in_f) * col
+            c, scale = tensors["codebook"].float(), tensors["scale"].float()[:, None]
+            return scale * c[:, 0], scale * c[:, 1]
+        steps, scale = tensors["steps"], tensors.get("scale")
+        if "log_range" in tensors:  # 8-bit log-coded step sizes (or per-vector scales)
+            if scale is None:
+                steps = log8_decode(steps, tensors["log_range"])
+            else:
+                scale = log8_decode(scale, tensors["log_range"])
+        steps = steps.float().expand(n_vec, -1)                                  # (vectors, k)
+        if scale is not None:  # shared step sizes, one scale per vector
+            steps = steps * scale.float()[:, None]
+        doms = unpack_bits(tensors["domains"], 1, n_vec * bits).view(n_vec, bits).float().to(steps.device)
+        # Σ_j c_j s_j split by domain: A = Σ_plain c_j s_j, B = Σ_P c_j s_j, so P is applied once
+        arange = torch.arange(bits, device=steps.device)
+        patterns = ((torch.arange(2 ** bits, device=steps.device)[:, None] >> arange) & 1).float() * 2 - 1  # (2^k, k)
+        table_a = (steps * (1 - doms)) @ patterns.T
+        return table_a, (steps * doms) @ patterns.T if doms.any() else None
+
+    @staticmethod
+    def _indices(codes: torch.Tensor, n_vec: int, bits: int, first: int = 0) -> torch.Tensor:
+        """(vectors, length): each weight's row in the flattened (vectors · 2^bits) tables, its code +
+        2^bits · its vector, for the codes of vectors first, first + 1, …"""
+        dtype = torch.int32 if (first + n_vec) * 2 ** bits < 2 ** 31 else torch.int64  # int32: half the traffic
+        offsets = torch.arange(first, first + n_vec, device=codes.device, dtype=dtype)[:, None] * 2 ** bits
+        return codes.view(n_vec, -1) + offsets  # uint8 + int: one pass, promoted
+
+    @staticmethod
+    def _rebuild(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict, reordered: bool):
+        """The (vectors, length) weight A + P B before the column scales, and None; with reordered=True and
+        the FFT form of P, each vector in Makhoul's order instead (no pass to put it back) and that order.
+        Built REBUILD_CHUNK weights at a time into one output: the temporaries (indices, B, its spectrum)
+        stay small, in cache, and are reused by the allocator instead of being mapped afresh each forward."""
+        out_f, in_f = header["shape"]
+        g, bits = header["group_size"], header["bits"]
+        n_vec = out_f * in_f // g  # a vector is part of a row, a row, or several whole rows
+        P = Transform(header["transform"], g, int(tensors["seed"][0]))
+        table_a, table_b = Kashin._tables(tensors, header, n_vec)
+        table_a = table_a.reshape(-1)
+        fft = table_b is not None and not P.dense
+        order, inverse = P.order(codes.device) if fft else (None, None)
+        codes = codes.view(n_vec, g)
+        w = torch.empty(n_vec, g, device=codes.device)
+        step = max(1, REBUILD_CHUNK // g)
+        for first in range(0, n_vec, step):
+            last = min(n_vec, first + step)
+            idx = Kashin._indices(codes[first:last], last - first, bits, first)
+            if fft:  # read the codes in the FFT's order: B comes out ready for apply_reordered, A matches its output
+                idx = idx.index_select(1, order)
+            idx = idx.view(-1)
+            part = w[first:last]
+            if table_b is None:
+                torch.index_select(table_a, 0, idx, out=part.view(-1))
+                continue
+            a = table_a.index_select(0, idx).view(-1, g)
+            b = table_b.reshape(-1).index_select(0, idx).view(-1, g)
+            if fft:
+                P.apply_reordered(b, out=part).add_(a)
+            else:
+                torch.addmm(a, b, P.matrix(b.device).T, out=part)
+        if fft and not reordered:
+            return w.index_select(1, inverse), None
+        return w, order
+
+    @staticmethod
+    def _linear_on_activations(xc: torch.Tensor, codes: torch.Tensor, tensors: dict[str, torch.Tensor],
+                               header: dict) -> torch.Tensor | None:
+        """x_c Aᵀ + (Pᵀ x_c) Bᵀ for column-scaled inputs xc (tokens, in) as one matmul, float32; None when B
+        is 0 (then the weight route is A alone). A vector of `rows` whole rows gives output row j of its
+        block from the input placed at slot j of a zero vector of its length."""
+        out_f, in_f = header["shape"]
+        g, bits = header["group_size"], header["bits"]
+        n_vec = out_f * in_f // g
+        table_a, table_b = Kashin._tables(tensors, header, n_vec)
+        if table_b is None:
+            return None
+        P = Transform(header["transform"], g, int(tensors["seed"][0]))
+        # A and B of each weight side by side, (vectors · length, 2), from one lookup
+        ab = torch.stack([table_a, table_b], -1).view(-1, 2).index_select(0, Kashin._indices(codes, n_vec, bits).view(-1))
+        tokens = xc.shape[0]
+        if g <= in_f:
+            e = xc.view(tokens, in_f // g, g)
+            inputs = torch.stack([e, P.rows(e, transpose=True)], -1).view(tokens, 2 * in_f)
+            return inputs @ ab.view(out_f, 2 * in_f).T
+        rows = g // in_f
+        e = xc.new_zeros(tokens, rows, rows, in_f)
+        e.diagonal(dim1=1, dim2=2).copy_(xc[:, :, None])  # e[t, j, j] = x_t: row j of the block reads slot j
+        e = e.view(tokens, rows, g)
+        inputs = torch.stack([e, P.rows(e, transpose=True)], -1).view(tokens * rows, 2 * g)
+        y = inputs @ ab.view(n_vec, 2 * g).T                                        # (tokens · rows, vectors)
+        return y.view(tokens, rows, n_vec).transpose(1, 2).reshape(tokens, out_f)

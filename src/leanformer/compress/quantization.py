@@ -10,6 +10,7 @@ forward (or once, with cache=True): the model runs unchanged, and the stored byt
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -22,12 +23,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LeanformerError
-from .packing import packed_nbytes
+from .packing import codes_from_runtime, pack_bits, packed_nbytes, runtime_codes, runtime_nbytes, unpack_codes
 from ..stack import Applied, push, record_base
 from ..targets import (WRAPPER_TYPES, FilterFn, Targets, dense_weight, linear_shape, register_linear_type,
                        select_linear, set_module)
 
 METHODS: dict[str, type["QuantConfig"]] = {}  # method name → config class (filled by subclassing)
+KERNELS = ("decode", "compiled")
+PLAN_TYPES: list[type] = []  # per-layer plans quantize() applies (plan.py registers QuantPlan; it imports this module)
 
 
 class NotConverged(Exception):
@@ -44,6 +47,10 @@ class QuantConfig:
                 "(none = every Linear except embeddings and heads)"})
     cache: bool = field(default=False, metadata={
         "help": "keep each rebuilt weight in memory (faster forward, costs full-precision memory)"})
+    kernel: str = field(default="decode", metadata={
+        "help": "how a forward rebuilds the weight: decode (plain torch ops, any device) or compiled "
+                "(torch.compile of the same decode: a C++ compiler on CPU, Triton on CUDA; where that fails "
+                "or disagrees with decode, a warning and decode)", "choices": KERNELS})
     filter_fn: FilterFn | None = field(default=None, repr=False, compare=False, metadata={
         "help": "filter_fn(module, name) -> bool keeps only the layers it accepts", "cli": False})
 
@@ -61,6 +68,8 @@ class QuantConfig:
                                   f"supported: {', '.join(map(str, self.SUPPORTED_BITS))}")
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
+        if self.kernel not in KERNELS:
+            raise LeanformerError(f"{type(self).__name__}: unknown kernel {self.kernel!r}; choose from {', '.join(KERNELS)}")
 
     def to_dict(self) -> dict:
         """JSON form (filter_fn is code, not data: it is not saved; the chosen layers are)."""
@@ -78,8 +87,24 @@ class QuantConfig:
         raise NotImplementedError
 
     @staticmethod
-    def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
+    def decode(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
+        """The (out, in) float32 weight from the n uint8 codes (row-major) and the other stored tensors;
+        it runs on every forward, so it is vectorised over the whole layer."""
         raise NotImplementedError
+
+    @classmethod
+    def linear(cls, x: torch.Tensor, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """y = x Ŵᵀ + b from the stored form. The default rebuilds Ŵ (decode) and multiplies; a method
+        whose structure allows cheaper work for some inputs (e.g. few tokens) overrides it."""
+        return F.linear(x, cls.decode(codes, tensors, header).to(x.dtype), bias)
+
+    @classmethod
+    def dequantize(cls, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
+        """The weight from exactly what is stored (the packed code stream included)."""
+        out_f, in_f = header["shape"]
+        codes = unpack_codes(tensors["packed"], header["bits"], out_f * in_f)
+        return cls.decode(codes, {k: v for k, v in tensors.items() if k != "packed"}, header)
 
 
 def method_class(method: str) -> type[QuantConfig]:
@@ -107,41 +132,119 @@ def check_group_size(group_size: int | None, width: int, name: str) -> int:
     return group_size
 
 
+_SPECS_ONLY = [False]
+
+
+@contextlib.contextmanager
+def state_dict_specs_only():
+    """Inside this block a QuantizedLinear's state_dict entry for its code stream is a meta tensor of the
+    stored shape and dtype instead of the packed bytes: listing what a load must provide packs nothing."""
+    _SPECS_ONLY[0] = True
+    try:
+        yield
+    finally:
+        _SPECS_ONLY[0] = False
+
+
 @register_linear_type
 class QuantizedLinear(nn.Module):
     """A Linear whose weight is stored quantized and rebuilt on the fly (exactly as saved). It replaces
     nn.Linear and Conv1D alike: the stored weight is (out, in) whatever the original's layout, and the
-    output, y = x Wᵀ + b, is the same."""
+    output, y = x Wᵀ + b, is the same.
+
+    In memory the codes are held in `packing.runtime_codes`' byte layout (two per byte up to 4 bits), so
+    the forward rebuilds the weight with byte operations and one fused multiply-add per weight; the
+    b-bit stream that is saved and counted (`packed`) is produced on the way out (state_dict) and read
+    on the way in (load_state_dict). The full-precision weight exists only inside a forward, one layer at
+    a time (or for good, with cache=True)."""
 
     def __init__(self, in_features: int, out_features: int, header: dict, tensors: dict[str, torch.Tensor],
-                 bias: torch.Tensor | None, cache: bool = False):
+                 bias: torch.Tensor | None, cache: bool = False, kernel: str = "decode"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.header = dict(header)
         self.method = header["method"]
-        self._dequantize = method_class(self.method).dequantize
-        self.tensor_names = sorted(tensors)
+        self.bits = int(header["bits"])
+        self._method = method_class(self.method)
+        tensors = dict(tensors)
+        packed = tensors.pop("packed")  # None: all-zero codes (a replayed structure, filled by the load)
+        self.tensor_names = sorted(tensors)  # the stored tensors besides the packed codes
         for k, v in tensors.items():
             self.register_buffer(k, v)
+        codes = (torch.zeros(runtime_nbytes(self.n_weights, self.bits), dtype=torch.uint8) if packed is None else
+                 runtime_codes(unpack_codes(packed, self.bits, self.n_weights), self.bits))
+        self.register_buffer("codes", codes, persistent=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self.cache = cache
+        self.cache, self.kernel = cache, kernel
         self._cached: torch.Tensor | None = None
+        self._kernel_checked = False
+
+    @property
+    def n_weights(self) -> int:
+        return self.in_features * self.out_features
+
+    def index_codes(self) -> torch.Tensor:
+        """The n uint8 codes, row-major over the (out, in) weight."""
+        return codes_from_runtime(self.codes, self.bits, self.n_weights)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a save writes for this layer, the packed b-bit code stream included."""
+        return {"packed": pack_bits(self.index_codes(), self.bits), **self.metadata_tensors()}
+
+    def metadata_tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self.tensor_names}
 
     def tensor_specs(self) -> dict[str, list]:
         """{name: [dtype, shape]} of every stored tensor: what a saved header promises."""
-        return {k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in self.stored_tensors().items()}
+        specs = {k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in self.metadata_tensors().items()}
+        return {"packed": ["uint8", [packed_nbytes(self.n_weights, self.bits)]], **specs}
+
+    def stored_nbytes(self) -> dict[str, int]:
+        """Bytes of each stored tensor (what size_report counts), without packing anything."""
+        return {"packed": packed_nbytes(self.n_weights, self.bits),
+                **{k: v.numel() * v.element_size() for k, v in self.metadata_tensors().items()}}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "packed"] = (
+            torch.empty(packed_nbytes(self.n_weights, self.bits), dtype=torch.uint8, device="meta")
+            if _SPECS_ONLY[0] else pack_bits(self.index_codes(), self.bits))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "packed"
+        if key in state_dict:
+            packed = state_dict.pop(key)
+            need = packed_nbytes(self.n_weights, self.bits)
+            if packed.dtype != torch.uint8 or packed.numel() != need:
+                error_msgs.append(f"{key}: {packed.numel()} {str(packed.dtype).removeprefix('torch.')} values stored, "
+                                  f"but {self.out_features}x{self.in_features} codes of {self.bits} bits need {need} "
+                                  "uint8 bytes")
+            else:
+                self.codes = runtime_codes(unpack_codes(packed, self.bits, self.n_weights),
+                                           self.bits).to(self.codes.device)
+                self._cached = None
+        elif strict:
+            missing_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def dequantize(self) -> torch.Tensor:
         """The full (out, in) float32 weight this layer computes with."""
         if self._cached is not None:
             return self._cached
-        w = self._dequantize(self.stored_tensors(), self.header)
+        w = self._weight()
         if self.cache:
             self._cached = w
         return w
+
+    def _weight(self) -> torch.Tensor:
+        args = (self.index_codes(), self.metadata_tensors(), self.header)
+        if self.kernel == "compiled":
+            w = _compiled_weight(self, args)
+            if w is not None:
+                return w
+        return self._method.decode(*args)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -154,11 +257,37 @@ class QuantizedLinear(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.cache or self._cached is not None or self.kernel == "compiled":
+            return F.linear(x, self.dequantize().to(x.dtype), bias)
+        return self._method.linear(x, self.index_codes(), self.metadata_tensors(), self.header, bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, bits={self.header['bits']}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, bits={self.bits}"
+
+
+_COMPILED: dict[type, object] = {}  # method class → its compiled decode (compiled once per weight shape)
+
+
+def _compiled_weight(layer: QuantizedLinear, args: tuple) -> torch.Tensor | None:
+    """The weight from the compiled decode, checked against the plain decode on the layer's first call;
+    None, with a warning, where compiling is not possible here or its result differs (never a wrong weight)."""
+    try:
+        if layer._method not in _COMPILED:
+            _COMPILED[layer._method] = torch.compile(layer._method.decode, dynamic=False)
+        w = _COMPILED[layer._method](*args)
+        if not layer._kernel_checked:
+            ref = layer._method.decode(*args)
+            if w.shape != ref.shape or not torch.allclose(w, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())):
+                raise ValueError(f"its weight differs from decode's by up to {float((w - ref).abs().max()):.3g}")
+            layer._kernel_checked = True
+        return w
+    except Exception as e:  # noqa: BLE001 — compiler back ends fail in many ways; each one means "use decode"
+        warnings.warn(f"{layer.method} layer ({layer.out_features}x{layer.in_features}): kernel='compiled' is not "
+                      f"usable on this {args[0].device.type} machine ({type(e).__name__}: {str(e)[:200]}); "
+                      "falling back to kernel='decode'", stacklevel=3)
+        layer.kernel = "decode"
+        return None
 
 
 @dataclass
@@ -191,10 +320,14 @@ def quantize(model: nn.Module, config: QuantConfig, progress: bool = True) -> Qu
 
     Layers a method cannot represent (NotConverged) stay in full precision and are listed in the
     report's `skipped`; bad input (NaN/Inf weights, group sizes that do not divide a width) raises
-    LeanformerError before the model is modified.
+    LeanformerError before the model is modified. A QuantPlan (lf.plan) applies as one quantize per
+    config on exactly its layers, and returns their reports as a list.
     """
+    if isinstance(config, tuple(PLAN_TYPES)):
+        return config.apply(model, progress=progress)
     if not isinstance(config, QuantConfig):
-        raise LeanformerError(f"quantize() takes a quantization config (Kashin, RTN, HQQ), not {type(config).__name__}")
+        raise LeanformerError(f"quantize() takes a quantization config (Kashin, RTN, HQQ) or a QuantPlan (lf.plan), "
+                              f"not {type(config).__name__}")
     names = select_linear(model, config.targets, config.filter_fn)
     modules = dict(_linear_to_quantize(model, n) for n in names)
     for n, m in modules.items():  # validate everything first so a bad layer never leaves a half-quantized model
@@ -217,7 +350,7 @@ def quantize(model: nn.Module, config: QuantConfig, progress: bool = True) -> Qu
             continue
         in_f, out_f = linear_shape(m)
         header = {"method": config.method, "bits": config.bits, "shape": [out_f, in_f], **header}
-        q = QuantizedLinear(in_f, out_f, header, tensors, m.bias, cache=config.cache)
+        q = QuantizedLinear(in_f, out_f, header, tensors, m.bias, cache=config.cache, kernel=config.kernel)
         replacements[n] = q.to(m.weight.device)
         report.quantized.append(n)
     for n, q in replacements.items():
@@ -233,7 +366,7 @@ def quantize(model: nn.Module, config: QuantConfig, progress: bool = True) -> Qu
 
 def replay(model: nn.Module, config: dict, state: dict) -> None:
     """Rebuild a recorded quantization's structure (empty stored tensors, filled by the state dict load)."""
-    cache = bool(config.get("cache", False))
+    cache, kernel = bool(config.get("cache", False)), config.get("kernel", "decode")
     for name, h in state["layers"].items():
         method_class(h["method"])  # unknown methods fail with the list of known ones
         out_f, in_f = h["shape"]
@@ -245,9 +378,11 @@ def replay(model: nn.Module, config: dict, state: dict) -> None:
         old = model.get_submodule(name)
         # zeros, not empty: a transform replayed on top (LoRA-XS takes an SVD of the weight) must see finite
         # values before the state dict load overwrites them
-        tensors = {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, (dtype, shape) in h["tensors"].items()}
+        tensors = {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, (dtype, shape) in h["tensors"].items()
+                   if k != "packed"}
+        tensors["packed"] = None  # all-zero codes, without unpacking a stream of zeros
         header = {k: v for k, v in h.items() if k != "tensors"}
-        set_module(model, name, QuantizedLinear(*linear_shape(old), header, tensors, old.bias, cache))
+        set_module(model, name, QuantizedLinear(*linear_shape(old), header, tensors, old.bias, cache, kernel))
     push(model, Applied("quantize", QuantConfig.from_dict(config), state))
 
 

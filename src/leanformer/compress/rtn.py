@@ -1,7 +1,8 @@
 """RTN: round-to-nearest, asymmetric min-max per group of `group_size` consecutive input weights.
 
-Stored per layer: b-bit codes (packed), and per group a float16 scale and float16 minimum.
-Honest size: bits + 32 / group_size bits per weight.
+Stored per layer: b-bit codes (packed), and per group a float16 scale and float16 minimum; with
+col_scale, one float16 per input column too (Kashin's column scaling, offered to the baseline).
+Honest size: bits + 32 / group_size bits per weight (+ 16 / out_features with col_scale).
 """
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ from typing import ClassVar
 
 import torch
 
-from .packing import fp16, pack_bits, unpack_bits
+from .kashin import col_scale_field, column_rms
+from .packing import fp16, pack_bits
 from .quantization import QuantConfig, check_group_size, group_size_field
 
 
 @dataclass
 class RTN(QuantConfig):
     group_size: int | None = group_size_field(128)
+    col_scale: bool = col_scale_field(False)
 
     method: ClassVar[str] = "rtn"
     SUPPORTED_BITS: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8)
@@ -24,6 +27,10 @@ class RTN(QuantConfig):
     def quantize_weight(self, weight: torch.Tensor, name: str):
         out_f, in_f = weight.shape
         g = check_group_size(self.group_size, in_f, name)
+        tensors = {}
+        if self.col_scale:
+            tensors["col_scale"] = column_rms(weight)
+            weight = weight / tensors["col_scale"].float()
         w = weight.reshape(-1, g)
         lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
         qmax = 2 ** self.bits - 1
@@ -31,13 +38,13 @@ class RTN(QuantConfig):
         scale = fp16(((hi - lo) / qmax).clamp_min(1e-8))
         zero = fp16(lo)
         codes = ((w - zero.float()) / scale.float()).round().clamp(0, qmax)
-        tensors = {"packed": pack_bits(codes, self.bits), "scale": scale.reshape(-1), "zero": zero.reshape(-1)}
-        return tensors, {"group_size": g}
+        tensors.update(packed=pack_bits(codes, self.bits), scale=scale.reshape(-1), zero=zero.reshape(-1))
+        return tensors, {"group_size": g, "col_scale": self.col_scale}
 
     @staticmethod
-    def dequantize(tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
+    def decode(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
         out_f, in_f = header["shape"]
-        g = header["group_size"]
-        codes = unpack_bits(tensors["packed"], header["bits"], out_f * in_f).view(-1, g).float()
-        w = codes * tensors["scale"].float()[:, None] + tensors["zero"].float()[:, None]
-        return w.view(out_f, in_f)
+        w = codes.view(-1, header["group_size"]).float()  # in place from here: this runs on every forward
+        w.mul_(tensors["scale"].float()[:, None]).add_(tensors["zero"].float()[:, None])
+        w = w.view(out_f, in_f)
+        return w.mul_(tensors["col_scale"].float()) if "col_scale" in tensors else w

@@ -48,29 +48,29 @@ def size_report(model: nn.Module) -> SizeReport:
     """
     rep = SizeReport()
     skipped = {n for e in applied(model) if e.transform == "quantize" for n in e.state["skipped"]}
-    counted: set[int] = set()
+    counted: set[str] = set()  # state-dict keys of the layers above
     for name, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
-            parts = {k: _nbytes(v) for k, v in m.stored_tensors().items()}
+            parts = m.stored_nbytes()
             n = m.in_features * m.out_features
             nbytes = sum(parts.values())
             rep.layers.append({"name": name, "method": m.method, "index_bits": m.header["bits"], "n_weights": n,
                                "bytes": nbytes, "bits_per_weight": 8 * nbytes / n, "breakdown": parts,
                                "bias_bytes": _nbytes(m.bias) if m.bias is not None else 0})
-            counted.update(id(t) for t in m.stored_tensors().values())
+            counted.update(f"{name}.{k}" for k in parts)
         elif isinstance(m, tuple(LINEAR_TYPES)) and name in skipped:
             nbytes = _nbytes(m.weight)
             rep.layers.append({"name": name, "method": "none", "index_bits": None, "n_weights": m.weight.numel(),
                                "bytes": nbytes, "bits_per_weight": 8 * nbytes / m.weight.numel(),
                                "breakdown": {"weight": nbytes},
                                "bias_bytes": _nbytes(m.bias) if m.bias is not None else 0})
-            counted.add(id(m.weight))
+            counted.add(f"{name}.weight")
     n_w = sum(r["n_weights"] for r in rep.layers)
     b = sum(r["bytes"] for r in rep.layers)
     # everything else the model stores once (tied tensors counted once), at its dtype
     seen, other = set(), 0
-    for t in model.state_dict(keep_vars=True).values():  # what a save writes (persistent buffers only)
-        if id(t) in counted or t.data_ptr() in seen:
+    for k, t in model.state_dict(keep_vars=True).items():  # what a save writes (persistent buffers only)
+        if k in counted or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
         other += _nbytes(t)
