@@ -317,3 +317,39 @@ def test_two_processes_train_the_exits(tiny_bert_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert m["processes"] == 2 and m["train_steps"] == 2 and m["early_exit"]["ensemble_train_steps"] == 2
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_an_exit_reads_only_its_rows_unpadded_tokens(make_tiny_bert, pooling):
+    """Padding never reaches a mean-pooled IC: a row's exits are the same alone (no padding) as inside a
+    padded batch, and with the cls pooling they read the first token only."""
+    model = classifier(make_tiny_bert)
+    lf.early_exit(model, lf.EarlyExit(kind="ztw", tau=0.0, pooling=pooling))
+    model.eval()
+    ids, mask = padded_batch()
+    batched = every_exit(model, ids, mask)
+    for row in range(len(ids)):
+        n = int(mask[row].sum())
+        alone = every_exit(model, ids[row:row + 1, :n], mask[row:row + 1, :n])
+        for b, a in zip(batched, alone):
+            torch.testing.assert_close(b[row:row + 1], a, atol=1e-5, rtol=0)
+    heads = model.early_exit
+    hidden = torch.randn(2, 5, heads.ics[0].fc.in_features)
+    from leanformer.dynamic.early_exit import _Pass
+    p = _Pass(collect=True, mask=torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]))
+    expected = hidden[:, 0] if pooling == "cls" else torch.stack([hidden[0, :2].mean(0), hidden[1].mean(0)])
+    torch.testing.assert_close(heads._pooled(hidden, p), expected)
+
+
+def test_unknown_pooling_is_named_and_old_saves_read_the_first_token(make_tiny_bert, tmp_path):
+    with pytest.raises(LeanformerError, match="unknown early-exit pooling 'max'; choose from mean, cls"):
+        lf.EarlyExit(pooling="max")
+    model = classifier(make_tiny_bert)
+    lf.early_exit(model, lf.EarlyExit(kind="plain", pooling="cls"))
+    lf.save(model, None, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "leanformer.json").read_text())
+    entry = next(t for t in meta["transforms"] if t["transform"] == "early_exit")
+    del entry["config"]["pooling"]  # a directory saved before the field existed
+    (tmp_path / "m" / "leanformer.json").write_text(json.dumps(meta))
+    loaded, _ = lf.load(tmp_path / "m")
+    assert loaded.early_exit.pooling == "cls"

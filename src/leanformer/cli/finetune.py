@@ -105,6 +105,9 @@ class FinetuneArguments:
         "metavar": "τ"})
     ensemble_learning_rate: float | None = field(default=None, metadata={
         "help": "--early-exit ztw: learning rate of the ensemble phase (default 1e-4, the authors')"})
+    exit_pooling: str = field(default="mean", metadata={
+        "help": "--early-exit: what each internal classifier reads: mean (of the unpadded tokens) or cls (the first "
+                "token)", "choices": ["mean", "cls"]})
     max_seq_length: int = field(default=128, metadata={"help": "tokens per example (longer ones are truncated)"})
     max_train_samples: int | None = field(default=None, metadata={
         "help": "train on a fixed random sample of this many examples (the same for every --seed)"})
@@ -220,8 +223,9 @@ def run(args) -> int:
     if opts.early_exit:  # checked before the model loads
         from ..dynamic.early_exit import HEADS_LEARNING_RATE, EarlyExit
 
-        early_exit = EarlyExit(opts.early_exit, opts.exit_tau, **({} if opts.ensemble_learning_rate is None else
-                                                                   {"ensemble_learning_rate": opts.ensemble_learning_rate}))
+        early_exit = EarlyExit(opts.early_exit, opts.exit_tau, pooling=opts.exit_pooling,
+                               **({} if opts.ensemble_learning_rate is None else
+                                  {"ensemble_learning_rate": opts.ensemble_learning_rate}))
         heads_lr = HEADS_LEARNING_RATE if opts.method is None else None  # the exits alone: the ZTW authors' rate
     out = Path(opts.out)
     if out.is_dir() and any(out.iterdir()) and not opts.overwrite:  # fail before the long part
