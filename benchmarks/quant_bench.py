@@ -626,6 +626,7 @@ def main(argv=None):
         args.repeats, args.latency_batches, args.new_tokens = 2, 2, 8
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
+    args.cache = str(cache)  # what the setup reads (the fine-tuned classifier lives there)
 
     data = smoke_setup(args) if args.smoke else full_setup(args)
     settings = {k: v for k, v in vars(args).items()  # what the quality rows depend on (latency rows: latency())
