@@ -215,6 +215,22 @@ def test_prune_round_trip(tiny_llama_dir, text_file, tmp_path):
     assert len(find_blocks(plain)[0]) == 1
 
 
+def test_pruned_then_quantized_saves_loads_and_evaluates_as_one_directory(tiny_llama_dir, text_file, tmp_path):
+    pruned, both, ev = tmp_path / "pruned", tmp_path / "pruned-rtn", tmp_path / "ev"
+    assert main(["prune", str(tiny_llama_dir), "--layers", "1", "--by", "linearity", "--replace", "linear",
+                 "--text", str(text_file), "--tokens", "600", "--max-seq-length", "32", "--out", str(pruned)]) == 0
+    assert main(["compress", str(pruned), "--method", "rtn", "--bits", "4", "--group-size", "16",
+                 "--out", str(both)]) == 0
+    model, tok = lf.load(both)
+    assert [e.transform for e in lf.applied(model)] == ["prune", "quantize"]
+    assert sum(isinstance(b, LinearReplacement) for b in find_blocks(model)[0]) == 1
+    assert any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert main(["eval", str(both), "--text", str(text_file), "--max-seq-length", "32", "--batch-size", "4",
+                 "--out", str(ev)]) == 0
+    expected = lf.perplexity(model, tok, [p for p in TEXT.split("\n\n")], max_length=32, batch_size=4)
+    assert load_json(ev / "metrics.json")["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+
+
 def test_prune_api_takes_a_config_or_the_old_keywords(tiny_llama):
     import copy
 
