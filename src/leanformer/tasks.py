@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LeanformerError
-from .text import split_dataset_name, load_hf_dataset
+from .text import load_hf_dataset, split_dataset_name, token_chunks
 
 
 @dataclass
@@ -212,3 +212,25 @@ def _has_split(spec: str, split: str) -> bool:
         return split in datasets.get_dataset_split_names(path, config)
     except Exception:
         return False
+
+
+def calibration_chunks(tokenizer, calibration, max_length: int, tokens: int, purpose: str) -> list[list[int]]:
+    """Token id sequences (about `tokens` in all, each at most `max_length`) from calibration texts,
+    (text_a, text_b) pairs or a Task (its train split); `purpose` names the caller in the error."""
+    if isinstance(calibration, Task):
+        a, b = calibration.train.text_a, calibration.train.text_b
+        calibration = list(zip(a, b)) if b is not None else list(a)
+    calibration = list(calibration or [])
+    if not calibration:
+        raise LeanformerError(f"{purpose} needs calibration text: calibration=[texts] (or a Task; CLI --text PATH "
+                              "or --task T)")
+    if isinstance(calibration[0], str):
+        return token_chunks(tokenizer, calibration, max_length, tokens)
+    chunks, total = [], 0
+    for a, b in calibration:
+        ids = tokenizer(a, b, truncation=True, max_length=max_length)["input_ids"]
+        chunks.append(ids)
+        total += len(ids)
+        if total >= tokens:
+            break
+    return chunks

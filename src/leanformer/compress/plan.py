@@ -47,7 +47,6 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
@@ -239,7 +238,7 @@ PLAN_TYPES.append(QuantPlan)
 def _calibration_batches(calibration, tokenizer, config: PlanConfig) -> list[dict[str, torch.Tensor]]:
     """Padded batches from a Task (its train split), texts, (text_a, text_b) pairs, or token batches
     (dicts with input_ids and optionally attention_mask) used as given."""
-    from ..dynamic.moe import _calibration_chunks
+    from ..tasks import calibration_chunks
     from ..tasks import Task
     from ..text import batches
 
@@ -268,9 +267,7 @@ def _calibration_batches(calibration, tokenizer, config: PlanConfig) -> list[dic
     if tokenizer is None:
         raise LeanformerError("plan needs the model's tokenizer (tokenizer=) to read calibration text; or pass "
                               "token batches (dicts with input_ids and attention_mask)")
-    # moefy's reader: the same texts / pairs / Task rules; its minimum-token check is moefy's own (1 here)
-    chunks = _calibration_chunks(tokenizer, calibration, SimpleNamespace(
-        max_seq_length=config.max_seq_length, tokens=config.tokens, router_batch_size=1))
+    chunks = calibration_chunks(tokenizer, calibration, config.max_seq_length, config.tokens, "plan")
     return list(batches(tokenizer, chunks, config.batch_size))
 
 

@@ -55,7 +55,7 @@ from ..configs import check_positive, with_overrides
 from ..errors import LeanformerError
 from ..stack import Applied, applied, push
 from ..targets import dense_weight, linear_layers, set_module
-from ..text import batches, token_chunks
+from ..text import batches
 from . import DynamicKind, register
 from .flops import DENSE_MLP_ATTR, dense_flops_per_token
 
@@ -352,25 +352,10 @@ def balanced_kmeans(points: torch.Tensor, clusters: int, iters: int = 20, seed: 
 
 def _calibration_chunks(tokenizer, calibration, config: DSTI) -> list[list[int]]:
     """Token id sequences from calibration texts, (text_a, text_b) pairs or a Task (its train split)."""
-    from ..tasks import Task
+    from ..tasks import calibration_chunks
 
-    if isinstance(calibration, Task):
-        a, b = calibration.train.text_a, calibration.train.text_b
-        calibration = list(zip(a, b)) if b is not None else list(a)
-    calibration = list(calibration or [])
-    if not calibration:
-        raise LeanformerError("moefy needs calibration text to train its routers: calibration=[texts] (or a Task; "
-                              "CLI --text PATH or --task T)")
-    if isinstance(calibration[0], str):
-        chunks = token_chunks(tokenizer, calibration, config.max_seq_length, config.tokens)
-    else:
-        chunks, total = [], 0
-        for a, b in calibration:
-            ids = tokenizer(a, b, truncation=True, max_length=config.max_seq_length)["input_ids"]
-            chunks.append(ids)
-            total += len(ids)
-            if total >= config.tokens:
-                break
+    chunks = calibration_chunks(tokenizer, calibration, config.max_seq_length, config.tokens,
+                                "moefy (to train its routers)")
     if sum(len(c) for c in chunks) < config.router_batch_size:
         raise LeanformerError(f"calibration gives {sum(len(c) for c in chunks)} tokens; the routers need at least "
                               f"router_batch_size ({config.router_batch_size}) — pass more text")
