@@ -503,10 +503,21 @@ def latency_child(spec: dict) -> dict:
     model, _ = lf.load(spec["dir"])
     out = {"load_seconds": time.perf_counter() - t0, "peak_reset": reset, **mem("rss_load")}
     quantized = any(isinstance(m, lf.QuantizedLinear) for m in model.modules())
+    timing = _encoder_timing if spec["kind"] == "encoder" else _decoder_timing
     for mode in ("default", "cache") if quantized else ("default",):
         set_cache(model, mode == "cache")
-        out[mode] = _encoder_timing(model, spec) if spec["kind"] == "encoder" else _decoder_timing(model, spec)
+        out[mode] = timing(model, spec)
         out[mode].update(mem("rss"))
+    if spec.get("reference"):
+        # the machine's speed drifts (other jobs, frequency): time this model and fp32 alternately in the same
+        # process, one run each per round, and compare the medians of the pairs
+        set_cache(model, False)
+        reference, _ = lf.load(spec["reference"])
+        key = "ms_per_batch" if spec["kind"] == "encoder" else "tokens_per_s"
+        once = {**spec, "repeats": 1}
+        pairs = [(timing(model, once)[key], timing(reference, once)[key]) for _ in range(spec["repeats"])]
+        out["paired"] = {"value": statistics.median(q for q, _ in pairs), "fp32": statistics.median(f for _, f in pairs),
+                         "unit": key, "pairs": pairs}
     return out
 
 
@@ -770,6 +781,9 @@ def latency(data, rows: Rows, all_specs, labels, order, cache: Path, args, git, 
                     set_cache(q, False)
                 save_model(q, tok, path)
             spec = {"dir": str(path), "repeats": args.repeats}
+            reference = saved_dir(cache, rows.fingerprint, key, "fp32")
+            if label != "fp32" and is_saved(reference):
+                spec["reference"] = str(reference)
             if key == "minilm":
                 spec.update(kind="encoder", inputs=str(inputs))
             else:
@@ -857,7 +871,11 @@ def targets(summary: dict, rows: Rows) -> list[dict]:
             out.append({"target": name, "status": "not measured", "detail": "no latency rows yet"})
             continue
         f = get(fp)
-        detail = {k: {"value": get(v), "fp32": f, "ratio": get(v) / f, "met": ok(get(v), f)} for k, v in found.items()}
+        # the same-process alternating fp32 timing where there is one (drift-free), else fp32's own row
+        pair = {k: (v["paired"]["value"], v["paired"]["fp32"]) if "paired" in v else (get(v), f)
+                for k, v in found.items()}
+        detail = {k: {"value": q, "fp32": fq, "ratio": q / fq, "met": ok(q, fq), "paired": "paired" in found[k]}
+                  for k, (q, fq) in pair.items()}
         missing = [lab for lab in low if lab not in found]
         status = "missed" if not all(d["met"] for d in detail.values()) else "incomplete" if missing else "met"
         out.append({"target": name, "status": status, "detail": detail,
@@ -981,6 +999,8 @@ def _latency_md(lat: list[dict]) -> list[str]:
         return lines + ["Not measured yet."]
     lines += ["One torch thread, each model loaded from its saved directory in a fresh child process; median of the "
               "timed runs after a warm-up. default = weights rebuilt on every forward; cache = rebuilt once and kept. "
+              "paired: the same process times this model and the fp32 one alternately (one run each per round, median "
+              "of the rounds), so drift in the machine's speed cancels; the targets read these ratios. "
               "RSS: the child's peak during the step minus its RSS after importing torch, leanformer and the model's "
               "transformers architecture module (peak mark reset after those imports; the raw ru_maxrss deltas are "
               "in results.json).", ""]
@@ -991,13 +1011,16 @@ def _latency_md(lat: list[dict]) -> list[str]:
         if not rows:
             continue
         lines += [f"### {model}: {unit}" + (" (fp32 = the bare dense forward, the floor)" if model == "minilm" else ""),
-                  "", "| config | default | ratio to fp32 | cache=True | ratio | RSS load MiB | RSS after default MiB "
-                  "| RSS after cache MiB | disk MiB |", "|---|---|---|---|---|---|---|---|---|"]
+                  "", "| config | default | ratio to fp32 | cache=True | ratio | paired: default / fp32 (ratio) "
+                  "| RSS load MiB | RSS after default MiB | RSS after cache MiB | disk MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: (r["config"] != "fp32", r["config"])):
             d, c = r["default"], r.get("cache")
             ratio = lambda x: f"{x / get(fp['default']):.2f}" if fp else "—"  # noqa: E731
             lines.append(f"| {r['config']} | {get(d):.2f} | {ratio(get(d))} | {get(c):.2f} | {ratio(get(c))} | "
                          if c else f"| {r['config']} | {get(d):.2f} | {ratio(get(d))} | — | — | ")
+            pr = r.get("paired")
+            lines[-1] += (f"{pr['value']:.2f} / {pr['fp32']:.2f} ({pr['value'] / pr['fp32']:.2f}) | " if pr else "— | ")
             lines[-1] += (f"{r['rss_load_mib']:.1f} | {d['rss_mib']:.1f} | {c['rss_mib']:.1f} | " if c else
                           f"{r['rss_load_mib']:.1f} | {d['rss_mib']:.1f} | — | ") + f"{r['disk']['dir_bytes'] / 2**20:.2f} |"
         lines.append("")
