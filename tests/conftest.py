@@ -85,3 +85,15 @@ def shared_data():
     if root is None:
         pytest.skip("shared data (../shared/data or $LEANFORMER_DATA) is not present")
     return root
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """Quantization tests run many tiny matrix products, where intra-op threads cost more than they give: on a
+    2-core machine shared with other work the minilm quantization test took 101 s with torch's 2 threads and
+    34 s with one. A module opts in with `pytestmark = pytest.mark.usefixtures("one_intra_op_thread")`; the
+    thread count is restored after each test, so no other test is affected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

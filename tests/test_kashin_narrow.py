@@ -17,14 +17,7 @@ from leanformer.errors import LeanformerError
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Kashin decompositions are many tiny products: one intra-op thread is faster on a shared machine
-    (see tests/test_quant.py); restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def narrow_layer(seed: int = 0, in_f: int = 48, out_f: int = 96) -> nn.Sequential:

@@ -18,14 +18,7 @@ from leanformer.compress.quantization import quantized_layers
 from leanformer.errors import LeanformerError
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Kashin decompositions are many tiny products: one intra-op thread is faster on a shared machine
-    (see tests/test_quant.py); restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def dct_matrix_by_definition(n: int) -> torch.Tensor:

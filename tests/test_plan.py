@@ -24,12 +24,7 @@ TEXTS = [f"Story {i}: the little fox ran over the hill, found a river, and sat d
 RTN_2_4 = [lf.RTN(bits=2, group_size=16), lf.RTN(bits=4, group_size=16)]
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def spent_bits(plan: QuantPlan) -> float:

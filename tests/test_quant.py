@@ -19,15 +19,7 @@ from leanformer.targets import select_linear
 from leanformer.compress.kashin import Transform, dct, idct, kashin_matrix, kashin_vectors, _matrix
 from leanformer.errors import LeanformerError
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Kashin decompositions iterate over many tiny matrix products, where intra-op threads cost more than they
-    give: on a 2-core machine shared with other work the minilm test below took 101 s with torch's 2 threads
-    and 34 s with one. Set for each test of this file and restored after it, so no other test is affected."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture
