@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from ..errors import LeanformerError
 from .kmeans import kmeans
 from .packing import fp16, pack_bits, unpack_bits
-from .quantization import NotConverged, QuantConfig, check_group_size, group_size_field
+from .quantization import (NotConverged, QuantConfig, check_group_size, col_scale_field, column_rms,
+                           group_size_field, nearest_divisors)
 
 TRANSFORMS = ("dct", "random")
 FORMS = ("vector", "matrix")
@@ -320,24 +321,6 @@ def closed_form(x: torch.Tensor, P: Transform, k: int, sweeps: int, shared: bool
 LAYOUTS = ("fixed", "auto")
 AUTO_SPANS = (1, 2, 4)  # layout="auto" tries vectors 1, 2 and 4 times the configured length
 AUTO_ERROR_TIE = 0.01  # layout="auto": relative weight errors within 1 % of the lowest count as equal
-
-
-def column_rms(weight: torch.Tensor) -> torch.Tensor:
-    """col_scale's stored tensor: each input column's RMS in float16 (clamped into float16's normal
-    range, so an all-zero column divides by a finite, non-zero value)."""
-    return fp16(weight.pow(2).mean(0).sqrt().clamp(2.0 ** -14, 65504.0))
-
-
-def col_scale_field(default: bool):
-    """The `col_scale` field (Kashin's, and offered to RTN / HQQ): one help text, each method's default."""
-    return field(default=default, metadata={
-        "help": "divide the input columns by their RMS before quantizing (one fp16 per input column, stored, "
-                "multiplied back when the weight is rebuilt; Kashin: vector form only)"})
-
-
-def nearest_divisors(n: int, target: int, count: int = 4) -> list[int]:
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return sorted(sorted(divisors, key=lambda d: abs(d - target))[:count])
 
 
 def vector_length(group_size: int | None, rows_per_vector: int, out_f: int, in_f: int, name: str) -> int:

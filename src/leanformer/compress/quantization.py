@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LeanformerError
-from .packing import codes_from_runtime, pack_bits, packed_nbytes, runtime_codes, runtime_nbytes, unpack_codes
+from .packing import codes_from_runtime, fp16, pack_bits, packed_nbytes, runtime_codes, runtime_nbytes, unpack_codes
 from ..stack import Applied, push, record_base
 from ..targets import (WRAPPER_TYPES, FilterFn, Targets, dense_weight, linear_shape, register_linear_type,
                        select_linear, set_module)
@@ -125,11 +125,28 @@ def check_group_size(group_size: int | None, width: int, name: str) -> int:
     if group_size is None:
         return width
     if group_size <= 0 or width % group_size:
-        divisors = [d for d in range(1, width + 1) if width % d == 0]
-        near = sorted(divisors, key=lambda d: abs(d - group_size))[:4]
         raise LeanformerError(f"group size {group_size} does not divide the input width {width} of layer "
-                              f"{name}; nearest group sizes that do: {', '.join(map(str, sorted(near)))}")
+                              f"{name}; nearest group sizes that do: "
+                              f"{', '.join(map(str, nearest_divisors(width, group_size)))}")
     return group_size
+
+
+def column_rms(weight: torch.Tensor) -> torch.Tensor:
+    """col_scale's stored tensor: each input column's RMS in float16 (clamped into float16's normal
+    range, so an all-zero column divides by a finite, non-zero value)."""
+    return fp16(weight.pow(2).mean(0).sqrt().clamp(2.0 ** -14, 65504.0))
+
+
+def col_scale_field(default: bool):
+    """The `col_scale` field (Kashin's, and offered to RTN / HQQ): one help text, each method's default."""
+    return field(default=default, metadata={
+        "help": "divide the input columns by their RMS before quantizing (one fp16 per input column, stored, "
+                "multiplied back when the weight is rebuilt; Kashin: vector form only)"})
+
+
+def nearest_divisors(n: int, target: int, count: int = 4) -> list[int]:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return sorted(sorted(divisors, key=lambda d: abs(d - target))[:count])
 
 
 _SPECS_ONLY = [False]

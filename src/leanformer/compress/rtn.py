@@ -11,9 +11,8 @@ from typing import ClassVar
 
 import torch
 
-from .kashin import col_scale_field, column_rms
 from .packing import fp16, pack_bits
-from .quantization import QuantConfig, check_group_size, group_size_field
+from .quantization import QuantConfig, check_group_size, col_scale_field, column_rms, group_size_field
 
 
 @dataclass
