@@ -324,18 +324,16 @@ def _measure_candidates(name: str, module: nn.Module, gram: torch.Tensor, import
     hidden states with Ŵ in this layer alone; or why it is not eligible. Sensitivity: importance ×
     the final-state error if measured, else × the output error."""
     w = dense_weight(module).detach().float().cpu().contiguous()  # as quantize() reads it
-    out_f, in_f = w.shape
     wd = w.double()
     signal = float(((wd @ gram) * wd).sum())
     row = {"n_weights": w.numel(), "full_precision_bits": 8.0 * module.weight.element_size(), "candidates": {}}
     for label, c in candidates.items():
         bar.update()
         try:
-            tensors, header = c.quantize_weight(w, name)
+            tensors, header = c.stored_form(w, name)
         except (NotConverged, LeanformerError) as e:  # not eligible here (no convergence, a group size that does not fit)
             row["candidates"][label] = {"ineligible": str(e)}
             continue
-        header = {"method": c.method, "bits": c.bits, "shape": [out_f, in_f], **header}  # as quantize() writes it
         w_hat = type(c).dequantize(tensors, header)
         d = wd - w_hat.double()
         out_err = float(((d @ gram) * d).sum()) / signal if signal > 0 else 0.0

@@ -86,6 +86,12 @@ class QuantConfig:
     def quantize_weight(self, weight: torch.Tensor, name: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise NotImplementedError
 
+    def stored_form(self, weight: torch.Tensor, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a layer stores for this (out, in) float32 weight: the method's tensors and the full header
+        (method, bits, shape, then the method's own keys), as saved and as `dequantize` reads it."""
+        tensors, header = self.quantize_weight(weight, name)
+        return tensors, {"method": self.method, "bits": self.bits, "shape": list(weight.shape), **header}
+
     @staticmethod
     def decode(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
         """The (out, in) float32 weight from the n uint8 codes (row-major) and the other stored tensors;
@@ -361,12 +367,11 @@ def quantize(model: nn.Module, config: QuantConfig, progress: bool = True) -> Qu
                      leave=False):
         w = dense_weight(m).detach().float().cpu().contiguous()  # (out, in), also for a Conv1D
         try:
-            tensors, header = config.quantize_weight(w, n)
+            tensors, header = config.stored_form(w, n)
         except NotConverged as e:
             report.skipped[n] = str(e)
             continue
         in_f, out_f = linear_shape(m)
-        header = {"method": config.method, "bits": config.bits, "shape": [out_f, in_f], **header}
         q = QuantizedLinear(in_f, out_f, header, tensors, m.bias, cache=config.cache, kernel=config.kernel)
         replacements[n] = q.to(m.weight.device)
         report.quantized.append(n)
