@@ -219,8 +219,7 @@ def set_cache(model, on: bool) -> None:
     """Turn QuantizedLinear's weight cache on or off after the fact (default off: rebuilt per forward)."""
     for m in model.modules():
         if isinstance(m, lf.QuantizedLinear):
-            m.cache = on
-            m._cached = None
+            m.cache = on  # the setter drops a kept weight
 
 
 # --------------------------------------------------------------------------------------------

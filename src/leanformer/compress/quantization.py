@@ -198,8 +198,8 @@ class QuantizedLinear(nn.Module):
                  runtime_codes(unpack_codes(packed, self.bits, self.n_weights), self.bits))
         self.register_buffer("codes", codes, persistent=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self.cache, self.kernel = cache, kernel
         self._cached: torch.Tensor | None = None
+        self.cache, self.kernel = cache, kernel
         self._kernel_checked = False
 
     @property
@@ -260,6 +260,15 @@ class QuantizedLinear(nn.Module):
         if self.cache:
             self._cached = w
         return w
+
+    @property
+    def cache(self) -> bool:
+        return self._cache
+
+    @cache.setter
+    def cache(self, on: bool) -> None:
+        """Switching the cache (either way) drops any kept weight: the next forward rebuilds it."""
+        self._cache, self._cached = bool(on), None
 
     def _weight(self) -> torch.Tensor:
         args = (self.index_codes(), self.metadata_tensors(), self.header)
