@@ -37,7 +37,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import argparse
 import copy
 import json
-import math
 import re
 import statistics
 import sys

@@ -3,7 +3,6 @@ choice; column scaling offered to RTN / HQQ."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch

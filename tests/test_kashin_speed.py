@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import leanformer as lf
 from leanformer.compress import kashin

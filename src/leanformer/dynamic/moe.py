@@ -41,9 +41,7 @@ neuron permutation in leanformer.safetensors and `lf.load` rebuilds the modules 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
