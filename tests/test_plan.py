@@ -273,7 +273,7 @@ def test_cli_target_bits_prints_and_saves_the_plan(tiny_llama_dir, tmp_path, cap
     text = tmp_path / "calib.txt"
     text.write_text("\n\n".join(TEXTS))
     out = tmp_path / "planned"
-    assert main(["compress", str(tiny_llama_dir), "--target-bits", "4.6", "--calibration", str(text),
+    assert main(["compress", str(tiny_llama_dir), "--target-bits", "4.6", "--text", str(text),
                  "--method", "rtn", "--group-size", "16", "--tokens", "512", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "quantization plan: target 4.6 bits/weight" in printed and "rtn3/g16" in printed

@@ -1,5 +1,5 @@
 """leanformer compress MODEL --method kashin|rtn|hqq [--bits B] [--group-size G] [--targets ...] --out DIR
-leanformer compress MODEL --target-bits B [--calibration TASK_DIR_OR_TEXT_FILE] [--method M] --out DIR
+leanformer compress MODEL --target-bits B [--task T | --text PATH... | --dataset NAME] [--method M] --out DIR
 
 The flags are the union of the methods' config fields (Kashin, RTN, HQQ); a flag left out keeps
 the chosen method's own default. With --target-bits, a plan (lf.plan) picks each layer's method and
@@ -14,7 +14,7 @@ from ..compress.plan import PlanConfig
 from ..compress.quantization import METHODS
 from ..errors import LeanformerError
 from ..files import OutputDirError
-from ._common import add_device, add_out, check_device
+from ._common import add_device, add_out, add_text_source, check_device
 from ._config_args import add_config_arguments, cli_fields, config_from_args, flag_name, given
 
 COMMAND = "compress"
@@ -40,10 +40,9 @@ def add_arguments(p) -> None:
     plan.add_argument("--target-bits", type=float, metavar="B",
                       help="choose method and bits per layer from measured sensitivity so the average honest "
                            "bits/weight (every stored byte counted) is at most B; the plan is saved as plan.json")
-    plan.add_argument("--calibration", metavar="TASK_DIR_OR_TEXT_FILE",
-                      help="with --target-bits: the text each layer's output error is measured on, a plain text file "
-                           "or a task (GLUE-format directory, 'TRAIN,DEV' pair, HF dataset name; its training split) "
-                           "(default: the built-in corpus)")
+    plan.add_argument("--task", help="with --target-bits: measure sensitivity on this task's training split (GLUE-format "
+                                     "dir, 'TRAIN,DEV' pair, or HF dataset name)")
+    add_text_source(plan, " to measure sensitivity on, with --target-bits")
     add_config_arguments(plan, PlanConfig)
     add_out(p)
     add_device(p)
@@ -72,7 +71,7 @@ def build_config(args):
 
 def _plan_flags(args) -> list[str]:
     given_ = ["--target-bits"] if args.target_bits is not None else []
-    given_ += ["--calibration"] if args.calibration is not None else []
+    given_ += [f for f, v in (("--task", args.task), ("--text", args.text), ("--dataset", args.dataset)) if v]
     return given_ + [flag_name(f) for f in cli_fields(PlanConfig) if hasattr(args, f.name)]
 
 
@@ -106,17 +105,6 @@ def build_candidates(args) -> tuple[list, PlanConfig]:
     return candidates, config
 
 
-def _calibration(spec: str | None):
-    from ..tasks import load_task
-    from ..text import get_texts
-
-    if spec is None:
-        return get_texts()
-    if Path(spec).is_file():
-        return get_texts([spec])
-    return load_task(spec)
-
-
 def run(args) -> int:
     from ..compress import quantize, size_report
     from ..saving import load, save
@@ -140,8 +128,14 @@ def run(args) -> int:
     extra = None
     if plan_mode:
         from ..compress.plan import plan as make_plan
+        from ..tasks import load_task
+        from ..text import get_texts
 
-        calibration = _calibration(args.calibration)  # a missing file or task fails before the model loads
+        if args.task and (args.text or args.dataset):
+            raise LeanformerError("give one of --task (its training split calibrates) or --text/--dataset, not both")
+        # the same sources as every command's --text/--dataset (and moefy's --task); a missing file or task fails
+        # before the model loads
+        calibration = load_task(args.task) if args.task else get_texts(args.text, args.dataset)
         model, tokenizer = load(args.model, device=device)
         plan = make_plan(model, args.target_bits, calibration=calibration, tokenizer=tokenizer, candidates=candidates,
                          config=plan_config)
