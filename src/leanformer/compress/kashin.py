@@ -40,6 +40,7 @@ Both check that the layer's Kashin decomposition converges (alternating greedy t
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -758,18 +759,54 @@ class Kashin(QuantConfig):
         table_a, table_b = Kashin._tables(tensors, header, n_vec)
         if table_b is None:
             return None
-        P = Transform(header["transform"], g, int(tensors["seed"][0]))
         # A and B of each weight side by side, (vectors · length, 2), from one lookup
         ab = torch.stack([table_a, table_b], -1).view(-1, 2).index_select(0, Kashin._indices(codes, n_vec, bits).view(-1))
         tokens = xc.shape[0]
+        inputs = torch.stack(Kashin._vector_inputs(xc, tensors, header), -1)
+        if g <= in_f:
+            return inputs.view(tokens, 2 * in_f) @ ab.view(out_f, 2 * in_f).T
+        rows = g // in_f
+        y = inputs.view(tokens * rows, 2 * g) @ ab.view(n_vec, 2 * g).T             # (tokens · rows, vectors)
+        return y.view(tokens, rows, n_vec).transpose(1, 2).reshape(tokens, out_f)
+
+    @staticmethod
+    def _vector_inputs(xc: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each vector multiplies on the activation route, for column-scaled inputs xc (tokens, in): e, the
+        input cut into vectors (tokens, in / g, g), or for vectors of r whole rows placed at slot j of a zero
+        vector for output row j (tokens, r, g); and u = Pᵀ e."""
+        in_f, g = header["shape"][1], header["group_size"]
+        P = Transform(header["transform"], g, int(tensors["seed"][0]))
+        tokens = xc.shape[0]
         if g <= in_f:
             e = xc.view(tokens, in_f // g, g)
-            inputs = torch.stack([e, P.rows(e, transpose=True)], -1).view(tokens, 2 * in_f)
-            return inputs @ ab.view(out_f, 2 * in_f).T
-        rows = g // in_f
-        e = xc.new_zeros(tokens, rows, rows, in_f)
-        e.diagonal(dim1=1, dim2=2).copy_(xc[:, :, None])  # e[t, j, j] = x_t: row j of the block reads slot j
-        e = e.view(tokens, rows, g)
-        inputs = torch.stack([e, P.rows(e, transpose=True)], -1).view(tokens * rows, 2 * g)
-        y = inputs @ ab.view(n_vec, 2 * g).T                                        # (tokens · rows, vectors)
-        return y.view(tokens, rows, n_vec).transpose(1, 2).reshape(tokens, out_f)
+        else:
+            rows = g // in_f
+            e = xc.new_zeros(tokens, rows, rows, in_f)
+            e.diagonal(dim1=1, dim2=2).copy_(xc[:, :, None])  # e[t, j, j] = x_t: row j of the block reads slot j
+            e = e.view(tokens, rows, g)
+        return e, P.rows(e, transpose=True)
+
+    @classmethod
+    def native_linear(cls, ops, codes, tensors, header, bias):
+        """The closed codebook's activation route as one fused kernel (lowbit.cpp kashin_linear), which rebuilds
+        A and B a vector at a time from the codes, step sizes and domains and multiplies them with x_c and
+        u = Pᵀ x_c. Short vectors hand P's dense matrix to the kernel; longer ones apply P by FFT here first.
+        Many tokens are left to `linear` (its weight route); other forms and codebooks have no kernel."""
+        out_f, in_f = header["shape"]
+        g, bits = header["group_size"], header["bits"]
+        if header["form"] != "vector" or header["codebook"] != "closed":
+            return None
+        P = Transform(header["transform"], g, int(tensors["seed"][0]))
+        col = tensors["col_scale"].float() if "col_scale" in tensors else None
+        stored = (codes, tensors["steps"], tensors.get("scale"), tensors.get("log_range"), tensors["domains"], col)
+        if P.dense:  # the kernel applies P's matrix itself
+            return functools.partial(ops.kashin_linear, None, *stored, P.matrix(codes.device), bias, out_f, g, bits,
+                                     ACTIVATION_ROUTE_TOKENS)
+
+        def run(x: torch.Tensor) -> torch.Tensor | None:
+            x2 = x.reshape(-1, in_f)
+            if x2.shape[0] * (g // in_f if g > in_f else 1) > ACTIVATION_ROUTE_TOKENS:
+                return None
+            u = cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1]
+            return ops.kashin_linear(u, *stored, None, bias, out_f, g, bits, ACTIVATION_ROUTE_TOKENS, x)
+        return run

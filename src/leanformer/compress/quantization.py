@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +24,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LeanformerError
+from . import native
 from .packing import codes_from_runtime, fp16, pack_bits, packed_nbytes, runtime_codes, runtime_nbytes, unpack_codes
 from ..stack import Applied, push, record_base
 from ..targets import (WRAPPER_TYPES, FilterFn, Targets, dense_weight, linear_shape, register_linear_type,
                        select_linear, set_module)
 
 METHODS: dict[str, type["QuantConfig"]] = {}  # method name → config class (filled by subclassing)
-KERNELS = ("decode", "compiled")
+KERNELS = ("native", "decode", "compiled")
+NATIVE_MAX_TOKENS = 8  # kernel="native": up to this many tokens per call the fused kernel reads the codes once
+                       # per token; above, one matmul against the rebuilt weight is cheaper
 PLAN_TYPES: list[type] = []  # per-layer plans quantize() applies (plan.py registers QuantPlan; it imports this module)
 
 
@@ -47,10 +51,13 @@ class QuantConfig:
                 "(none = every Linear except embeddings and heads)"})
     cache: bool = field(default=False, metadata={
         "help": "keep each rebuilt weight in memory (faster forward, costs full-precision memory)"})
-    kernel: str = field(default="decode", metadata={
-        "help": "how a forward rebuilds the weight: decode (plain torch ops, any device) or compiled "
-                "(torch.compile of the same decode: a C++ compiler on CPU, Triton on CUDA; where that fails "
-                "or disagrees with decode, a warning and decode)", "choices": KERNELS})
+    kernel: str = field(default="native", metadata={
+        "help": "how a forward computes: native (CPU, float32, inference: fused C++ kernels that multiply with the "
+                "codes and never build the weight for calls of up to 8 tokens, and rebuild it in one pass for more; "
+                "built on first use with the system C++ compiler; elsewhere, or where they cannot be built, a warning "
+                "and decode), decode (plain torch ops, any device, differentiable) or compiled (torch.compile of the "
+                "same decode: a C++ compiler on CPU, Triton on CUDA; where that fails or disagrees with decode, a "
+                "warning and decode)", "choices": KERNELS})
     filter_fn: FilterFn | None = field(default=None, repr=False, compare=False, metadata={
         "help": "filter_fn(module, name) -> bool keeps only the layers it accepts", "cli": False})
 
@@ -106,11 +113,33 @@ class QuantConfig:
         return F.linear(x, cls.decode(codes, tensors, header).to(x.dtype), bias)
 
     @classmethod
+    def native_linear(cls, ops, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict,
+                      bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+        """The fused kernels `ops` (native.py) bound to one layer's in-memory codes (`packing.runtime_codes`)
+        and stored tensors: a function of a 2-D float32 CPU input x returning y = x Ŵᵀ + b (or None for an
+        input it leaves to `linear`), or None where the method has no kernel for this layer. A layer binds it
+        once, so it may hold what every call needs (column scales in float32, a transform's matrix)."""
+        return None
+
+    @classmethod
     def dequantize(cls, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
         """The weight from exactly what is stored (the packed code stream included)."""
         out_f, in_f = header["shape"]
         codes = unpack_codes(tensors["packed"], header["bits"], out_f * in_f)
         return cls.decode(codes, {k: v for k, v in tensors.items() if k != "packed"}, header)
+
+
+def affine_native_linear(ops, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict,
+                         bias: torch.Tensor | None, zero_in_codes: bool):
+    """`native_linear` of the affine methods, Ŵ = (s q + m)·diag(col) per group with m = zero (RTN) or
+    −zero·s (HQQ, zero_in_codes): up to NATIVE_MAX_TOKENS tokens the kernel multiplies with the codes, above
+    it rebuilds the weight in one pass and multiplies."""
+    scale, zero = tensors["scale"], tensors["zero"]
+    if scale.dtype != torch.float16 or zero.dtype != torch.float16:  # metadata cast away from how it is stored
+        return None
+    col = tensors["col_scale"].float() if "col_scale" in tensors else None
+    return functools.partial(ops.affine_linear, codes, scale, zero, col, bias, header["shape"][0],
+                             header["group_size"], header["bits"], zero_in_codes, NATIVE_MAX_TOKENS)
 
 
 def method_class(method: str) -> type[QuantConfig]:
@@ -199,6 +228,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("codes", codes, persistent=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self._cached: torch.Tensor | None = None
+        self._native_fn = None  # kernel="native": the method's kernels bound to this layer (False: none here)
         self.cache, self.kernel = cache, kernel
         self._kernel_checked = False
 
@@ -246,7 +276,7 @@ class QuantizedLinear(nn.Module):
             else:
                 self.codes = runtime_codes(unpack_codes(packed, self.bits, self.n_weights),
                                            self.bits).to(self.codes.device)
-                self._cached = None
+                self._cached = self._native_fn = None
         elif strict:
             missing_keys.append(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -268,7 +298,17 @@ class QuantizedLinear(nn.Module):
     @cache.setter
     def cache(self, on: bool) -> None:
         """Switching the cache (either way) drops any kept weight: the next forward rebuilds it."""
-        self._cache, self._cached = bool(on), None
+        self._cache, self._cached, self._native_fn = bool(on), None, None
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, name: str) -> None:
+        if name not in KERNELS:
+            raise LeanformerError(f"unknown kernel {name!r}; choose from {', '.join(KERNELS)}")
+        self._kernel, self._native_fn = name, None
 
     def _weight(self) -> torch.Tensor:
         args = (self.index_codes(), self.metadata_tensors(), self.header)
@@ -284,18 +324,45 @@ class QuantizedLinear(nn.Module):
         every forward); not a parameter, and rebuilt on each read unless cache=True."""
         return self.dequantize()
 
-    def _apply(self, fn, *args, **kwargs):  # .to(device) must not leave a stale cached weight behind
-        self._cached = None
+    def _apply(self, fn, *args, **kwargs):  # .to(device) must not leave a stale cached weight (or kernel binding) behind
+        self._cached = self._native_fn = None
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        run = self._native_fn if self._native_fn is not None else self._bind_native()
+        if run and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
+            if x.is_cpu:
+                y = run(x)
+                if y is not None:
+                    return y
+            else:
+                _warn_once(f"kernel='native' runs on the CPU; {x.device.type} inputs use kernel='decode'")
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.cache or self._cached is not None or self.kernel == "compiled":
             return F.linear(x, self.dequantize().to(x.dtype), bias)
         return self._method.linear(x, self.index_codes(), self.metadata_tensors(), self.header, bias)
 
+    def _bind_native(self):
+        """kernel="native" without the weight cache: the method's fused kernels bound to this layer (a function
+        of x returning y, or None for an input it leaves to the other paths); else, or where there are none
+        (no kernel for this method or layout, kernels that cannot be built here: native.ops warns once), False."""
+        ops = native.ops() if self._kernel == "native" and not self._cache and self.codes.is_cpu else None
+        run = ops is not None and self._method.native_linear(ops, self.codes, self.metadata_tensors(), self.header,
+                                                             self.bias)
+        self._native_fn = run or False
+        return self._native_fn
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, bits={self.bits}"
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 _COMPILED: dict[type, object] = {}  # method class → its compiled decode (compiled once per weight shape)

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 
 from .packing import fp16, pack_bits
-from .quantization import QuantConfig, check_group_size, col_scale_field, column_rms, group_size_field
+from .quantization import QuantConfig, affine_native_linear, check_group_size, col_scale_field, column_rms, group_size_field
 
 
 @dataclass
@@ -47,3 +47,7 @@ class RTN(QuantConfig):
         w.mul_(tensors["scale"].float()[:, None]).add_(tensors["zero"].float()[:, None])
         w = w.view(out_f, in_f)
         return w.mul_(tensors["col_scale"].float()) if "col_scale" in tensors else w
+
+    @classmethod
+    def native_linear(cls, ops, codes, tensors, header, bias):
+        return affine_native_linear(ops, codes, tensors, header, bias, zero_in_codes=False)

@@ -1,0 +1,462 @@
+// Fused low-bit linear layers for the CPU: y = x Ŵᵀ (+ b) straight from a QuantizedLinear's in-memory codes
+// and its stored metadata, without building the float weight. Built on first use by native.py
+// (torch.utils.cpp_extension); each function has a plain-torch twin in its method's file, which the tests
+// compare it with.
+//
+// Codes are in packing.runtime_codes' layout: for bits ≤ 4 two per byte (the low nibble holds the even
+// flat index), else one per byte; the flat index runs row-major over the (out, in) weight. Where every
+// piece read starts on a byte (even widths), the inner loops read 8 bytes (16 codes) per step against the
+// input's even and odd entries, split out once per call (AVX2 + FMA; a portable scalar loop otherwise).
+// All three are linear in the codes' values, so a code or one bit of it multiplies the input directly:
+//   RTN / HQQ    y_o = Σ_g s_g Σ_{k∈g} q_k x_k + m_g Σ_{k∈g} x_k
+//   Kashin       y_o = Σ_i c_i (2 Σ_k bit_i(q_k) z_k − Σ_k z_k),  z = x_c (plain steps) or u = Pᵀ x_c (P steps)
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+inline int code_at(const uint8_t* codes, int64_t i, bool nibbles) {
+  return nibbles ? (codes[i >> 1] >> ((i & 1) << 2)) & 15 : codes[i];
+}
+
+// Σ_j q_j x_j, q_j = the code (bit < 0) or its bit `bit`, as partial sums the caller scales and reduces once.
+// nibble_lanes: byte j holds q_2j (low) and q_2j+1 (high), read against x's even and odd entries xe, xo.
+#if defined(__AVX2__) && defined(__FMA__)
+using Lanes = __m256;
+inline Lanes lanes_zero() { return _mm256_setzero_ps(); }
+inline Lanes lanes_scalar(float v) { return _mm256_setr_ps(v, 0, 0, 0, 0, 0, 0, 0); }
+inline Lanes lanes_fma(float s, Lanes a, Lanes acc) { return _mm256_fmadd_ps(_mm256_set1_ps(s), a, acc); }
+inline Lanes lanes_add(Lanes a, Lanes b) { return _mm256_add_ps(a, b); }
+inline float lanes_sum(Lanes a) {
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+inline __m256i eight_bytes(const uint8_t* c) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+}
+inline Lanes nibble_lanes(const uint8_t* c, const float* xe, const float* xo, int64_t half, int bit) {
+  const __m128i shift_lo = _mm_cvtsi32_si128(bit < 0 ? 0 : bit), shift_hi = _mm_cvtsi32_si128(bit < 0 ? 4 : bit + 4);
+  const __m256i mask = _mm256_set1_epi32(bit < 0 ? 15 : 1);
+  auto lo = [&](__m256i b) { return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(b, shift_lo), mask)); };
+  auto hi = [&](__m256i b) { return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(b, shift_hi), mask)); };
+  // four independent chains (FMA latency, not throughput, bounds one chain)
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= half; j += 16) {
+    const __m256i b0 = eight_bytes(c + j), b1 = eight_bytes(c + j + 8);
+    s0 = _mm256_fmadd_ps(lo(b0), _mm256_loadu_ps(xe + j), s0);
+    s1 = _mm256_fmadd_ps(hi(b0), _mm256_loadu_ps(xo + j), s1);
+    s2 = _mm256_fmadd_ps(lo(b1), _mm256_loadu_ps(xe + j + 8), s2);
+    s3 = _mm256_fmadd_ps(hi(b1), _mm256_loadu_ps(xo + j + 8), s3);
+  }
+  if (j + 8 <= half) {
+    const __m256i b0 = eight_bytes(c + j);
+    s0 = _mm256_fmadd_ps(lo(b0), _mm256_loadu_ps(xe + j), s0);
+    s1 = _mm256_fmadd_ps(hi(b0), _mm256_loadu_ps(xo + j), s1);
+    j += 8;
+  }
+  float tail = 0.f;
+  for (; j < half; ++j) {
+    const int b = c[j];
+    tail += float(bit < 0 ? b & 15 : (b >> bit) & 1) * xe[j] + float(bit < 0 ? b >> 4 : (b >> (bit + 4)) & 1) * xo[j];
+  }
+  return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), lanes_scalar(tail));
+}
+inline Lanes byte_lanes(const uint8_t* c, const float* x, int64_t n, int bit) {
+  const __m128i shift = _mm_cvtsi32_si128(bit < 0 ? 0 : bit);
+  const __m256i mask = _mm256_set1_epi32(bit < 0 ? 255 : 1);
+  auto q = [&](const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(eight_bytes(p), shift), mask)); };
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    s0 = _mm256_fmadd_ps(q(c + j), _mm256_loadu_ps(x + j), s0);
+    s1 = _mm256_fmadd_ps(q(c + j + 8), _mm256_loadu_ps(x + j + 8), s1);
+  }
+  if (j + 8 <= n) {
+    s0 = _mm256_fmadd_ps(q(c + j), _mm256_loadu_ps(x + j), s0);
+    j += 8;
+  }
+  float tail = 0.f;
+  for (; j < n; ++j) tail += float(bit < 0 ? c[j] : (c[j] >> bit) & 1) * x[j];
+  return _mm256_add_ps(_mm256_add_ps(s0, s1), lanes_scalar(tail));
+}
+// Σ_j T[q_j] x_j for nibble codes q against x's even and odd entries: the 16-entry table T (Kashin's values
+// of one vector per code) sits in two registers and every 8 codes are looked up with one or two permutes.
+constexpr bool kTableLookup = true;
+inline __m256 lookup(__m256i idx, __m256 t_lo, __m256 t_hi, bool wide) {
+  const __m256 v = _mm256_permutevar8x32_ps(t_lo, idx);  // reads idx's low 3 bits
+  if (!wide) return v;
+  return _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(t_hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+inline Lanes table_lanes(const uint8_t* c, const float* xe, const float* xo, int64_t half, const float* table, bool wide) {
+  const __m256 t_lo = _mm256_loadu_ps(table), t_hi = _mm256_loadu_ps(table + 8);
+  const __m256i mask = _mm256_set1_epi32(15);
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= half; j += 8) {
+    const __m256i b = eight_bytes(c + j);
+    s0 = _mm256_fmadd_ps(lookup(_mm256_and_si256(b, mask), t_lo, t_hi, wide), _mm256_loadu_ps(xe + j), s0);
+    s1 = _mm256_fmadd_ps(lookup(_mm256_srli_epi32(b, 4), t_lo, t_hi, wide), _mm256_loadu_ps(xo + j), s1);
+  }
+  float tail = 0.f;
+  for (; j < half; ++j) tail += table[c[j] & 15] * xe[j] + table[c[j] >> 4] * xo[j];
+  return _mm256_add_ps(_mm256_add_ps(s0, s1), lanes_scalar(tail));
+}
+#else  // portable fallback: the same sums, one lane
+using Lanes = float;
+inline Lanes lanes_zero() { return 0.f; }
+inline Lanes lanes_scalar(float v) { return v; }
+inline Lanes lanes_fma(float s, Lanes a, Lanes acc) { return s * a + acc; }
+inline Lanes lanes_add(Lanes a, Lanes b) { return a + b; }
+inline float lanes_sum(Lanes a) { return a; }
+inline Lanes nibble_lanes(const uint8_t* c, const float* xe, const float* xo, int64_t half, int bit) {
+  float acc = 0.f;
+  for (int64_t j = 0; j < half; ++j) {
+    const int b = c[j];
+    acc += float(bit < 0 ? b & 15 : (b >> bit) & 1) * xe[j] + float(bit < 0 ? b >> 4 : (b >> (bit + 4)) & 1) * xo[j];
+  }
+  return acc;
+}
+constexpr bool kTableLookup = false;
+inline Lanes table_lanes(const uint8_t*, const float*, const float*, int64_t, const float*, bool) {
+  return 0.f;  // not reached: kTableLookup is false
+}
+inline Lanes byte_lanes(const uint8_t* c, const float* x, int64_t n, int bit) {
+  float acc = 0.f;
+  for (int64_t j = 0; j < n; ++j) acc += float(bit < 0 ? c[j] : (c[j] >> bit) & 1) * x[j];
+  return acc;
+}
+#endif
+
+// Tokens × width float32 inputs (multiplied by per-column scales when given), their sums over consecutive
+// pieces of `piece` entries, and, for nibble codes whose pieces all start on a byte, the even and odd
+// entries split out.
+struct Input {
+  int64_t tokens, width, piece, pieces;
+  bool nibbles, split;
+  std::vector<float> x, even, odd, sums;
+  Input(const float* x_, const float* col, int64_t tokens_, int64_t width_, int64_t piece_, bool nibbles_)
+      : tokens(tokens_), width(width_), piece(piece_), nibbles(nibbles_),
+        pieces(width_ / piece_), split(nibbles_ && width_ % 2 == 0 && piece_ % 2 == 0), x(x_, x_ + tokens_ * width_) {
+    if (col)
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t k = 0; k < width; ++k) x[t * width + k] *= col[k];
+    const int64_t half = width / 2;
+    if (split) {
+      even.resize(tokens * half);
+      odd.resize(tokens * half);
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t j = 0; j < half; ++j) {
+          even[t * half + j] = x[t * width + 2 * j];
+          odd[t * half + j] = x[t * width + 2 * j + 1];
+        }
+    }
+    sums.assign(tokens * pieces, 0.f);
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t k = 0; k < width; ++k) sums[t * pieces + k / piece] += x[t * width + k];
+  }
+  // Σ_k x[t, p · piece + k], the sum over piece p
+  float sum(int64_t t, int64_t p) const { return sums[t * pieces + p]; }
+  // Σ_j q_j x[t, offset + j] for the n codes from flat index `start` (q_j = the code, or its bit `bit` ≥ 0)
+  Lanes dot(const uint8_t* codes, int64_t start, int64_t n, int64_t t, int64_t offset, int bit) const {
+    if (!nibbles) return byte_lanes(codes + start, x.data() + t * width + offset, n, bit);
+    if (split) {
+      const int64_t at = (t * width + offset) >> 1;
+      return nibble_lanes(codes + start / 2, even.data() + at, odd.data() + at, n / 2, bit);
+    }
+    float acc = 0.f;  // pieces that do not start on a byte (odd widths)
+    for (int64_t j = 0; j < n; ++j) {
+      const int q = code_at(codes, start + j, true);
+      acc += float(bit < 0 ? q : (q >> bit) & 1) * x[t * width + offset + j];
+    }
+    return lanes_scalar(acc);
+  }
+};
+
+void check_codes(const torch::Tensor& codes) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(),
+              "lowbit: codes must be a contiguous uint8 CPU tensor");
+}
+
+// x (…, in) as a contiguous (tokens, in) float32 CPU tensor, and an optional per-column float32 vector
+torch::Tensor checked_input(const torch::Tensor& x, const c10::optional<torch::Tensor>& col, const float** col_ptr) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() >= 1,
+              "lowbit: x must be a float32 CPU tensor");
+  const torch::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  *col_ptr = nullptr;
+  if (col.has_value()) {
+    TORCH_CHECK(col->scalar_type() == torch::kFloat32 && col->is_contiguous() && col->numel() == x2.size(1),
+                "lowbit: col must hold one contiguous float32 value per input column");
+    *col_ptr = col->data_ptr<float>();
+  }
+  return x2;
+}
+
+// y (…, out) for x (…, in)
+torch::Tensor output(const torch::Tensor& x, int64_t out_f, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == torch::kFloat32 && bias->numel() == out_f),
+              "lowbit: bias must be out_features float32 values");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_f;
+  return torch::empty(shape, x.options());
+}
+
+struct Affine {  // RTN / HQQ metadata: m_g = zero_g (RTN, a float minimum) or −zero_g s_g (HQQ, a zero point)
+  const at::Half *scale, *zero;
+  int64_t groups;
+  bool zero_in_codes;
+  float s(int64_t i) const { return static_cast<float>(scale[i]); }
+  float m(int64_t i) const {
+    const float z = static_cast<float>(zero[i]);
+    return zero_in_codes ? -z * s(i) : z;
+  }
+};
+
+Affine affine(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero, int64_t out_f,
+              int64_t in_f, int64_t group, bool zero_in_codes) {
+  check_codes(codes);
+  TORCH_CHECK(scale.scalar_type() == torch::kHalf && zero.scalar_type() == torch::kHalf && scale.is_contiguous() &&
+              zero.is_contiguous(), "lowbit: scale and zero must be contiguous float16");
+  TORCH_CHECK(group > 0 && in_f % group == 0 && scale.numel() == out_f * (in_f / group) &&
+              zero.numel() == out_f * (in_f / group), "lowbit: group size / metadata do not match the layer");
+  return {scale.data_ptr<at::Half>(), zero.data_ptr<at::Half>(), in_f / group, zero_in_codes};
+}
+
+void add_bias(float* y, int64_t tokens, int64_t out_f, const c10::optional<torch::Tensor>& bias) {
+  if (!bias.has_value()) return;
+  const float* b = bias->data_ptr<float>();
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t o = 0; o < out_f; ++o) y[t * out_f + o] += b[o];
+}
+
+}  // namespace
+
+// The RTN / HQQ weight (out, in) in one pass over the codes: for many tokens one matmul against the rebuilt
+// weight beats a pass over the codes per token.
+torch::Tensor affine_decode(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero,
+                            const c10::optional<torch::Tensor>& col, int64_t out_f, int64_t in_f, int64_t group,
+                            int64_t bits, bool zero_in_codes);
+
+// RTN / HQQ: y = x Ŵᵀ (+ b), Ŵ[o, k] = (s_g q + m_g) col_k per group g of `group` inputs of a row. Up to
+// max_tokens tokens the column scales go on x and, per group, y_o += s_g Σ q_k x_k + m_g Σ x_k, so no weight is
+// ever formed; above, the weight is rebuilt in one pass and multiplied (affine_decode). x comes last, so a
+// layer binds the rest once (functools.partial).
+torch::Tensor affine_linear(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero,
+                            const c10::optional<torch::Tensor>& col, const c10::optional<torch::Tensor>& bias,
+                            int64_t out_f, int64_t group, int64_t bits, bool zero_in_codes, int64_t max_tokens,
+                            const torch::Tensor& x_in) {
+  const float* colp;
+  const torch::Tensor x = checked_input(x_in, col, &colp);
+  const int64_t tokens = x.size(0), in_f = x.size(1);
+  if (tokens > max_tokens) {
+    const torch::Tensor w = affine_decode(codes, scale, zero, col, out_f, in_f, group, bits, zero_in_codes);
+    return at::linear(x_in, w, bias);
+  }
+  const Affine meta = affine(codes, scale, zero, out_f, in_f, group, zero_in_codes);
+  const Input input(x.data_ptr<float>(), colp, tokens, in_f, group, bits <= 4);
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  auto y = output(x_in, out_f, bias);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out_f, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o)
+      for (int64_t t = 0; t < tokens; ++t) {
+        Lanes acc = lanes_zero();
+        float offsets = 0.f;
+        for (int64_t g = 0; g < meta.groups; ++g) {
+          const int64_t i = o * meta.groups + g;
+          acc = lanes_fma(meta.s(i), input.dot(c, o * in_f + g * group, group, t, g * group, -1), acc);
+          offsets += meta.m(i) * input.sum(t, g);
+        }
+        yp[t * out_f + o] = lanes_sum(acc) + offsets;
+      }
+  });
+  add_bias(yp, tokens, out_f, bias);
+  return y;
+}
+
+torch::Tensor affine_decode(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero,
+                            const c10::optional<torch::Tensor>& col, int64_t out_f, int64_t in_f, int64_t group,
+                            int64_t bits, bool zero_in_codes) {
+  const Affine meta = affine(codes, scale, zero, out_f, in_f, group, zero_in_codes);
+  TORCH_CHECK(!col.has_value() || (col->scalar_type() == torch::kFloat32 && col->numel() == in_f),
+              "lowbit: col must hold in_features float32 values");
+  const float* colp = col.has_value() ? col->data_ptr<float>() : nullptr;
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const bool nibbles = bits <= 4, bytewise = !nibbles || (in_f % 2 == 0 && group % 2 == 0);
+  auto w = torch::empty({out_f, in_f}, torch::dtype(torch::kFloat32));
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, out_f, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      float* row = wp + o * in_f;
+      for (int64_t g = 0; g < meta.groups; ++g) {
+        const float s = meta.s(o * meta.groups + g), m = meta.m(o * meta.groups + g);
+        float* out = row + g * group;
+        const int64_t start = o * in_f + g * group;
+        if (nibbles && bytewise) {
+          const uint8_t* cb = c + start / 2;
+          for (int64_t j = 0; j < group / 2; ++j) {
+            out[2 * j] = s * float(cb[j] & 15) + m;
+            out[2 * j + 1] = s * float(cb[j] >> 4) + m;
+          }
+        } else {
+          for (int64_t j = 0; j < group; ++j) out[j] = s * float(code_at(c, start + j, nibbles)) + m;
+        }
+      }
+      if (colp)
+        for (int64_t k = 0; k < in_f; ++k) row[k] *= colp[k];
+    }
+  });
+  return w;
+}
+
+// Kashin, closed codebook (kashin.py): a vector of g weights is Ŵ_v = Σ_i c_i s_i (times P when step i is in
+// the P domain), s_i = ±1 the bit i of each code, c_i its step size; the input columns are scaled by col.
+// With P on the activations, u = Pᵀ x_c per vector, each step is one masked sum over the vector's codes.
+//   steps: (vectors or 1, k) float16, or uint8 log codes with log_range; scale: per vector, optional (shared
+//   step sizes), float16 or uint8 log codes; domains: the 1-bit stream of the (vectors, k) domain flags.
+//   Returns None for more than max_tokens tokens (× rows per vector): the caller rebuilds the weight instead.
+//   u: given (tokens, u_width), or computed here from `transform`, P's dense (g, g) matrix M (P z = M z).
+//   A vector is a group of g inputs of one row (u: (tokens, in)), or r whole rows (g = r · in; u: (tokens,
+//   r, g), u[t, j] = Pᵀ of the input placed at slot j, and output row j of the block reads its own slot).
+c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u_given, const torch::Tensor& codes,
+                                          const torch::Tensor& steps, const c10::optional<torch::Tensor>& scale,
+                                          const c10::optional<torch::Tensor>& log_range, const torch::Tensor& domains,
+                                          const c10::optional<torch::Tensor>& col,
+                                          const c10::optional<torch::Tensor>& transform,
+                                          const c10::optional<torch::Tensor>& bias, int64_t out_f, int64_t group,
+                                          int64_t bits, int64_t max_tokens, const torch::Tensor& x_in) {
+  const float* colp;
+  const torch::Tensor x = checked_input(x_in, col, &colp);
+  check_codes(codes);
+  const int64_t tokens = x.size(0), in_f = x.size(1);
+  TORCH_CHECK(group > 0 && (in_f % group == 0 || (group % in_f == 0 && out_f % (group / in_f) == 0)),
+              "lowbit: the vector length does not tile the layer");
+  const int64_t rows = group > in_f ? group / in_f : 1, seg = rows > 1 ? in_f : group;
+  if (tokens * rows > max_tokens) return c10::nullopt;  // the caller's weight route is cheaper
+  const float* xp = x.data_ptr<float>();
+  const int64_t n_vec = out_f * in_f / group, u_width = rows > 1 ? rows * group : in_f;
+  TORCH_CHECK(domains.scalar_type() == torch::kUInt8 && domains.numel() * 8 >= n_vec * bits, "lowbit: domains");
+  TORCH_CHECK(u_given.has_value() != transform.has_value(), "lowbit: give u or the dense transform, not both");
+  const bool nibbles = bits <= 4;
+  const Input plain(xp, colp, tokens, in_f, seg, nibbles);
+  std::vector<float> u(tokens * u_width, 0.f);
+  if (u_given.has_value()) {
+    TORCH_CHECK(u_given->scalar_type() == torch::kFloat32 && u_given->is_contiguous() &&
+                u_given->numel() == tokens * u_width, "lowbit: u has the wrong shape");
+    std::copy(u_given->data_ptr<float>(), u_given->data_ptr<float>() + tokens * u_width, u.begin());
+  } else {  // u_m = Σ_n M[n, m] e_n (Pᵀ e), over the n where e holds x_c
+    TORCH_CHECK(transform->scalar_type() == torch::kFloat32 && transform->is_contiguous() &&
+                transform->numel() == group * group, "lowbit: transform must be a contiguous g x g float32 matrix");
+    const float* mp = transform->data_ptr<float>();
+    const int64_t pieces = rows > 1 ? rows : in_f / group;
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t p = 0; p < pieces; ++p) {
+        float* out = u.data() + t * u_width + p * group;
+        const float* e = plain.x.data() + t * in_f + (rows > 1 ? 0 : p * group);
+        const float* m = mp + (rows > 1 ? p * in_f : 0) * group;  // rows > 1: x sits at slot p
+        for (int64_t n = 0; n < seg; ++n)
+          for (int64_t k = 0; k < group; ++k) out[k] += e[n] * m[n * group + k];
+      }
+  }
+  const Input spec(u.data(), nullptr, tokens, u_width, group, nibbles);
+  // the step sizes of every vector, decoded once per call (k values each)
+  float lo = 0.f, dlog = 0.f;
+  if (log_range.has_value()) {
+    const torch::Tensor lr = log_range->to(torch::kFloat32).contiguous();
+    lo = lr.data_ptr<float>()[0];
+    dlog = (lr.data_ptr<float>()[1] - lo) / 254.f;
+  }
+  // a stored per-vector number: float16, or a uint8 log code (0 = zero)
+  struct Numbers {
+    const at::Half* half = nullptr;
+    const uint8_t* log = nullptr;
+  };
+  auto numbers = [&](const torch::Tensor& t) -> Numbers {
+    TORCH_CHECK(t.is_contiguous() && (t.scalar_type() == torch::kHalf ||
+                                      (t.scalar_type() == torch::kUInt8 && log_range.has_value())),
+                "lowbit: step sizes and scales are float16 or uint8 log codes (with log_range)");
+    return t.scalar_type() == torch::kHalf ? Numbers{t.data_ptr<at::Half>(), nullptr} : Numbers{nullptr, t.data_ptr<uint8_t>()};
+  };
+  auto number = [&](const Numbers& n, int64_t i) -> float {
+    if (n.half) return static_cast<float>(n.half[i]);
+    return n.log[i] ? std::exp2(lo + float(n.log[i] - 1) * dlog) : 0.f;
+  };
+  const bool shared = steps.numel() == bits;
+  TORCH_CHECK(shared || steps.numel() == n_vec * bits, "lowbit: steps do not match the layer");
+  TORCH_CHECK(!scale.has_value() || scale->numel() == n_vec, "lowbit: scale does not match the layer");
+  const Numbers step_numbers = numbers(steps), scale_numbers = scale.has_value() ? numbers(*scale) : Numbers{};
+  std::vector<float> step(n_vec * bits);
+  for (int64_t v = 0; v < n_vec; ++v) {
+    const float sv = scale.has_value() ? number(scale_numbers, v) : 1.f;
+    for (int64_t i = 0; i < bits; ++i) step[v * bits + i] = sv * number(step_numbers, shared ? i : v * bits + i);
+  }
+  const uint8_t* dom = domains.data_ptr<uint8_t>();
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  auto y = output(x_in, out_f, bias);
+  float* yp = y.data_ptr<float>();
+  // up to 4 bits with nibble-aligned pieces: each vector's A and B as 16-entry tables, read with the codes;
+  // otherwise one masked sum per step (bit-sliced)
+  const bool tables = kTableLookup && bits <= 4 && plain.split && spec.split;
+  at::parallel_for(0, out_f, 16, [&](int64_t begin, int64_t end) {
+    float table_a[16], table_b[16];
+    for (int64_t o = begin; o < end; ++o)
+      for (int64_t t = 0; t < tokens; ++t) {
+        Lanes acc = lanes_zero();
+        float offsets = 0.f;
+        for (int64_t s = 0; s < in_f / seg; ++s) {
+          const int64_t v = rows > 1 ? o / rows : o * (in_f / group) + s;
+          const int64_t own = o * in_f + s * seg;                 // this row's codes (plain steps)
+          const int64_t whole = rows > 1 ? v * group : own;       // the whole vector's codes (P steps)
+          const int64_t u_piece = rows > 1 ? o % rows : s, u_at = u_piece * group;
+          if (tables) {
+            bool has_a = false, has_b = false;
+            for (int q = 0; q < 16; ++q) table_a[q] = table_b[q] = 0.f;
+            for (int64_t i = 0; i < bits; ++i) {
+              const int64_t flat = v * bits + i;
+              const bool in_p = (dom[flat >> 3] >> (flat & 7)) & 1;
+              float* table = in_p ? table_b : table_a;
+              (in_p ? has_b : has_a) = true;
+              for (int q = 0; q < (1 << bits); ++q) table[q] += step[flat] * float(((q >> i) & 1) * 2 - 1);
+            }
+            const int64_t x_at = (t * in_f + s * seg) >> 1, u_half = (t * u_width + u_at) >> 1;
+            if (has_a)
+              acc = lanes_add(acc, table_lanes(c + own / 2, plain.even.data() + x_at, plain.odd.data() + x_at, seg / 2,
+                                          table_a, bits == 4));
+            if (has_b)
+              acc = lanes_add(acc, table_lanes(c + whole / 2, spec.even.data() + u_half, spec.odd.data() + u_half,
+                                          group / 2, table_b, bits == 4));
+            continue;
+          }
+          for (int64_t i = 0; i < bits; ++i) {
+            const int64_t flat = v * bits + i;
+            const float st = step[flat];
+            if ((dom[flat >> 3] >> (flat & 7)) & 1) {
+              acc = lanes_fma(2.f * st, spec.dot(c, whole, group, t, u_at, int(i)), acc);
+              offsets -= st * spec.sum(t, u_piece);
+            } else {
+              acc = lanes_fma(2.f * st, plain.dot(c, own, seg, t, s * seg, int(i)), acc);
+              offsets -= st * plain.sum(t, s);
+            }
+          }
+        }
+        yp[t * out_f + o] = lanes_sum(acc) + offsets;
+      }
+  });
+  add_bias(yp, tokens, out_f, bias);
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("affine_linear", &affine_linear, "RTN / HQQ: y = x W^T (+ b) from the codes");
+  m.def("affine_decode", &affine_decode, "RTN / HQQ: the float32 weight from the codes in one pass");
+  m.def("kashin_linear", &kashin_linear, "Kashin (closed codebook): y = x W^T (+ b) from the codes, P on the activations");
+}
