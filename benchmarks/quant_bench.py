@@ -90,7 +90,7 @@ FAMILY_STYLE = {  # plot colour and marker per family
     "rtn": ("tab:blue", "o"), "rtn+col": ("tab:cyan", "o"), "hqq": ("tab:green", "s"),
     "hqq+col": ("tab:olive", "s"), "kashin": ("tab:red", "D"), "kashin-nocol": ("tab:pink", "D"),
     "kashin-span": ("tab:purple", "^"), "kashin-auto": ("tab:brown", "v"), "plan": ("black", "*"),
-    "plan-noprofile": ("tab:gray", "*"),
+    "plan-noprofile": ("tab:gray", "*"), "plan-matched": ("tab:orange", "*"),
 }
 
 
@@ -157,6 +157,17 @@ def _plan(target_bits: float, use_profile: bool):
     return make
 
 
+def _plan_at_bits_of(label: str):
+    """lf.plan at the honest bits/weight another config measured on the same model (ctx["bits_of"]): the
+    comparison at equal storage, which a fixed target cannot give where that config's metadata costs more."""
+    def make(ctx):
+        bits = ctx.get("bits_of", {}).get(label)
+        if bits is None:
+            raise Unavailable(f"{label} has not been measured on this model yet (run it first)")
+        return _plan(bits, True)(ctx)
+    return make
+
+
 def specs() -> list[Spec]:
     out = []
     for name, cls, prior in (("rtn", lf.RTN, 0.5), ("hqq", lf.HQQ, 3.0)):
@@ -177,6 +188,7 @@ def specs() -> list[Spec]:
     for t in (2.5, 3.0, 3.5):
         out.append(Spec(f"plan-{t}", "plan", t, _plan(t, True), 90.0))
         out.append(Spec(f"plan-{t}-noprofile", "plan-noprofile", t, _plan(t, False), 90.0))
+    out.append(Spec("plan-at-kashin-3-bits", "plan-matched", 3, _plan_at_bits_of("kashin-3"), 90.0))
     return out
 
 
@@ -574,6 +586,16 @@ def run_latency_child(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def forward_code() -> str:
+    """A hash of the quantized forward's code (the compress package, its C++ kernels included): a latency row
+    measured with other code is measured again."""
+    package = Path(lf.__file__).parent / "compress"
+    digest = hashlib.sha256()
+    for path in sorted([*package.glob("*.py"), *package.glob("*.cpp")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def dir_bytes(path: Path) -> dict:
     return {"safetensors_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")),
             "dir_bytes": sum(p.stat().st_size for p in path.iterdir() if p.is_file())}
@@ -703,8 +725,9 @@ def main(argv=None):
         rk = f"{key}/{spec.label}"
         t0 = time.perf_counter()
         try:
+            bits_of = {s.label: r["bits_per_weight"] for s in all_specs if (r := rows.get(f"{key}/{s.label}"))}
             row = quality_row(key, spec, data, ref[key], args, cache,
-                              rows.fingerprint if spec.label in latency_labels else None)
+                              rows.fingerprint if spec.label in latency_labels else None, bits_of)
         except Unavailable as e:
             skipped[rk] = str(e)
             print(f"  skip {rk}: {e}", flush=True)
@@ -726,17 +749,20 @@ def main(argv=None):
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min; results in {out}")
 
 
-def quality_row(key: str, spec: Spec, data: dict, ref: dict, args, cache: Path, fingerprint: str | None) -> dict:
-    """One model × config: quantize, measure; saved under --cache when `fingerprint` is given (latency subset)."""
+def quality_row(key: str, spec: Spec, data: dict, ref: dict, args, cache: Path, fingerprint: str | None,
+                bits_of: dict | None = None) -> dict:
+    """One model × config: quantize, measure; saved under --cache when `fingerprint` is given (latency subset).
+    bits_of: honest bits/weight of configs already measured on this model (for plan-at-kashin-3-bits)."""
     from leanformer.compress import relative_weight_errors
 
     if key == "minilm":
         q = copy.deepcopy(data["clf"])
-        info = apply_config(q, spec, {"calibration": data["calibration"], "tokenizer": data["tok"]})
+        ctx = {"calibration": data["calibration"], "tokenizer": data["tok"], "bits_of": bits_of or {}}
+        info = apply_config(q, spec, ctx)
         enc = q
         if data["base"] is not None:
             enc = copy.deepcopy(data["base"])
-            base_info = apply_config(enc, spec, {"calibration": data["calibration"], "tokenizer": data["tok"]})
+            base_info = apply_config(enc, spec, ctx)
             info["base_bits_per_weight"] = lf.size_report(enc).total["bits_per_weight"]
             info["base_quantize_seconds"] = base_info["quantize_seconds"]
         metrics = minilm_quality(q, enc, data, ref, args.seed)
@@ -744,7 +770,8 @@ def quality_row(key: str, spec: Spec, data: dict, ref: dict, args, cache: Path, 
         tok, orig = data["tok"], data["clf"]
     else:
         q = copy.deepcopy(data["llama"])
-        info = apply_config(q, spec, {"calibration": data["story_calibration"], "tokenizer": data["ltok"]})
+        info = apply_config(q, spec, {"calibration": data["story_calibration"], "tokenizer": data["ltok"],
+                                      "bits_of": bits_of or {}})
         metrics = {"tinystories": stories_quality(q, data, ref["tinystories"], args.seed)}
         tok, orig = data["ltok"], data["llama"]
     errors = relative_weight_errors(orig, q)
@@ -766,7 +793,7 @@ def latency(data, rows: Rows, all_specs, labels, order, cache: Path, args, git, 
     """fp32 and the subset: save (if needed), then one child process per model and config."""
     by_label = {s.label: s for s in all_specs}
     lat_settings = {"repeats": args.repeats, "latency_batches": args.latency_batches, "new_tokens": args.new_tokens,
-                    "modes": list(LATENCY_MODES)}
+                    "modes": list(LATENCY_MODES), "forward_code": forward_code()}
     inputs = cache / f"latency_inputs_{rows.fingerprint}.json"
     dev = data["dev_texts"][:32 * args.latency_batches]
     batches = []
@@ -904,21 +931,23 @@ def targets(summary: dict, rows: Rows) -> list[dict]:
     out.append({"target": "Kashin (any variant) on the Pareto front on both models (primary metric)",
                 "status": "not measured" if not measured else
                 ("met" if all(d["kashin_on_front"] for d in detail.values()) else "missed"), "detail": detail})
-    detail, status = {}, "met"
-    for m, panels in METRICS.items():
-        by = {r["config"]: r for r in summary["quality"][m]}
-        if "plan-3.0" not in by or "kashin-3" not in by:
-            status = "not measured"
-            continue
-        p, k = by["plan-3.0"], by["kashin-3"]
-        for name, get, higher, _ in panels:
-            better = get(p) > get(k) if higher else get(p) < get(k)
-            detail[f"{m}: {name}"] = {"plan-3.0": get(p), "kashin-3": get(k), "plan_bits": p["bits_per_weight"],
-                                      "kashin_bits": k["bits_per_weight"], "plan_better": better}
-            if name == PRIMARY[m] and not better and status == "met":
-                status = "missed"
-    out.append({"target": "plan-3.0 beats uniform Kashin-3 (primary metric, both models)", "status": status,
-                "detail": detail})
+    for plan_label, title in (("plan-3.0", "plan-3.0 beats uniform Kashin-3 (primary metric, both models)"),
+                              ("plan-at-kashin-3-bits", "the plan at uniform Kashin-3's honest bits/weight beats it "
+                                                        "(primary metric, both models)")):
+        detail, status = {}, "met"
+        for m, panels in METRICS.items():
+            by = {r["config"]: r for r in summary["quality"][m]}
+            if plan_label not in by or "kashin-3" not in by:
+                status = "not measured"
+                continue
+            p, k = by[plan_label], by["kashin-3"]
+            for name, get, higher, _ in panels:
+                better = get(p) > get(k) if higher else get(p) < get(k)
+                detail[f"{m}: {name}"] = {plan_label: get(p), "kashin-3": get(k), "plan_bits": p["bits_per_weight"],
+                                          "kashin_bits": k["bits_per_weight"], "plan_better": better}
+                if name == PRIMARY[m] and not better and status == "met":
+                    status = "missed"
+        out.append({"target": title, "status": status, "detail": detail, "plan": plan_label})
     return out
 
 
@@ -982,15 +1011,17 @@ def markdown(res: dict) -> str:
         for fam in fams:
             lines.append(f"| {fam} | " + " | ".join(
                 ", ".join(c for c in fronts[n] if by[c] == fam) or "no" for n in fronts) + " |")
-    lines += ["", "## plan-3.0 against uniform Kashin-3", ""]
-    plan_t = next(t for t in res["targets"] if t["target"].startswith("plan-3.0"))
-    if plan_t["detail"]:
-        lines += ["| model: metric | plan-3.0 | kashin-3 | bits/w plan / kashin | plan better |", "|---|---|---|---|---|"]
-        for k, d in plan_t["detail"].items():
-            lines.append(f"| {k} | {d['plan-3.0']:.4f} | {d['kashin-3']:.4f} | {d['plan_bits']:.3f} / "
-                         f"{d['kashin_bits']:.3f} | {'yes' if d['plan_better'] else 'no'} |")
-    else:
-        lines.append("Not measured (plan-3.0 or kashin-3 has no row).")
+    for plan_label in ("plan-3.0", "plan-at-kashin-3-bits"):
+        lines += ["", f"## {plan_label} against uniform Kashin-3", ""]
+        plan_t = next(t for t in res["targets"] if t.get("plan") == plan_label)
+        if plan_t["detail"]:
+            lines += [f"| model: metric | {plan_label} | kashin-3 | bits/w plan / kashin | plan better |",
+                      "|---|---|---|---|---|"]
+            for k, d in plan_t["detail"].items():
+                lines.append(f"| {k} | {d[plan_label]:.4f} | {d['kashin-3']:.4f} | {d['plan_bits']:.3f} / "
+                             f"{d['kashin_bits']:.3f} | {'yes' if d['plan_better'] else 'no'} |")
+        else:
+            lines.append(f"Not measured ({plan_label} or kashin-3 has no row).")
     lines += _latency_md(res["latency"])
     if res["skipped"]:
         lines += ["", "## Skipped (not measured)", ""] + [f"- {k}: {v}" for k, v in sorted(res["skipped"].items())]
@@ -1006,7 +1037,8 @@ def _target_numbers(t: dict) -> str:
     if t["target"].startswith("Kashin"):
         return "; ".join(f"{m}: {', '.join(d['kashin_on_front']) or 'none'} of front {', '.join(d['front'])}"
                          for m, d in t["detail"].items())
-    return "; ".join(f"{k}: {d['plan-3.0']:.4f} vs {d['kashin-3']:.4f}" for k, d in t["detail"].items()) or "—"
+    return "; ".join(f"{k}: {d[t['plan']]:.4f} vs {d['kashin-3']:.4f} ({d['plan_bits']:.3f} vs {d['kashin_bits']:.3f} "
+                     "bits/w)" for k, d in t["detail"].items()) or "—"
 
 
 def _latency_md(lat: list[dict]) -> list[str]:
@@ -1014,10 +1046,11 @@ def _latency_md(lat: list[dict]) -> list[str]:
     if not lat:
         return lines + ["Not measured yet."]
     lines += ["One torch thread, each model loaded from its saved directory in a fresh child process; median of the "
-              "timed runs after a warm-up. default = the library's default forward, kernel='native' (fused C++ "
-              "kernels that multiply with the codes for calls of up to 8 tokens (Kashin: 64) and rebuild the weight in "
-              "one pass above; Kashin's weight route is still plain torch); decode = every weight rebuilt with plain "
-              "torch ops on every forward (the default before the fused kernels); cache = rebuilt once and kept. "
+              "timed runs after a warm-up. default = the library's default forward, kernel='native': fused C++ "
+              "kernels multiply with the codes for calls of up to 8 tokens (Kashin: 64) and rebuild the weight in "
+              "one pass above (Kashin: A and B in one pass, then P by FFT in torch); decode = every weight rebuilt "
+              "with plain torch ops on every forward (the default before the fused kernels); cache = rebuilt once "
+              "and kept. "
               "paired: the same process times this model and the fp32 one alternately (one run each per round, median "
               "of the rounds), so drift in the machine's speed cancels; the targets read these ratios. "
               "RSS: the child's peak during the step minus its RSS after importing torch, leanformer and the model's "

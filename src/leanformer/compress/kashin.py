@@ -645,7 +645,7 @@ class Kashin(QuantConfig):
 
     @classmethod
     def linear(cls, x: torch.Tensor, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict,
-               bias: torch.Tensor | None) -> torch.Tensor:
+               bias: torch.Tensor | None, lookup=None) -> torch.Tensor:
         """y = x Ŵᵀ + b without forming what costs most. Per vector Ŵ = (A + P B)·diag(col), so
         x Ŵᵀ = x_c Aᵀ + (Pᵀ x_c) Bᵀ with x_c = x·diag(col): with few tokens P goes on the activations
         (one matmul against A and B side by side; no transform of the weight), with many on the weight,
@@ -671,7 +671,7 @@ class Kashin(QuantConfig):
                 y = y.to(x.dtype) if bias is None else (y.to(x.dtype) + bias)
                 return y.view(*x.shape[:-1], out_f)
         # reorder whichever is smaller: the activations (tokens × in) or the weight back (out × in)
-        w, order = cls._rebuild(codes, tensors, header, reordered=rows == 1 and tokens < out_f)
+        w, order = cls._rebuild(codes, tensors, header, reordered=rows == 1 and tokens < out_f, lookup=lookup)
         if order is not None:  # w is each vector in Makhoul's order; read x the same way instead of w back
             xc = xc.view(tokens, in_f // g, g).index_select(-1, order).view(tokens, in_f)
         y = F.linear(xc.to(x.dtype), w.view(out_f, in_f).to(x.dtype), bias)
@@ -711,34 +711,49 @@ class Kashin(QuantConfig):
         return codes.view(n_vec, -1) + offsets  # uint8 + int: one pass, promoted
 
     @staticmethod
-    def _rebuild(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict, reordered: bool):
+    def _rebuild(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict, reordered: bool, lookup=None):
         """The (vectors, length) weight A + P B before the column scales, and None; with reordered=True and
         the FFT form of P, each vector in Makhoul's order instead (no pass to put it back) and that order.
         Built REBUILD_CHUNK weights at a time into one output: the temporaries (indices, B, its spectrum)
-        stay small, in cache, and are reused by the allocator instead of being mapped afresh each forward."""
+        stay small, in cache, and are reused by the allocator instead of being mapped afresh each forward.
+        lookup(first, order, a, b): the fused kernel (lowbit.cpp kashin_lookup) that fills A and B of a block
+        of vectors from the codes in one pass, instead of the tables and index lookups here (codes are then
+        only read for their device)."""
         out_f, in_f = header["shape"]
         g, bits = header["group_size"], header["bits"]
         n_vec = out_f * in_f // g  # a vector is part of a row, a row, or several whole rows
         P = Transform(header["transform"], g, int(tensors["seed"][0]))
-        table_a, table_b = Kashin._tables(tensors, header, n_vec)
-        table_a = table_a.reshape(-1)
-        fft = table_b is not None and not P.dense
+        if lookup is None:
+            table_a, table_b = Kashin._tables(tensors, header, n_vec)
+            table_a, has_b = table_a.reshape(-1), table_b is not None
+            codes = codes.view(n_vec, g)
+        else:
+            has_b = bool(tensors["domains"].any())
+        fft = has_b and not P.dense
         order, inverse = P.order(codes.device) if fft else (None, None)
-        codes = codes.view(n_vec, g)
         w = torch.empty(n_vec, g, device=codes.device)
         step = max(1, REBUILD_CHUNK // g)
+        if lookup is not None and has_b:
+            a_block, b_block = torch.empty(step, g, device=codes.device), torch.empty(step, g, device=codes.device)
         for first in range(0, n_vec, step):
             last = min(n_vec, first + step)
-            idx = Kashin._indices(codes[first:last], last - first, bits, first)
-            if fft:  # read the codes in the FFT's order: B comes out ready for apply_reordered, A matches its output
-                idx = idx.index_select(1, order)
-            idx = idx.view(-1)
             part = w[first:last]
-            if table_b is None:
-                torch.index_select(table_a, 0, idx, out=part.view(-1))
-                continue
-            a = table_a.index_select(0, idx).view(-1, g)
-            b = table_b.reshape(-1).index_select(0, idx).view(-1, g)
+            if lookup is not None:
+                if not has_b:
+                    lookup(first, None, part, None)
+                    continue
+                a, b = a_block[: last - first], b_block[: last - first]
+                lookup(first, order, a, b)
+            else:
+                idx = Kashin._indices(codes[first:last], last - first, bits, first)
+                if fft:  # read the codes in the FFT's order: B comes out ready for apply_reordered, A matches its output
+                    idx = idx.index_select(1, order)
+                idx = idx.view(-1)
+                if table_b is None:
+                    torch.index_select(table_a, 0, idx, out=part.view(-1))
+                    continue
+                a = table_a.index_select(0, idx).view(-1, g)
+                b = table_b.reshape(-1).index_select(0, idx).view(-1, g)
             if fft:
                 P.apply_reordered(b, out=part).add_(a)
             else:
@@ -790,23 +805,30 @@ class Kashin(QuantConfig):
     def native_linear(cls, ops, codes, tensors, header, bias):
         """The closed codebook's activation route as one fused kernel (lowbit.cpp kashin_linear), which rebuilds
         A and B a vector at a time from the codes, step sizes and domains and multiplies them with x_c and
-        u = Pᵀ x_c. Short vectors hand P's dense matrix to the kernel; longer ones apply P by FFT here first.
-        Many tokens are left to `linear` (its weight route); other forms and codebooks have no kernel."""
+        u = Pᵀ x_c; short vectors hand P's dense matrix to the kernel, longer ones apply P by FFT here first.
+        Many tokens take `linear`'s weight route with A and B looked up by one fused pass (kashin_lookup).
+        Other forms and codebooks have no kernel."""
         out_f, in_f = header["shape"]
         g, bits = header["group_size"], header["bits"]
         if header["form"] != "vector" or header["codebook"] != "closed":
             return None
         P = Transform(header["transform"], g, int(tensors["seed"][0]))
         col = tensors["col_scale"].float() if "col_scale" in tensors else None
-        stored = (codes, tensors["steps"], tensors.get("scale"), tensors.get("log_range"), tensors["domains"], col)
-        if P.dense:  # the kernel applies P's matrix itself
-            return functools.partial(ops.kashin_linear, None, *stored, P.matrix(codes.device), bias, out_f, g, bits,
-                                     ACTIVATION_ROUTE_TOKENS)
+        steps = (tensors["steps"], tensors.get("scale"), tensors.get("log_range"), tensors["domains"])
+        lookup = functools.partial(ops.kashin_lookup, codes, *steps, out_f * in_f // g, g, bits)
+        if P.dense:  # the kernel applies P's matrix itself (the random P's QR factor is column-major)
+            fused = functools.partial(ops.kashin_linear, None, codes, *steps, col, P.matrix(codes.device).contiguous(),
+                                      bias, out_f, g, bits, ACTIVATION_ROUTE_TOKENS)
 
-        def run(x: torch.Tensor) -> torch.Tensor | None:
+            def run(x: torch.Tensor) -> torch.Tensor:
+                y = fused(x)  # None above ACTIVATION_ROUTE_TOKENS tokens
+                return cls.linear(x, codes, tensors, header, bias, lookup=lookup) if y is None else y
+            return run
+
+        def run_fft(x: torch.Tensor) -> torch.Tensor:
             x2 = x.reshape(-1, in_f)
             if x2.shape[0] * (g // in_f if g > in_f else 1) > ACTIVATION_ROUTE_TOKENS:
-                return None
+                return cls.linear(x, codes, tensors, header, bias, lookup=lookup)
             u = cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1]
-            return ops.kashin_linear(u, *stored, None, bias, out_f, g, bits, ACTIVATION_ROUTE_TOKENS, x)
-        return run
+            return ops.kashin_linear(u, codes, *steps, col, None, bias, out_f, g, bits, ACTIVATION_ROUTE_TOKENS, x)
+        return run_fft

@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -111,6 +112,28 @@ inline Lanes table_lanes(const uint8_t* c, const float* xe, const float* xo, int
   for (; j < half; ++j) tail += table[c[j] & 15] * xe[j] + table[c[j] >> 4] * xo[j];
   return _mm256_add_ps(_mm256_add_ps(s0, s1), lanes_scalar(tail));
 }
+// Kashin's per-code values of one vector (bits ≤ 4) split by domain, table_a[q] = Σ_{i plain} c_i (2 bit_i(q) − 1)
+// and table_b over the P-domain steps: summed in registers and stored once (a table summed in memory step by
+// step stalls on store forwarding). Entries from 2^bits on are never read.
+inline void kashin_tables16(const float* step, const uint8_t* domains, int64_t v, int64_t bits, float* table_a,
+                            float* table_b, bool& has_a, bool& has_b) {
+  alignas(32) static const float sign[4][16] = {
+      {-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1}, {-1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1},
+      {-1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1}, {-1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1}};
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+  has_a = has_b = false;
+  for (int64_t i = 0; i < bits; ++i) {
+    const int64_t flat = v * bits + i;
+    const __m256 st = _mm256_set1_ps(step[i]), s0 = _mm256_load_ps(sign[i]), s1 = _mm256_load_ps(sign[i] + 8);
+    if ((domains[flat >> 3] >> (flat & 7)) & 1) {
+      b0 = _mm256_fmadd_ps(st, s0, b0), b1 = _mm256_fmadd_ps(st, s1, b1), has_b = true;
+    } else {
+      a0 = _mm256_fmadd_ps(st, s0, a0), a1 = _mm256_fmadd_ps(st, s1, a1), has_a = true;
+    }
+  }
+  _mm256_storeu_ps(table_a, a0), _mm256_storeu_ps(table_a + 8, a1);
+  _mm256_storeu_ps(table_b, b0), _mm256_storeu_ps(table_b + 8, b1);
+}
 #else  // portable fallback: the same sums, one lane
 using Lanes = float;
 inline Lanes lanes_zero() { return 0.f; }
@@ -126,10 +149,9 @@ inline Lanes nibble_lanes(const uint8_t* c, const float* xe, const float* xo, in
   }
   return acc;
 }
-constexpr bool kTableLookup = false;
-inline Lanes table_lanes(const uint8_t*, const float*, const float*, int64_t, const float*, bool) {
-  return 0.f;  // not reached: kTableLookup is false
-}
+constexpr bool kTableLookup = false;  // not reached below: kTableLookup is false
+inline Lanes table_lanes(const uint8_t*, const float*, const float*, int64_t, const float*, bool) { return 0.f; }
+inline void kashin_tables16(const float*, const uint8_t*, int64_t, int64_t, float*, float*, bool&, bool&) {}
 inline Lanes byte_lanes(const uint8_t* c, const float* x, int64_t n, int bit) {
   float acc = 0.f;
   for (int64_t j = 0; j < n; ++j) acc += float(bit < 0 ? c[j] : (c[j] >> bit) & 1) * x[j];
@@ -236,6 +258,70 @@ void add_bias(float* y, int64_t tokens, int64_t out_f, const c10::optional<torch
   const float* b = bias->data_ptr<float>();
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t o = 0; o < out_f; ++o) y[t * out_f + o] += b[o];
+}
+
+// Kashin's closed-codebook step sizes of vectors first … first + n − 1 (k each, times the vector's scale when
+// the step sizes are shared): stored float16, or uint8 log codes (0 = zero) spaced evenly in log2 over log_range.
+std::vector<float> kashin_steps(const torch::Tensor& steps, const c10::optional<torch::Tensor>& scale,
+                                const c10::optional<torch::Tensor>& log_range, int64_t n_vec, int64_t bits,
+                                int64_t first, int64_t n) {
+  const bool shared = steps.numel() == bits;
+  TORCH_CHECK(shared || steps.numel() == n_vec * bits, "lowbit: steps do not match the layer");
+  TORCH_CHECK(!scale.has_value() || scale->numel() == n_vec, "lowbit: scale does not match the layer");
+  float lo = 0.f, dlog = 0.f;
+  if (log_range.has_value()) {
+    const torch::Tensor lr = log_range->to(torch::kFloat32).contiguous();
+    lo = lr.data_ptr<float>()[0];
+    dlog = (lr.data_ptr<float>()[1] - lo) / 254.f;
+  }
+  struct Numbers {
+    const at::Half* half = nullptr;
+    const uint8_t* log = nullptr;
+  };
+  auto numbers = [&](const torch::Tensor& t) -> Numbers {
+    TORCH_CHECK(t.is_contiguous() && (t.scalar_type() == torch::kHalf ||
+                                      (t.scalar_type() == torch::kUInt8 && log_range.has_value())),
+                "lowbit: step sizes and scales are float16 or uint8 log codes (with log_range)");
+    return t.scalar_type() == torch::kHalf ? Numbers{t.data_ptr<at::Half>(), nullptr} : Numbers{nullptr, t.data_ptr<uint8_t>()};
+  };
+  auto number = [&](const Numbers& num, int64_t i) -> float {
+    if (num.half) return static_cast<float>(num.half[i]);
+    return num.log[i] ? std::exp2(lo + float(num.log[i] - 1) * dlog) : 0.f;
+  };
+  const Numbers step_numbers = numbers(steps), scale_numbers = scale.has_value() ? numbers(*scale) : Numbers{};
+  std::vector<float> out(n * bits);
+  for (int64_t v = 0; v < n; ++v) {
+    const float sv = scale.has_value() ? number(scale_numbers, first + v) : 1.f;
+    for (int64_t i = 0; i < bits; ++i) out[v * bits + i] = sv * number(step_numbers, shared ? i : (first + v) * bits + i);
+  }
+  return out;
+}
+
+// The values of one Kashin vector per code, split by domain: table_a[q] = Σ_{i plain} c_i (2 bit_i(q) − 1), table_b
+// the same over the P-domain steps (2^bits entries each); whether each has any step.
+inline void kashin_tables(const float* step, const uint8_t* domains, int64_t v, int64_t bits, float* table_a, float* table_b,
+                   bool& has_a, bool& has_b) {
+  struct Signs {  // sign[i][q] = ±1 by bit i of code q (contiguous in q: the loops below vectorise)
+    float sign[8][256];
+    Signs() {
+      for (int i = 0; i < 8; ++i)
+        for (int q = 0; q < 256; ++q) sign[i][q] = float(((q >> i) & 1) * 2 - 1);
+    }
+  };
+  static const Signs signs;
+  const int entries = 1 << bits;
+  std::fill(table_a, table_a + entries, 0.f);
+  std::fill(table_b, table_b + entries, 0.f);
+  has_a = has_b = false;
+  for (int64_t i = 0; i < bits; ++i) {
+    const int64_t flat = v * bits + i;
+    const bool in_p = (domains[flat >> 3] >> (flat & 7)) & 1;
+    float* table = in_p ? table_b : table_a;
+    (in_p ? has_b : has_a) = true;
+    const float st = step[i];
+    const float* sign = signs.sign[i];
+    for (int q = 0; q < entries; ++q) table[q] += st * sign[q];
+  }
 }
 
 }  // namespace
@@ -368,74 +454,43 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
       }
   }
   const Input spec(u.data(), nullptr, tokens, u_width, group, nibbles);
-  // the step sizes of every vector, decoded once per call (k values each)
-  float lo = 0.f, dlog = 0.f;
-  if (log_range.has_value()) {
-    const torch::Tensor lr = log_range->to(torch::kFloat32).contiguous();
-    lo = lr.data_ptr<float>()[0];
-    dlog = (lr.data_ptr<float>()[1] - lo) / 254.f;
-  }
-  // a stored per-vector number: float16, or a uint8 log code (0 = zero)
-  struct Numbers {
-    const at::Half* half = nullptr;
-    const uint8_t* log = nullptr;
-  };
-  auto numbers = [&](const torch::Tensor& t) -> Numbers {
-    TORCH_CHECK(t.is_contiguous() && (t.scalar_type() == torch::kHalf ||
-                                      (t.scalar_type() == torch::kUInt8 && log_range.has_value())),
-                "lowbit: step sizes and scales are float16 or uint8 log codes (with log_range)");
-    return t.scalar_type() == torch::kHalf ? Numbers{t.data_ptr<at::Half>(), nullptr} : Numbers{nullptr, t.data_ptr<uint8_t>()};
-  };
-  auto number = [&](const Numbers& n, int64_t i) -> float {
-    if (n.half) return static_cast<float>(n.half[i]);
-    return n.log[i] ? std::exp2(lo + float(n.log[i] - 1) * dlog) : 0.f;
-  };
-  const bool shared = steps.numel() == bits;
-  TORCH_CHECK(shared || steps.numel() == n_vec * bits, "lowbit: steps do not match the layer");
-  TORCH_CHECK(!scale.has_value() || scale->numel() == n_vec, "lowbit: scale does not match the layer");
-  const Numbers step_numbers = numbers(steps), scale_numbers = scale.has_value() ? numbers(*scale) : Numbers{};
-  std::vector<float> step(n_vec * bits);
-  for (int64_t v = 0; v < n_vec; ++v) {
-    const float sv = scale.has_value() ? number(scale_numbers, v) : 1.f;
-    for (int64_t i = 0; i < bits; ++i) step[v * bits + i] = sv * number(step_numbers, shared ? i : v * bits + i);
-  }
+  const std::vector<float> step = kashin_steps(steps, scale, log_range, n_vec, bits, 0, n_vec);
   const uint8_t* dom = domains.data_ptr<uint8_t>();
   const uint8_t* c = codes.data_ptr<uint8_t>();
   auto y = output(x_in, out_f, bias);
   float* yp = y.data_ptr<float>();
   // up to 4 bits with nibble-aligned pieces: each vector's A and B as 16-entry tables, read with the codes;
-  // otherwise one masked sum per step (bit-sliced)
+  // otherwise (and in the portable build) one masked sum per step (bit-sliced)
   const bool tables = kTableLookup && bits <= 4 && plain.split && spec.split;
   at::parallel_for(0, out_f, 16, [&](int64_t begin, int64_t end) {
     float table_a[16], table_b[16];
-    for (int64_t o = begin; o < end; ++o)
-      for (int64_t t = 0; t < tokens; ++t) {
-        Lanes acc = lanes_zero();
-        float offsets = 0.f;
-        for (int64_t s = 0; s < in_f / seg; ++s) {
-          const int64_t v = rows > 1 ? o / rows : o * (in_f / group) + s;
-          const int64_t own = o * in_f + s * seg;                 // this row's codes (plain steps)
-          const int64_t whole = rows > 1 ? v * group : own;       // the whole vector's codes (P steps)
-          const int64_t u_piece = rows > 1 ? o % rows : s, u_at = u_piece * group;
-          if (tables) {
-            bool has_a = false, has_b = false;
-            for (int q = 0; q < 16; ++q) table_a[q] = table_b[q] = 0.f;
-            for (int64_t i = 0; i < bits; ++i) {
-              const int64_t flat = v * bits + i;
-              const bool in_p = (dom[flat >> 3] >> (flat & 7)) & 1;
-              float* table = in_p ? table_b : table_a;
-              (in_p ? has_b : has_a) = true;
-              for (int q = 0; q < (1 << bits); ++q) table[q] += step[flat] * float(((q >> i) & 1) * 2 - 1);
-            }
+    std::vector<float> y_row(tokens);
+    for (int64_t o = begin; o < end; ++o) {
+      std::fill(y_row.begin(), y_row.end(), 0.f);
+      for (int64_t s = 0; s < in_f / seg; ++s) {
+        const int64_t v = rows > 1 ? o / rows : o * (in_f / group) + s;
+        const int64_t own = o * in_f + s * seg;                 // this row's codes (plain steps)
+        const int64_t whole = rows > 1 ? v * group : own;       // the whole vector's codes (P steps)
+        const int64_t u_piece = rows > 1 ? o % rows : s, u_at = u_piece * group;
+        if (tables) {  // A and B of this vector per code, once for every token
+          bool has_a, has_b;
+          kashin_tables16(step.data() + v * bits, dom, v, bits, table_a, table_b, has_a, has_b);
+          for (int64_t t = 0; t < tokens; ++t) {
             const int64_t x_at = (t * in_f + s * seg) >> 1, u_half = (t * u_width + u_at) >> 1;
+            Lanes acc = lanes_zero();
             if (has_a)
-              acc = lanes_add(acc, table_lanes(c + own / 2, plain.even.data() + x_at, plain.odd.data() + x_at, seg / 2,
-                                          table_a, bits == 4));
+              acc = lanes_add(acc, table_lanes(c + own / 2, plain.even.data() + x_at, plain.odd.data() + x_at,
+                                               seg / 2, table_a, bits == 4));
             if (has_b)
               acc = lanes_add(acc, table_lanes(c + whole / 2, spec.even.data() + u_half, spec.odd.data() + u_half,
-                                          group / 2, table_b, bits == 4));
-            continue;
+                                               group / 2, table_b, bits == 4));
+            y_row[t] += lanes_sum(acc);
           }
+          continue;
+        }
+        for (int64_t t = 0; t < tokens; ++t) {  // one masked sum per step
+          Lanes acc = lanes_zero();
+          float offsets = 0.f;
           for (int64_t i = 0; i < bits; ++i) {
             const int64_t flat = v * bits + i;
             const float st = step[flat];
@@ -447,15 +502,62 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
               offsets -= st * plain.sum(t, s);
             }
           }
+          y_row[t] += lanes_sum(acc) + offsets;
         }
-        yp[t * out_f + o] = lanes_sum(acc) + offsets;
       }
+      for (int64_t t = 0; t < tokens; ++t) yp[t * out_f + o] = y_row[t];
+    }
   });
   add_bias(yp, tokens, out_f, bias);
   return y;
 }
 
+// Kashin's weight route (closed codebook): A and, when out_b is given, B of vectors first … first + n − 1 into
+// out_a / out_b (n, g), each vector's positions read in `order` when given (the FFT's order, so that the caller
+// applies P without reordering the weight). The caller adds P B to A.
+void kashin_lookup(const torch::Tensor& codes, const torch::Tensor& steps, const c10::optional<torch::Tensor>& scale,
+                   const c10::optional<torch::Tensor>& log_range, const torch::Tensor& domains, int64_t n_vec,
+                   int64_t group, int64_t bits, int64_t first, const c10::optional<torch::Tensor>& order,
+                   torch::Tensor out_a, const c10::optional<torch::Tensor>& out_b) {
+  check_codes(codes);
+  const int64_t n = out_a.size(0);
+  TORCH_CHECK(out_a.scalar_type() == torch::kFloat32 && out_a.is_contiguous() && out_a.numel() == n * group &&
+              (!out_b.has_value() || (out_b->scalar_type() == torch::kFloat32 && out_b->is_contiguous() &&
+                                      out_b->numel() == n * group)) && first >= 0 && first + n <= n_vec,
+              "lowbit: out_a / out_b must be contiguous float32 (vectors, g) blocks inside the layer");
+  TORCH_CHECK(!order.has_value() || (order->scalar_type() == torch::kInt64 && order->numel() == group),
+              "lowbit: order must be g int64 positions");
+  TORCH_CHECK(domains.scalar_type() == torch::kUInt8 && domains.numel() * 8 >= n_vec * bits, "lowbit: domains");
+  const std::vector<float> step = kashin_steps(steps, scale, log_range, n_vec, bits, first, n);
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const uint8_t* dom = domains.data_ptr<uint8_t>();
+  const torch::Tensor order_c = order.has_value() ? order->contiguous() : torch::Tensor();
+  const int64_t* pos = order_c.defined() ? order_c.data_ptr<int64_t>() : nullptr;
+  float* a = out_a.data_ptr<float>();
+  float* b = out_b.has_value() ? out_b->data_ptr<float>() : nullptr;
+  const bool nibbles = bits <= 4;
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> table_a(std::max(16, 1 << bits)), table_b(std::max(16, 1 << bits));
+    for (int64_t v = begin; v < end; ++v) {
+      bool has_a, has_b;
+      if (kTableLookup && bits <= 4)
+        kashin_tables16(step.data() + v * bits, dom, first + v, bits, table_a.data(), table_b.data(), has_a, has_b);
+      else
+        kashin_tables(step.data() + v * bits, dom, first + v, bits, table_a.data(), table_b.data(), has_a, has_b);
+      const int64_t base = (first + v) * group;
+      float* av = a + v * group;
+      float* bv = b ? b + v * group : nullptr;
+      for (int64_t j = 0; j < group; ++j) {
+        const int q = code_at(c, base + (pos ? pos[j] : j), nibbles);
+        av[j] = table_a[q];
+        if (bv) bv[j] = table_b[q];
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("kashin_lookup", &kashin_lookup, "Kashin (closed codebook): A and B of a block of vectors from the codes");
   m.def("affine_linear", &affine_linear, "RTN / HQQ: y = x W^T (+ b) from the codes");
   m.def("affine_decode", &affine_decode, "RTN / HQQ: the float32 weight from the codes in one pass");
   m.def("kashin_linear", &kashin_linear, "Kashin (closed codebook): y = x W^T (+ b) from the codes, P on the activations");

@@ -4,9 +4,10 @@ A method is a config dataclass (kashin.py, rtn.py, hqq.py) subclassing `QuantCon
 `quantize_weight(W, name)` returning the tensors it stores (b-bit codes packed with `pack_bits`,
 plus codebooks / scales / zeros / norms) and a JSON-able header, and `dequantize(tensors, header)`
 rebuilding the weight. Subclassing registers the method by its name, so a saved header can only
-reach these classes. `QuantizedLinear` keeps only the stored tensors and rebuilds its weight on each
-forward (or once, with cache=True): the model runs unchanged, and the stored bytes are exactly what
-`size_report` counts and what `lf.save` writes.
+reach these classes. `QuantizedLinear` keeps only the stored tensors: the model runs unchanged, and the
+stored bytes are exactly what `size_report` counts and what `lf.save` writes. Its forward (`kernel`)
+multiplies with the codes in a fused CPU kernel where the method has one (`native_linear`, lowbit.cpp),
+else rebuilds the weight on each call (or once, with cache=True).
 """
 from __future__ import annotations
 
@@ -116,9 +117,9 @@ class QuantConfig:
     def native_linear(cls, ops, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict,
                       bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
         """The fused kernels `ops` (native.py) bound to one layer's in-memory codes (`packing.runtime_codes`)
-        and stored tensors: a function of a 2-D float32 CPU input x returning y = x Ŵᵀ + b (or None for an
-        input it leaves to `linear`), or None where the method has no kernel for this layer. A layer binds it
-        once, so it may hold what every call needs (column scales in float32, a transform's matrix)."""
+        and stored tensors: a function of a float32 CPU input x (…, in) returning y = x Ŵᵀ + b (…, out), or
+        None for an input it leaves to `linear`; None where the method has no kernel for this layer. A layer
+        binds it once, so it may hold what every call needs (column scales in float32, a transform's matrix)."""
         return None
 
     @classmethod
@@ -200,18 +201,19 @@ def state_dict_specs_only():
 
 @register_linear_type
 class QuantizedLinear(nn.Module):
-    """A Linear whose weight is stored quantized and rebuilt on the fly (exactly as saved). It replaces
-    nn.Linear and Conv1D alike: the stored weight is (out, in) whatever the original's layout, and the
-    output, y = x Wᵀ + b, is the same.
+    """A Linear whose weight is stored quantized (exactly as saved). It replaces nn.Linear and Conv1D
+    alike: the stored weight is (out, in) whatever the original's layout, and the output, y = x Wᵀ + b,
+    is the same.
 
-    In memory the codes are held in `packing.runtime_codes`' byte layout (two per byte up to 4 bits), so
-    the forward rebuilds the weight with byte operations and one fused multiply-add per weight; the
-    b-bit stream that is saved and counted (`packed`) is produced on the way out (state_dict) and read
-    on the way in (load_state_dict). The full-precision weight exists only inside a forward, one layer at
-    a time (or for good, with cache=True)."""
+    In memory the codes are held in `packing.runtime_codes`' byte layout (two per byte up to 4 bits): the
+    native kernels read them as they are (float32 CPU inference), and the decode path (gradients, other
+    dtypes and devices, methods without a kernel) rebuilds the weight with byte operations and one fused
+    multiply-add per weight. The b-bit stream that is saved and counted (`packed`) is produced on the way
+    out (state_dict) and read on the way in (load_state_dict). The full-precision weight exists only
+    inside a decode-path forward, one layer at a time (or for good, with cache=True)."""
 
     def __init__(self, in_features: int, out_features: int, header: dict, tensors: dict[str, torch.Tensor],
-                 bias: torch.Tensor | None, cache: bool = False, kernel: str = "decode"):
+                 bias: torch.Tensor | None, cache: bool = False, kernel: str = "native"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.header = dict(header)

@@ -1,0 +1,204 @@
+"""kernel="native": the fused low-bit CPU kernels (compress/lowbit.cpp) against the plain-torch decode path
+of each method and layout, the routes around them (gradients, other dtypes, devices, many tokens), and the
+fallback where they cannot be built."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import leanformer as lf
+from leanformer.compress import native
+from leanformer.compress.kashin import ACTIVATION_ROUTE_TOKENS
+from leanformer.compress.quantization import NATIVE_MAX_TOKENS, QuantizedLinear
+from leanformer.errors import LeanformerError
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    module = native.ops()
+    if module is None:
+        pytest.skip("the fused kernels cannot be built on this machine (native.ops warned why)")
+    return module
+
+
+def quantized(config, out_f: int, in_f: int, bias: bool = True, seed: int = 0) -> QuantizedLinear:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(in_f, out_f, bias=bias))
+    report = lf.quantize(net, config, progress=False)
+    assert report.quantized == ["0"], report.skipped
+    return net[0]
+
+
+def outputs(layer: QuantizedLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(native, decode) outputs of the same layer on x, without gradients."""
+    with torch.no_grad():
+        layer.kernel = "decode"
+        ref = layer(x)
+        layer.kernel = "native"
+        return layer(x), ref
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    err = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    assert err < 1e-5, err
+
+
+AFFINE = [
+    pytest.param(lambda: lf.RTN(bits=3, group_size=16), 48, 64, id="rtn3-g16"),
+    pytest.param(lambda: lf.RTN(bits=4, group_size=64), 20, 128, id="rtn4-g64"),
+    pytest.param(lambda: lf.RTN(bits=2, group_size=None), 9, 40, id="rtn2-row"),
+    pytest.param(lambda: lf.RTN(bits=3, group_size=None), 6, 7, id="rtn3-odd-width"),
+    pytest.param(lambda: lf.RTN(bits=3, group_size=None, col_scale=True), 17, 45, id="rtn3-odd-col"),
+    pytest.param(lambda: lf.RTN(bits=5, group_size=16), 12, 48, id="rtn5-bytes"),
+    pytest.param(lambda: lf.RTN(bits=8, group_size=None), 5, 33, id="rtn8-bytes-odd"),
+    pytest.param(lambda: lf.HQQ(bits=3, group_size=32), 40, 96, id="hqq3-g32"),
+    pytest.param(lambda: lf.HQQ(bits=4, group_size=16, col_scale=True), 24, 48, id="hqq4-g16-col"),
+    pytest.param(lambda: lf.HQQ(bits=1, group_size=None), 8, 24, id="hqq1-row"),
+]
+KASHIN = [
+    pytest.param(lambda: lf.Kashin(bits=3), 48, 64, id="row"),
+    pytest.param(lambda: lf.Kashin(bits=2, group_size=32), 24, 96, id="g32"),
+    pytest.param(lambda: lf.Kashin(bits=4, col_scale=False), 20, 40, id="4bit-nocol"),
+    pytest.param(lambda: lf.Kashin(bits=3, rows_per_vector=2), 16, 40, id="two-rows"),
+    pytest.param(lambda: lf.Kashin(bits=3, scale_bits=8), 32, 64, id="log8-steps"),
+    pytest.param(lambda: lf.Kashin(bits=3, step_sizes="shared"), 32, 64, id="shared"),
+    pytest.param(lambda: lf.Kashin(bits=3, step_sizes="shared", scale_bits=8), 32, 64, id="shared-log8"),
+    pytest.param(lambda: lf.Kashin(bits=3, layout="auto"), 32, 48, id="auto"),
+    pytest.param(lambda: lf.Kashin(bits=5), 16, 32, id="5bit-bytes"),
+    pytest.param(lambda: lf.Kashin(bits=3), 6, 7, id="odd-width"),
+    pytest.param(lambda: lf.Kashin(bits=3, transform="random"), 16, 48, id="random-P"),
+    pytest.param(lambda: lf.Kashin(bits=3), 8, 300, id="fft-P"),  # longer than DENSE_TRANSFORM_MAX: P by FFT
+]
+
+
+@pytest.mark.parametrize("make, out_f, in_f", AFFINE + KASHIN)
+@pytest.mark.parametrize("tokens", [1, 3, NATIVE_MAX_TOKENS + 5, ACTIVATION_ROUTE_TOKENS // 2 + 1])  # × 2 sequences
+def test_native_matches_decode(ops, make, out_f, in_f, tokens):
+    layer = quantized(make(), out_f, in_f)
+    x = torch.randn(2, tokens, in_f, generator=torch.Generator().manual_seed(tokens))
+    assert layer._bind_native(), "this layout has a kernel"
+    assert_close(*outputs(layer, x))
+
+
+def test_the_kernel_is_what_runs(ops, monkeypatch):
+    """A layer with kernel='native' calls the bound kernel (not the decode path) for a few-token input."""
+    layer = quantized(lf.RTN(bits=3, group_size=16), 8, 32)
+    monkeypatch.setattr(layer._method, "decode", staticmethod(lambda *a: pytest.fail("decode ran")))
+    with torch.no_grad():
+        layer(torch.randn(1, 32))
+
+
+@pytest.mark.parametrize("make", [lambda: lf.Kashin(bits=3, codebook="kmeans"),
+                                  lambda: lf.Kashin(bits=3, codebook="kmeans", form="matrix")])
+def test_kashin_without_a_kernel_keeps_its_path(ops, make):
+    layer = quantized(make(), 16, 32)
+    assert layer._bind_native() is False
+    assert_close(*outputs(layer, torch.randn(3, 32)))
+
+
+def test_gradients_take_the_differentiable_path(ops):
+    layer = quantized(lf.RTN(bits=3, group_size=16), 8, 32)
+    x = torch.randn(2, 32, requires_grad=True)
+    layer(x).sum().backward()
+    grad_native = x.grad.clone()
+    x.grad = None
+    layer.kernel = "decode"
+    layer(x).sum().backward()
+    assert torch.allclose(grad_native, x.grad)
+
+
+def test_other_dtypes_take_the_decode_path(ops):
+    layer = quantized(lf.HQQ(bits=4, group_size=16), 8, 32)
+    x = torch.randn(3, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == torch.float64
+
+
+def test_a_wrong_input_width_is_named(ops):
+    layer = quantized(lf.RTN(bits=3, group_size=16), 8, 32)
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        layer(torch.randn(2, 31))
+
+
+def test_loading_other_codes_rebinds_the_kernel(ops):
+    source, target = quantized(lf.RTN(bits=3, group_size=16), 8, 32, seed=1), quantized(lf.RTN(bits=3, group_size=16), 8, 32, seed=2)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        target(x)  # binds the kernel to target's own codes
+        target.load_state_dict(source.state_dict())
+        assert torch.equal(target(x), source(x))
+
+
+def test_cache_and_kernel_switches_rebind(ops):
+    layer = quantized(lf.Kashin(bits=3), 16, 32)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        native_y = layer(x)
+        layer.cache = True
+        assert layer._bind_native() is False  # the cached weight serves the forward
+        assert_close(layer(x), native_y)
+        layer.cache = False
+        assert layer._bind_native()
+    with pytest.raises(LeanformerError, match="unknown kernel 'fast'"):
+        layer.kernel = "fast"
+
+
+def test_real_model_generates_the_same_tokens(ops, make_tiny_llama):
+    model = make_tiny_llama(layers=2, vocab_size=64)
+    lf.quantize(model, lf.Kashin(bits=3), progress=False)
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        native_ids = model.generate(ids, **kwargs)
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                m.kernel = "decode"
+        assert torch.equal(model.generate(ids, **kwargs), native_ids)
+
+
+def test_kernels_that_cannot_be_built_fall_back_with_one_warning(monkeypatch):
+    layer = quantized(lf.RTN(bits=3, group_size=16, kernel="decode"), 8, 32)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        ref = layer(x)
+    monkeypatch.setattr(native, "_STATE", {})
+
+    def no_compiler(capability):
+        raise RuntimeError("Error building extension: c++: command not found")
+    monkeypatch.setattr(native, "build", no_compiler)
+    layer.kernel = "native"
+    with pytest.warns(UserWarning, match="could not be built here.*command not found.*plain torch ops"):
+        with torch.no_grad():
+            assert torch.equal(layer(x), ref)  # never a wrong result
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not on every call
+        with torch.no_grad():
+            layer(x)
+
+
+def test_the_switch_off_variable(monkeypatch):
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    assert native.ops() is None
+
+
+def test_portable_build_matches_the_vector_one(ops):
+    """The scalar fallback (machines without AVX2, e.g. ARM) computes what the AVX2 build does."""
+    portable = native.build("DEFAULT")
+    for make, out_f, in_f in [(lambda: lf.RTN(bits=3, group_size=16), 24, 64),
+                              (lambda: lf.HQQ(bits=4, group_size=None, col_scale=True), 9, 45),
+                              (lambda: lf.Kashin(bits=3), 16, 64), (lambda: lf.Kashin(bits=4, rows_per_vector=2), 8, 24)]:
+        layer = quantized(make(), out_f, in_f)
+        x = torch.randn(3, in_f)
+        with torch.no_grad():
+            vector = layer(x)
+            layer._native_fn = layer._method.native_linear(portable, layer.codes, layer.metadata_tensors(),
+                                                           layer.header, layer.bias)
+            assert_close(layer(x), vector)
