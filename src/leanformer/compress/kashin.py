@@ -645,7 +645,7 @@ class Kashin(QuantConfig):
 
     @classmethod
     def linear(cls, x: torch.Tensor, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict,
-               bias: torch.Tensor | None, lookup=None) -> torch.Tensor:
+               bias: torch.Tensor | None, lookup=None, combine=None) -> torch.Tensor:
         """y = x Ŵᵀ + b without forming what costs most. Per vector Ŵ = (A + P B)·diag(col), so
         x Ŵᵀ = x_c Aᵀ + (Pᵀ x_c) Bᵀ with x_c = x·diag(col): with few tokens P goes on the activations
         (one matmul against A and B side by side; no transform of the weight), with many on the weight,
@@ -661,17 +661,20 @@ class Kashin(QuantConfig):
         rows = g // in_f if g > in_f else 1  # whole rows per vector (rows_per_vector), else 1
         tokens = x.numel() // in_f
         xc = x.reshape(tokens, in_f).float()
-        if "col_scale" in tensors:
-            xc = xc * tensors["col_scale"].float()
+        col = tensors["col_scale"].float() if "col_scale" in tensors else None
         # the activation route multiplies against twice the weights (A and B), rows times over for whole-row
         # vectors; the weight route transforms the weight once, whatever the tokens
         if tokens * rows <= ACTIVATION_ROUTE_TOKENS:
-            y = cls._linear_on_activations(xc, codes, tensors, header)
+            y = cls._linear_on_activations(xc if col is None else xc * col, codes, tensors, header)
             if y is not None:
                 y = y.to(x.dtype) if bias is None else (y.to(x.dtype) + bias)
                 return y.view(*x.shape[:-1], out_f)
-        # reorder whichever is smaller: the activations (tokens × in) or the weight back (out × in)
-        w, order = cls._rebuild(codes, tensors, header, reordered=rows == 1 and tokens < out_f, lookup=lookup)
+        # reorder, and scale by the column scales, whichever is smaller: the activations (tokens × in) or the
+        # weight (out × in)
+        on_x = tokens < out_f
+        w, order = cls._rebuild(codes, tensors, header, reordered=rows == 1 and on_x, lookup=lookup, combine=combine)
+        if col is not None:
+            xc, w = (xc * col, w) if on_x else (xc, w.view(out_f, in_f).mul_(col))
         if order is not None:  # w is each vector in Makhoul's order; read x the same way instead of w back
             xc = xc.view(tokens, in_f // g, g).index_select(-1, order).view(tokens, in_f)
         y = F.linear(xc.to(x.dtype), w.view(out_f, in_f).to(x.dtype), bias)
@@ -711,14 +714,16 @@ class Kashin(QuantConfig):
         return codes.view(n_vec, -1) + offsets  # uint8 + int: one pass, promoted
 
     @staticmethod
-    def _rebuild(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict, reordered: bool, lookup=None):
+    def _rebuild(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict, reordered: bool, lookup=None,
+                 combine=None):
         """The (vectors, length) weight A + P B before the column scales, and None; with reordered=True and
         the FFT form of P, each vector in Makhoul's order instead (no pass to put it back) and that order.
         Built REBUILD_CHUNK weights at a time into one output: the temporaries (indices, B, its spectrum)
         stay small, in cache, and are reused by the allocator instead of being mapped afresh each forward.
         lookup(first, order, a, b): the fused kernel (lowbit.cpp kashin_lookup) that fills A and B of a block
         of vectors from the codes in one pass, instead of the tables and index lookups here (codes are then
-        only read for their device)."""
+        only read for their device); combine(a, pb, order, out): the one that adds P B and puts each vector
+        back in the natural order (kashin_combine), instead of an add and a reordering pass."""
         out_f, in_f = header["shape"]
         g, bits = header["group_size"], header["bits"]
         n_vec = out_f * in_f // g  # a vector is part of a row, a row, or several whole rows
@@ -735,6 +740,7 @@ class Kashin(QuantConfig):
         step = max(1, REBUILD_CHUNK // g)
         if lookup is not None and has_b:
             a_block, b_block = torch.empty(step, g, device=codes.device), torch.empty(step, g, device=codes.device)
+        combine = combine if lookup is not None and fft and not reordered else None  # a reordered weight stays so
         for first in range(0, n_vec, step):
             last = min(n_vec, first + step)
             part = w[first:last]
@@ -744,6 +750,9 @@ class Kashin(QuantConfig):
                     continue
                 a, b = a_block[: last - first], b_block[: last - first]
                 lookup(first, order, a, b)
+                if combine is not None:
+                    combine(a, P.apply_reordered(b), order, part)  # irfft into a given out= copies once more
+                    continue
             else:
                 idx = Kashin._indices(codes[first:last], last - first, bits, first)
                 if fft:  # read the codes in the FFT's order: B comes out ready for apply_reordered, A matches its output
@@ -758,6 +767,8 @@ class Kashin(QuantConfig):
                 P.apply_reordered(b, out=part).add_(a)
             else:
                 torch.addmm(a, b, P.matrix(b.device).T, out=part)
+        if combine is not None:  # already back in the natural order
+            return w, None
         if fft and not reordered:
             return w.index_select(1, inverse), None
         return w, order
@@ -816,19 +827,20 @@ class Kashin(QuantConfig):
         col = tensors["col_scale"].float() if "col_scale" in tensors else None
         steps = (tensors["steps"], tensors.get("scale"), tensors.get("log_range"), tensors["domains"])
         lookup = functools.partial(ops.kashin_lookup, codes, *steps, out_f * in_f // g, g, bits)
+        combine = ops.kashin_combine
         if P.dense:  # the kernel applies P's matrix itself (the random P's QR factor is column-major)
             fused = functools.partial(ops.kashin_linear, None, codes, *steps, col, P.matrix(codes.device).contiguous(),
                                       bias, out_f, g, bits, ACTIVATION_ROUTE_TOKENS)
 
             def run(x: torch.Tensor) -> torch.Tensor:
                 y = fused(x)  # None above ACTIVATION_ROUTE_TOKENS tokens
-                return cls.linear(x, codes, tensors, header, bias, lookup=lookup) if y is None else y
+                return cls.linear(x, codes, tensors, header, bias, lookup=lookup, combine=combine) if y is None else y
             return run
 
         def run_fft(x: torch.Tensor) -> torch.Tensor:
             x2 = x.reshape(-1, in_f)
             if x2.shape[0] * (g // in_f if g > in_f else 1) > ACTIVATION_ROUTE_TOKENS:
-                return cls.linear(x, codes, tensors, header, bias, lookup=lookup)
+                return cls.linear(x, codes, tensors, header, bias, lookup=lookup, combine=combine)
             u = cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1]
             return ops.kashin_linear(u, codes, *steps, col, None, bias, out_f, g, bits, ACTIVATION_ROUTE_TOKENS, x)
         return run_fft

@@ -556,7 +556,26 @@ void kashin_lookup(const torch::Tensor& codes, const torch::Tensor& steps, const
   });
 }
 
+// The weight route's last step for P by FFT: w[v, order[j]] = a[v, j] + pb[v, j], with a and P b in the FFT's
+// order: the sum and the way back to the natural order in one pass (in place of an add and an index_select).
+void kashin_combine(const torch::Tensor& a, const torch::Tensor& pb, const torch::Tensor& order, torch::Tensor w) {
+  const int64_t n = w.size(0), group = order.numel();
+  TORCH_CHECK(a.scalar_type() == torch::kFloat32 && pb.scalar_type() == torch::kFloat32 &&
+              w.scalar_type() == torch::kFloat32 && a.is_contiguous() && pb.is_contiguous() && w.is_contiguous() &&
+              a.numel() == n * group && pb.numel() == n * group && w.numel() == n * group &&
+              order.scalar_type() == torch::kInt64, "lowbit: a, pb, w must be contiguous float32 (vectors, g) blocks");
+  const torch::Tensor order_c = order.contiguous();
+  const int64_t* pos = order_c.data_ptr<int64_t>();
+  const float *ap = a.data_ptr<float>(), *bp = pb.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t v = begin; v < end; ++v)
+      for (int64_t j = 0; j < group; ++j) wp[v * group + pos[j]] = ap[v * group + j] + bp[v * group + j];
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("kashin_combine", &kashin_combine, "Kashin: A + P B back in the natural order in one pass");
   m.def("kashin_lookup", &kashin_lookup, "Kashin (closed codebook): A and B of a block of vectors from the codes");
   m.def("affine_linear", &affine_linear, "RTN / HQQ: y = x W^T (+ b) from the codes");
   m.def("affine_decode", &affine_decode, "RTN / HQQ: the float32 weight from the codes in one pass");
