@@ -825,7 +825,10 @@ class Kashin(QuantConfig):
             return None
         P = Transform(header["transform"], g, int(tensors["seed"][0]))
         col = tensors["col_scale"].float() if "col_scale" in tensors else None
-        steps = (tensors["steps"], tensors.get("scale"), tensors.get("log_range"), tensors["domains"])
+        # log-coded step sizes: the 256 values the codes stand for, once here instead of exp2 per vector per call
+        log_values = (log8_decode(torch.arange(256, dtype=torch.uint8), tensors["log_range"]).contiguous()
+                      if "log_range" in tensors else None)
+        steps = (tensors["steps"], tensors.get("scale"), log_values, tensors["domains"])
         lookup = functools.partial(ops.kashin_lookup, codes, *steps, out_f * in_f // g, g, bits)
         combine = ops.kashin_combine
         if P.dense:  # the kernel applies P's matrix itself (the random P's QR factor is column-major)

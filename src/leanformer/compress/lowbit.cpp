@@ -7,9 +7,10 @@
 // flat index), else one per byte; the flat index runs row-major over the (out, in) weight. Where every
 // piece read starts on a byte (even widths), the inner loops read 8 bytes (16 codes) per step against the
 // input's even and odd entries, split out once per call (AVX2 + FMA; a portable scalar loop otherwise).
-// All three are linear in the codes' values, so a code or one bit of it multiplies the input directly:
+// Both methods are linear in what the codes stand for, so the codes multiply the input directly:
 //   RTN / HQQ    y_o = Σ_g s_g Σ_{k∈g} q_k x_k + m_g Σ_{k∈g} x_k
-//   Kashin       y_o = Σ_i c_i (2 Σ_k bit_i(q_k) z_k − Σ_k z_k),  z = x_c (plain steps) or u = Pᵀ x_c (P steps)
+//   Kashin       y_o = Σ_k A_v[q_k] x_c,k + B_v[q_k] u_k, u = Pᵀ x_c: per-vector tables of the values per code
+//                (AVX2), or one masked sum per step, Σ_i c_i (2 Σ_k bit_i(q_k) z_k − Σ_k z_k) (portable)
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -261,32 +262,30 @@ void add_bias(float* y, int64_t tokens, int64_t out_f, const c10::optional<torch
 }
 
 // Kashin's closed-codebook step sizes of vectors first … first + n − 1 (k each, times the vector's scale when
-// the step sizes are shared): stored float16, or uint8 log codes (0 = zero) spaced evenly in log2 over log_range.
+// the step sizes are shared): stored float16, or uint8 log codes read through log_values, the 256 values the
+// codes stand for (kashin.log8_decode of every code, computed once when a layer binds its kernel).
 std::vector<float> kashin_steps(const torch::Tensor& steps, const c10::optional<torch::Tensor>& scale,
-                                const c10::optional<torch::Tensor>& log_range, int64_t n_vec, int64_t bits,
+                                const c10::optional<torch::Tensor>& log_values, int64_t n_vec, int64_t bits,
                                 int64_t first, int64_t n) {
   const bool shared = steps.numel() == bits;
   TORCH_CHECK(shared || steps.numel() == n_vec * bits, "lowbit: steps do not match the layer");
   TORCH_CHECK(!scale.has_value() || scale->numel() == n_vec, "lowbit: scale does not match the layer");
-  float lo = 0.f, dlog = 0.f;
-  if (log_range.has_value()) {
-    const torch::Tensor lr = log_range->to(torch::kFloat32).contiguous();
-    lo = lr.data_ptr<float>()[0];
-    dlog = (lr.data_ptr<float>()[1] - lo) / 254.f;
-  }
+  TORCH_CHECK(!log_values.has_value() || (log_values->scalar_type() == torch::kFloat32 &&
+                                          log_values->is_contiguous() && log_values->numel() == 256),
+              "lowbit: log_values must be the 256 float32 values of the log codes");
+  const float* table = log_values.has_value() ? log_values->data_ptr<float>() : nullptr;
   struct Numbers {
     const at::Half* half = nullptr;
     const uint8_t* log = nullptr;
   };
   auto numbers = [&](const torch::Tensor& t) -> Numbers {
     TORCH_CHECK(t.is_contiguous() && (t.scalar_type() == torch::kHalf ||
-                                      (t.scalar_type() == torch::kUInt8 && log_range.has_value())),
-                "lowbit: step sizes and scales are float16 or uint8 log codes (with log_range)");
+                                      (t.scalar_type() == torch::kUInt8 && table)),
+                "lowbit: step sizes and scales are float16 or uint8 log codes (with log_values)");
     return t.scalar_type() == torch::kHalf ? Numbers{t.data_ptr<at::Half>(), nullptr} : Numbers{nullptr, t.data_ptr<uint8_t>()};
   };
   auto number = [&](const Numbers& num, int64_t i) -> float {
-    if (num.half) return static_cast<float>(num.half[i]);
-    return num.log[i] ? std::exp2(lo + float(num.log[i] - 1) * dlog) : 0.f;
+    return num.half ? static_cast<float>(num.half[i]) : table[num.log[i]];
   };
   const Numbers step_numbers = numbers(steps), scale_numbers = scale.has_value() ? numbers(*scale) : Numbers{};
   std::vector<float> out(n * bits);
@@ -407,7 +406,7 @@ torch::Tensor affine_decode(const torch::Tensor& codes, const torch::Tensor& sca
 // Kashin, closed codebook (kashin.py): a vector of g weights is Ŵ_v = Σ_i c_i s_i (times P when step i is in
 // the P domain), s_i = ±1 the bit i of each code, c_i its step size; the input columns are scaled by col.
 // With P on the activations, u = Pᵀ x_c per vector, each step is one masked sum over the vector's codes.
-//   steps: (vectors or 1, k) float16, or uint8 log codes with log_range; scale: per vector, optional (shared
+//   steps: (vectors or 1, k) float16, or uint8 log codes with log_values; scale: per vector, optional (shared
 //   step sizes), float16 or uint8 log codes; domains: the 1-bit stream of the (vectors, k) domain flags.
 //   Returns None for more than max_tokens tokens (× rows per vector): the caller rebuilds the weight instead.
 //   u: given (tokens, u_width), or computed here from `transform`, P's dense (g, g) matrix M (P z = M z).
@@ -415,7 +414,7 @@ torch::Tensor affine_decode(const torch::Tensor& codes, const torch::Tensor& sca
 //   r, g), u[t, j] = Pᵀ of the input placed at slot j, and output row j of the block reads its own slot).
 c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u_given, const torch::Tensor& codes,
                                           const torch::Tensor& steps, const c10::optional<torch::Tensor>& scale,
-                                          const c10::optional<torch::Tensor>& log_range, const torch::Tensor& domains,
+                                          const c10::optional<torch::Tensor>& log_values, const torch::Tensor& domains,
                                           const c10::optional<torch::Tensor>& col,
                                           const c10::optional<torch::Tensor>& transform,
                                           const c10::optional<torch::Tensor>& bias, int64_t out_f, int64_t group,
@@ -454,7 +453,7 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
       }
   }
   const Input spec(u.data(), nullptr, tokens, u_width, group, nibbles);
-  const std::vector<float> step = kashin_steps(steps, scale, log_range, n_vec, bits, 0, n_vec);
+  const std::vector<float> step = kashin_steps(steps, scale, log_values, n_vec, bits, 0, n_vec);
   const uint8_t* dom = domains.data_ptr<uint8_t>();
   const uint8_t* c = codes.data_ptr<uint8_t>();
   auto y = output(x_in, out_f, bias);
@@ -516,7 +515,7 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
 // out_a / out_b (n, g), each vector's positions read in `order` when given (the FFT's order, so that the caller
 // applies P without reordering the weight). The caller adds P B to A.
 void kashin_lookup(const torch::Tensor& codes, const torch::Tensor& steps, const c10::optional<torch::Tensor>& scale,
-                   const c10::optional<torch::Tensor>& log_range, const torch::Tensor& domains, int64_t n_vec,
+                   const c10::optional<torch::Tensor>& log_values, const torch::Tensor& domains, int64_t n_vec,
                    int64_t group, int64_t bits, int64_t first, const c10::optional<torch::Tensor>& order,
                    torch::Tensor out_a, const c10::optional<torch::Tensor>& out_b) {
   check_codes(codes);
@@ -528,7 +527,7 @@ void kashin_lookup(const torch::Tensor& codes, const torch::Tensor& steps, const
   TORCH_CHECK(!order.has_value() || (order->scalar_type() == torch::kInt64 && order->numel() == group),
               "lowbit: order must be g int64 positions");
   TORCH_CHECK(domains.scalar_type() == torch::kUInt8 && domains.numel() * 8 >= n_vec * bits, "lowbit: domains");
-  const std::vector<float> step = kashin_steps(steps, scale, log_range, n_vec, bits, first, n);
+  const std::vector<float> step = kashin_steps(steps, scale, log_values, n_vec, bits, first, n);
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const uint8_t* dom = domains.data_ptr<uint8_t>();
   const torch::Tensor order_c = order.has_value() ? order->contiguous() : torch::Tensor();
