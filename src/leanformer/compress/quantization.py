@@ -332,13 +332,12 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = self._native_fn if self._native_fn is not None else self._bind_native()
-        if run and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
-            if x.is_cpu:
-                y = run(x)
-                if y is not None:
-                    return y
-            else:
-                _warn_once(f"kernel='native' runs on the CPU; {x.device.type} inputs use kernel='decode'")
+        if run and x.is_cpu and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
+            y = run(x)
+            if y is not None:
+                return y
+        elif self._kernel == "native" and not x.is_cpu:
+            _warn_once(f"kernel='native' runs on the CPU; {x.device.type} inputs use kernel='decode'")
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.cache or self._cached is not None or self.kernel == "compiled":
             return F.linear(x, self.dequantize().to(x.dtype), bias)
