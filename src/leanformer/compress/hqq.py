@@ -18,16 +18,17 @@ from typing import ClassVar
 import torch
 
 from .packing import fp16, pack_bits
-from .quantization import QuantConfig, affine_native_linear, check_group_size, col_scale_field, column_rms, group_size_field
+from .quantization import AffineQuantConfig, check_group_size, col_scale_field, column_rms, group_size_field
 
 
 @dataclass
-class HQQ(QuantConfig):
+class HQQ(AffineQuantConfig):
     group_size: int | None = group_size_field(64)  # hqq's usual choice
     col_scale: bool = col_scale_field(False)
 
     method: ClassVar[str] = "hqq"
     SUPPORTED_BITS: ClassVar[tuple[int, ...]] = (1, 2, 3, 4, 5, 6, 8)
+    ZERO_IN_CODES: ClassVar[bool] = True  # hqq's zero is a point in code units: Ŵ = s (q − zero)
 
     def quantize_weight(self, weight: torch.Tensor, name: str):
         from hqq.core.quantize import Quantizer
@@ -48,15 +49,3 @@ class HQQ(QuantConfig):
         codes = (w / scale.float()[:, None] + zero.float()[:, None]).round().clamp(0, 2 ** self.bits - 1)
         tensors = {"packed": pack_bits(codes, self.bits), "scale": scale, "zero": zero, **extra}
         return tensors, {"group_size": g, "col_scale": self.col_scale}
-
-    @staticmethod
-    def decode(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
-        out_f, in_f = header["shape"]
-        w = codes.view(-1, header["group_size"]).float()  # in place from here: this runs on every forward
-        w.sub_(tensors["zero"].float()[:, None]).mul_(tensors["scale"].float()[:, None])
-        w = w.view(out_f, in_f)
-        return w.mul_(tensors["col_scale"].float()) if "col_scale" in tensors else w
-
-    @classmethod
-    def native_linear(cls, ops, codes, tensors, header, bias):
-        return affine_native_linear(ops, codes, tensors, header, bias, zero_in_codes=True)

@@ -130,17 +130,33 @@ class QuantConfig:
         return cls.decode(codes, {k: v for k, v in tensors.items() if k != "packed"}, header)
 
 
-def affine_native_linear(ops, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict,
-                         bias: torch.Tensor | None, zero_in_codes: bool):
-    """`native_linear` of the affine methods, Ŵ = (s q + m)·diag(col) per group with m = zero (RTN) or
-    −zero·s (HQQ, zero_in_codes): up to NATIVE_MAX_TOKENS tokens the kernel multiplies with the codes, above
-    it rebuilds the weight in one pass and multiplies."""
-    scale, zero = tensors["scale"], tensors["zero"]
-    if scale.dtype != torch.float16 or zero.dtype != torch.float16:  # metadata cast away from how it is stored
-        return None
-    col = tensors["col_scale"].float() if "col_scale" in tensors else None
-    return functools.partial(ops.affine_linear, codes, scale, zero, col, bias, header["shape"][0],
-                             header["group_size"], header["bits"], zero_in_codes, NATIVE_MAX_TOKENS)
+@dataclass
+class AffineQuantConfig(QuantConfig):
+    """What RTN and HQQ share: b-bit codes with a float16 scale s and zero per group of `group_size` inputs of
+    a row (and optional column scales). They store the zero differently: RTN's is the group's minimum,
+    Ŵ = s q + zero; HQQ's is a point in code units, Ŵ = s (q − zero) (ZERO_IN_CODES)."""
+
+    ZERO_IN_CODES: ClassVar[bool] = False
+
+    @classmethod
+    def decode(cls, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
+        out_f, in_f = header["shape"]
+        w = codes.view(-1, header["group_size"]).float()  # in place from here: this runs on every forward
+        scale, zero = tensors["scale"].float()[:, None], tensors["zero"].float()[:, None]
+        w = w.sub_(zero).mul_(scale) if cls.ZERO_IN_CODES else w.mul_(scale).add_(zero)
+        w = w.view(out_f, in_f)
+        return w.mul_(tensors["col_scale"].float()) if "col_scale" in tensors else w
+
+    @classmethod
+    def native_linear(cls, ops, codes, tensors, header, bias):
+        """Up to NATIVE_MAX_TOKENS tokens the kernel multiplies with the codes (per group s Σ q x + m Σ x, with
+        m = zero, or −zero·s for a zero in code units); above, it rebuilds the weight in one pass and multiplies."""
+        scale, zero = tensors["scale"], tensors["zero"]
+        if scale.dtype != torch.float16 or zero.dtype != torch.float16:  # metadata cast away from how it is stored
+            return None
+        col = tensors["col_scale"].float() if "col_scale" in tensors else None
+        return functools.partial(ops.affine_linear, codes, scale, zero, col, bias, header["shape"][0],
+                                 header["group_size"], header["bits"], cls.ZERO_IN_CODES, NATIVE_MAX_TOKENS)
 
 
 def method_class(method: str) -> type[QuantConfig]:

@@ -12,11 +12,11 @@ from typing import ClassVar
 import torch
 
 from .packing import fp16, pack_bits
-from .quantization import QuantConfig, affine_native_linear, check_group_size, col_scale_field, column_rms, group_size_field
+from .quantization import AffineQuantConfig, check_group_size, col_scale_field, column_rms, group_size_field
 
 
 @dataclass
-class RTN(QuantConfig):
+class RTN(AffineQuantConfig):
     group_size: int | None = group_size_field(128)
     col_scale: bool = col_scale_field(False)
 
@@ -39,15 +39,3 @@ class RTN(QuantConfig):
         codes = ((w - zero.float()) / scale.float()).round().clamp(0, qmax)
         tensors.update(packed=pack_bits(codes, self.bits), scale=scale.reshape(-1), zero=zero.reshape(-1))
         return tensors, {"group_size": g, "col_scale": self.col_scale}
-
-    @staticmethod
-    def decode(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
-        out_f, in_f = header["shape"]
-        w = codes.view(-1, header["group_size"]).float()  # in place from here: this runs on every forward
-        w.mul_(tensors["scale"].float()[:, None]).add_(tensors["zero"].float()[:, None])
-        w = w.view(out_f, in_f)
-        return w.mul_(tensors["col_scale"].float()) if "col_scale" in tensors else w
-
-    @classmethod
-    def native_linear(cls, ops, codes, tensors, header, bias):
-        return affine_native_linear(ops, codes, tensors, header, bias, zero_in_codes=False)
