@@ -74,7 +74,7 @@ from child_runs import ONE_THREAD  # noqa: E402
 from provenance import git_state  # noqa: E402
 
 import leanformer as lf  # noqa: E402
-from leanformer.compress.quantization import QuantConfig  # noqa: E402
+from leanformer.compress.quantization import QuantConfig, quantized_layers  # noqa: E402
 from leanformer.files import save_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,16 +232,14 @@ def _jsonable(obj):
 
 def set_kernel(model, kernel: str) -> None:
     """Choose every QuantizedLinear's forward (QuantConfig.kernel) after loading, whatever was saved."""
-    for m in model.modules():
-        if isinstance(m, lf.QuantizedLinear):
-            m.kernel = kernel
+    for layer in quantized_layers(model).values():
+        layer.kernel = kernel
 
 
 def set_cache(model, on: bool) -> None:
     """Turn QuantizedLinear's weight cache on or off after the fact (default off: rebuilt per forward)."""
-    for m in model.modules():
-        if isinstance(m, lf.QuantizedLinear):
-            m.cache = on  # the setter drops a kept weight
+    for layer in quantized_layers(model).values():
+        layer.cache = on  # the setter drops a kept weight
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,7 +521,7 @@ def latency_child(spec: dict) -> dict:
     t0 = time.perf_counter()
     model, _ = lf.load(spec["dir"])
     out = {"load_seconds": time.perf_counter() - t0, "peak_reset": reset, **mem("rss_load")}
-    quantized = any(isinstance(m, lf.QuantizedLinear) for m in model.modules())
+    quantized = bool(quantized_layers(model))
     timing = _encoder_timing if spec["kind"] == "encoder" else _decoder_timing
     # default: the library's default forward (kernel="native"); decode: the plain-torch rebuild of every weight on
     # every forward (the default before the fused kernels); cache: rebuilt once and kept (full-precision memory)

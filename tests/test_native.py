@@ -12,7 +12,7 @@ from torch import nn
 import leanformer as lf
 from leanformer.compress import native
 from leanformer.compress.kashin import ACTIVATION_ROUTE_TOKENS
-from leanformer.compress.quantization import NATIVE_MAX_TOKENS, QuantizedLinear
+from leanformer.compress.quantization import NATIVE_MAX_TOKENS, QuantizedLinear, quantized_layers
 from leanformer.errors import LeanformerError
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -157,9 +157,8 @@ def test_real_model_generates_the_same_tokens(ops, make_tiny_llama):
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         native_ids = model.generate(ids, **kwargs)
-        for m in model.modules():
-            if isinstance(m, QuantizedLinear):
-                m.kernel = "decode"
+        for layer in quantized_layers(model).values():
+            layer.kernel = "decode"
         assert torch.equal(model.generate(ids, **kwargs), native_ids)
 
 
