@@ -74,6 +74,8 @@ KASHIN = [
     pytest.param(lambda: lf.Kashin(bits=3), 6, 7, id="odd-width"),
     pytest.param(lambda: lf.Kashin(bits=3, transform="random"), 16, 48, id="random-P"),
     pytest.param(lambda: lf.Kashin(bits=3), 8, 300, id="fft-P"),  # longer than DENSE_TRANSFORM_MAX: P by FFT
+    pytest.param(lambda: lf.Kashin(bits=4, col_scale=False), 6, 264, id="fft-P-4bit"),
+    pytest.param(lambda: lf.Kashin(bits=3), 4, 301, id="fft-P-odd"),  # Makhoul's order of an odd length
 ]
 
 
@@ -195,9 +197,11 @@ def test_portable_build_matches_the_vector_one(ops):
                               (lambda: lf.HQQ(bits=4, group_size=None, col_scale=True), 9, 45),
                               (lambda: lf.Kashin(bits=3), 16, 64), (lambda: lf.Kashin(bits=4, rows_per_vector=2), 8, 24)]:
         layer = quantized(make(), out_f, in_f)
-        x = torch.randn(3, in_f)
-        with torch.no_grad():
-            vector = layer(x)
-            layer._native_fn = layer._method.native_linear(portable, layer.codes, layer.metadata_tensors(),
-                                                           layer.header, layer.bias)
-            assert_close(layer(x), vector)
+        for tokens in (3, ACTIVATION_ROUTE_TOKENS + 6):  # the activation route, and the weight route's kernels
+            x = torch.randn(tokens, in_f)
+            with torch.no_grad():
+                layer._native_fn = None
+                vector = layer(x)
+                layer._native_fn = layer._method.native_linear(portable, layer.codes, layer.metadata_tensors(),
+                                                               layer.header, layer.bias)
+                assert_close(layer(x), vector)

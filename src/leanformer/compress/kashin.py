@@ -133,6 +133,15 @@ def _spectral_signs(n: int, seed: int, device: torch.device) -> tuple[torch.Tens
     return conjugate.float().to(device), coef.to(torch.complex64).to(device)
 
 
+@lru_cache(maxsize=256)
+def _spectral_matrix(n: int, seed: int) -> torch.Tensor:
+    """The same step as one real 2 × 2 map per bin, (bins, 4) = (m00, m01, m10, m11): with s the sign on Im V_k
+    and c_k = a + ib, H_k = (a Re V − s b Im V) + i (b Re V + s a Im V) (for lowbit.cpp spectral_map)."""
+    conjugate, coef = _spectral_signs(n, seed, torch.device("cpu"))
+    s, a, b = conjugate[:, 1], coef.real, coef.imag
+    return torch.stack([a, -s * b, b, s * a], -1).contiguous()
+
+
 @lru_cache(maxsize=16)
 def _random_orthogonal(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -178,12 +187,17 @@ class Transform:
         """("dct") The reordering apply_reordered works in, and its inverse: (P z)[order] = apply_reordered(z[order])."""
         return _even_odd_order(self.n, device)
 
-    def apply_reordered(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """("dct") P in Makhoul's order: v = z[order] ↦ (P z)[order] (written into `out` when given)."""
-        conjugate, coef = _spectral_signs(self.n, self.seed, v.device)
+    def apply_reordered(self, v: torch.Tensor, out: torch.Tensor | None = None, spectral_map=None) -> torch.Tensor:
+        """("dct") P in Makhoul's order: v = z[order] ↦ (P z)[order] (written into `out` when given).
+        spectral_map(spectrum, matrix): the fused kernel (lowbit.cpp) for the step between the FFTs."""
         spectrum = torch.fft.rfft(v)
-        torch.view_as_real(spectrum).mul_(conjugate)  # in place: no more weight-sized buffers than needed
-        return torch.fft.irfft(spectrum.mul_(coef), n=self.n, out=out)
+        if spectral_map is not None:
+            spectral_map(spectrum, _spectral_matrix(self.n, self.seed))
+        else:
+            conjugate, coef = _spectral_signs(self.n, self.seed, v.device)
+            torch.view_as_real(spectrum).mul_(conjugate)  # in place: no more weight-sized buffers than needed
+            spectrum.mul_(coef)
+        return torch.fft.irfft(spectrum, n=self.n, out=out)
 
     def matrix(self, device: torch.device) -> torch.Tensor:
         """P as a dense (n, n) matrix M (P z = M z; rows z: z @ Mᵀ), cached per (kind, n, seed, device)."""
@@ -645,11 +659,12 @@ class Kashin(QuantConfig):
 
     @classmethod
     def linear(cls, x: torch.Tensor, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict,
-               bias: torch.Tensor | None, lookup=None, combine=None) -> torch.Tensor:
+               bias: torch.Tensor | None, rebuild=None) -> torch.Tensor:
         """y = x Ŵᵀ + b without forming what costs most. Per vector Ŵ = (A + P B)·diag(col), so
         x Ŵᵀ = x_c Aᵀ + (Pᵀ x_c) Bᵀ with x_c = x·diag(col): with few tokens P goes on the activations
         (one matmul against A and B side by side; no transform of the weight), with many on the weight,
         read in the FFT's order so that only the activations are reordered (`ACTIVATION_ROUTE_TOKENS`).
+        rebuild(): the fused kernels' weight route (`native_linear`), the column-scaled weight in one function.
         The matrix form rebuilds its weight (the default)."""
         out_f, in_f = header["shape"]
         if header["form"] == "matrix":
@@ -669,10 +684,12 @@ class Kashin(QuantConfig):
             if y is not None:
                 y = y.to(x.dtype) if bias is None else (y.to(x.dtype) + bias)
                 return y.view(*x.shape[:-1], out_f)
+        if rebuild is not None:
+            return F.linear(x, rebuild().view(out_f, in_f).to(x.dtype), bias)
         # reorder, and scale by the column scales, whichever is smaller: the activations (tokens × in) or the
         # weight (out × in)
         on_x = tokens < out_f
-        w, order = cls._rebuild(codes, tensors, header, reordered=rows == 1 and on_x, lookup=lookup, combine=combine)
+        w, order = cls._rebuild(codes, tensors, header, reordered=rows == 1 and on_x)
         if col is not None:
             xc, w = (xc * col, w) if on_x else (xc, w.view(out_f, in_f).mul_(col))
         if order is not None:  # w is each vector in Makhoul's order; read x the same way instead of w back
@@ -714,64 +731,63 @@ class Kashin(QuantConfig):
         return codes.view(n_vec, -1) + offsets  # uint8 + int: one pass, promoted
 
     @staticmethod
-    def _rebuild(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict, reordered: bool, lookup=None,
-                 combine=None):
+    def _rebuild(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict, reordered: bool):
         """The (vectors, length) weight A + P B before the column scales, and None; with reordered=True and
         the FFT form of P, each vector in Makhoul's order instead (no pass to put it back) and that order.
         Built REBUILD_CHUNK weights at a time into one output: the temporaries (indices, B, its spectrum)
-        stay small, in cache, and are reused by the allocator instead of being mapped afresh each forward.
-        lookup(first, order, a, b): the fused kernel (lowbit.cpp kashin_lookup) that fills A and B of a block
-        of vectors from the codes in one pass, instead of the tables and index lookups here (codes are then
-        only read for their device); combine(a, pb, order, out): the one that adds P B and puts each vector
-        back in the natural order (kashin_combine), instead of an add and a reordering pass."""
+        stay small, in cache, and are reused by the allocator instead of being mapped afresh each forward."""
         out_f, in_f = header["shape"]
         g, bits = header["group_size"], header["bits"]
         n_vec = out_f * in_f // g  # a vector is part of a row, a row, or several whole rows
         P = Transform(header["transform"], g, int(tensors["seed"][0]))
-        if lookup is None:
-            table_a, table_b = Kashin._tables(tensors, header, n_vec)
-            table_a, has_b = table_a.reshape(-1), table_b is not None
-            codes = codes.view(n_vec, g)
-        else:
-            has_b = bool(tensors["domains"].any())
-        fft = has_b and not P.dense
+        table_a, table_b = Kashin._tables(tensors, header, n_vec)
+        table_a, codes = table_a.reshape(-1), codes.view(n_vec, g)
+        fft = table_b is not None and not P.dense
         order, inverse = P.order(codes.device) if fft else (None, None)
         w = torch.empty(n_vec, g, device=codes.device)
         step = max(1, REBUILD_CHUNK // g)
-        if lookup is not None and has_b:
-            a_block, b_block = torch.empty(step, g, device=codes.device), torch.empty(step, g, device=codes.device)
-        combine = combine if lookup is not None and fft and not reordered else None  # a reordered weight stays so
         for first in range(0, n_vec, step):
             last = min(n_vec, first + step)
             part = w[first:last]
-            if lookup is not None:
-                if not has_b:
-                    lookup(first, None, part, None)
-                    continue
-                a, b = a_block[: last - first], b_block[: last - first]
-                lookup(first, order, a, b)
-                if combine is not None:
-                    combine(a, P.apply_reordered(b), order, part)  # irfft into a given out= copies once more
-                    continue
-            else:
-                idx = Kashin._indices(codes[first:last], last - first, bits, first)
-                if fft:  # read the codes in the FFT's order: B comes out ready for apply_reordered, A matches its output
-                    idx = idx.index_select(1, order)
-                idx = idx.view(-1)
-                if table_b is None:
-                    torch.index_select(table_a, 0, idx, out=part.view(-1))
-                    continue
-                a = table_a.index_select(0, idx).view(-1, g)
-                b = table_b.reshape(-1).index_select(0, idx).view(-1, g)
+            idx = Kashin._indices(codes[first:last], last - first, bits, first)
+            if fft:  # read the codes in the FFT's order: B comes out ready for apply_reordered, A matches its output
+                idx = idx.index_select(1, order)
+            idx = idx.view(-1)
+            if table_b is None:
+                torch.index_select(table_a, 0, idx, out=part.view(-1))
+                continue
+            a = table_a.index_select(0, idx).view(-1, g)
+            b = table_b.reshape(-1).index_select(0, idx).view(-1, g)
             if fft:
                 P.apply_reordered(b, out=part).add_(a)
             else:
                 torch.addmm(a, b, P.matrix(b.device).T, out=part)
-        if combine is not None:  # already back in the natural order
-            return w, None
         if fft and not reordered:
             return w.index_select(1, inverse), None
         return w, order
+
+    @staticmethod
+    def _rebuild_native(header: dict, P: "Transform", has_b: bool, lookup, combine, spectral_map) -> torch.Tensor:
+        """The column-scaled (vectors, length) weight from the fused kernels (lowbit.cpp), REBUILD_CHUNK weights
+        at a time so that B and P B stay in cache: lookup(first, fft, b) writes B of a block of vectors (in the
+        FFT's order when fft), P goes on it (by FFT, its middle step `spectral_map`, or P's dense matrix for
+        short vectors), and combine(first, pb, fft, out) writes (A + P B)·diag(col) in the natural order."""
+        out_f, in_f = header["shape"]
+        g = header["group_size"]
+        n_vec = out_f * in_f // g
+        fft = has_b and not P.dense
+        w = torch.empty(n_vec, g)
+        step = max(1, REBUILD_CHUNK // g)
+        b_block = torch.empty(min(step, n_vec), g) if has_b else None
+        for first in range(0, n_vec, step):
+            last = min(n_vec, first + step)
+            pb = None
+            if has_b:
+                b = b_block[: last - first]
+                lookup(first, fft, b)
+                pb = P.apply_reordered(b, spectral_map=spectral_map) if fft else b @ P.matrix(b.device).T
+            combine(first, pb, fft, w[first:last])
+        return w
 
     @staticmethod
     def _linear_on_activations(xc: torch.Tensor, codes: torch.Tensor, tensors: dict[str, torch.Tensor],
@@ -829,21 +845,24 @@ class Kashin(QuantConfig):
         log_values = (log8_decode(torch.arange(256, dtype=torch.uint8), tensors["log_range"]).contiguous()
                       if "log_range" in tensors else None)
         steps = (tensors["steps"], tensors.get("scale"), log_values, tensors["domains"])
-        lookup = functools.partial(ops.kashin_lookup, codes, *steps, out_f * in_f // g, g, bits)
-        combine = ops.kashin_combine
+        n_vec = out_f * in_f // g
+        lookup = functools.partial(ops.kashin_lookup, codes, *steps, n_vec, g, bits)
+        combine = functools.partial(ops.kashin_combine, codes, *steps, n_vec, g, bits, col, in_f)
+        rebuild = functools.partial(cls._rebuild_native, header, P, bool(tensors["domains"].any()), lookup, combine,
+                                    ops.spectral_map)
         if P.dense:  # the kernel applies P's matrix itself (the random P's QR factor is column-major)
             fused = functools.partial(ops.kashin_linear, None, codes, *steps, col, P.matrix(codes.device).contiguous(),
                                       bias, out_f, g, bits, ACTIVATION_ROUTE_TOKENS)
 
             def run(x: torch.Tensor) -> torch.Tensor:
                 y = fused(x)  # None above ACTIVATION_ROUTE_TOKENS tokens
-                return cls.linear(x, codes, tensors, header, bias, lookup=lookup, combine=combine) if y is None else y
+                return cls.linear(x, codes, tensors, header, bias, rebuild=rebuild) if y is None else y
             return run
 
         def run_fft(x: torch.Tensor) -> torch.Tensor:
             x2 = x.reshape(-1, in_f)
             if x2.shape[0] * (g // in_f if g > in_f else 1) > ACTIVATION_ROUTE_TOKENS:
-                return cls.linear(x, codes, tensors, header, bias, lookup=lookup, combine=combine)
+                return cls.linear(x, codes, tensors, header, bias, rebuild=rebuild)
             u = cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1]
             return ops.kashin_linear(u, codes, *steps, col, None, bias, out_f, g, bits, ACTIVATION_ROUTE_TOKENS, x)
         return run_fft

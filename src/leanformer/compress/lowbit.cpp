@@ -511,72 +511,210 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
   return y;
 }
 
-// Kashin's weight route (closed codebook): A and, when out_b is given, B of vectors first … first + n − 1 into
-// out_a / out_b (n, g), each vector's positions read in `order` when given (the FFT's order, so that the caller
-// applies P without reordering the weight). The caller adds P B to A.
+// Kashin's weight route (closed codebook), for vectors first … first + n − 1 of the layer: `kashin_lookup`
+// writes B of each (its values per code in the P domain), in Makhoul's order when asked (the order P's FFT
+// form works in, kashin.py `_even_odd_order`: v[m] = z[2m], v[g − 1 − m] = z[2m + 1]), so that the caller
+// applies P without reordering anything; `kashin_combine` writes the weight Ŵ = (A + P B)·diag(col) in the
+// natural order, A read from the codes again and P B from the caller (in Makhoul's order or the natural one).
+// A is never stored: one write and one read of a weight-sized block fewer. With nibble codes the even and odd
+// positions are a byte's low and high nibbles, so both orders are read with the same table permutes.
+namespace {
+
+struct KashinVectors {
+  const uint8_t* codes;
+  const uint8_t* domains;
+  std::vector<float> step;
+  int64_t n_vec, group, bits, first, n;
+  bool nibbles;
+  KashinVectors(const torch::Tensor& codes_t, const torch::Tensor& steps, const c10::optional<torch::Tensor>& scale,
+                const c10::optional<torch::Tensor>& log_values, const torch::Tensor& domains_t, int64_t n_vec_,
+                int64_t group_, int64_t bits_, int64_t first_, int64_t n_)
+      : n_vec(n_vec_), group(group_), bits(bits_), first(first_), n(n_), nibbles(bits_ <= 4) {
+    check_codes(codes_t);
+    TORCH_CHECK(first >= 0 && n >= 0 && first + n <= n_vec &&
+                codes_t.numel() >= (nibbles ? (n_vec * group + 1) / 2 : n_vec * group),
+                "lowbit: the block of vectors lies outside the layer");
+    TORCH_CHECK(domains_t.scalar_type() == torch::kUInt8 && domains_t.numel() * 8 >= n_vec * bits, "lowbit: domains");
+    step = kashin_steps(steps, scale, log_values, n_vec, bits, first, n);
+    codes = codes_t.data_ptr<uint8_t>();
+    domains = domains_t.data_ptr<uint8_t>();
+  }
+  // vector v's (of the block) per-code values of A and B
+  void tables(int64_t v, float* table_a, float* table_b) const {
+    bool has_a, has_b;
+    if (kTableLookup && bits <= 4)
+      kashin_tables16(step.data() + v * bits, domains, first + v, bits, table_a, table_b, has_a, has_b);
+    else
+      kashin_tables(step.data() + v * bits, domains, first + v, bits, table_a, table_b, has_a, has_b);
+  }
+  int code(int64_t v, int64_t j) const { return code_at(codes, (first + v) * group + j, nibbles); }
+  // the permutes below read 8 bytes = 16 codes: a nibble-aligned vector of even length
+  bool paired(int64_t v) const { return kTableLookup && nibbles && group % 2 == 0 && ((first + v) * group) % 2 == 0; }
+  const uint8_t* bytes(int64_t v) const { return codes + (first + v) * group / 2; }
+};
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 reversed(__m256 v) { return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)); }
+// even = z[2m … 2m + 14 step 2], odd = z[2m + 1 … 2m + 15 step 2] → z[2m … 2m + 15] at out
+inline void store_interleaved(float* out, __m256 even, __m256 odd, const float* col) {
+  const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
+  __m256 first = _mm256_permute2f128_ps(lo, hi, 0x20), second = _mm256_permute2f128_ps(lo, hi, 0x31);
+  if (col) first = _mm256_mul_ps(first, _mm256_loadu_ps(col)), second = _mm256_mul_ps(second, _mm256_loadu_ps(col + 8));
+  _mm256_storeu_ps(out, first);
+  _mm256_storeu_ps(out + 8, second);
+}
+#endif
+
+// out = table[q] over vector v's codes, in the natural order or Makhoul's
+void kashin_values(const KashinVectors& vec, int64_t v, const float* table, bool makhoul, float* out) {
+  const int64_t g = vec.group;
+  int64_t m = 0;  // codes 2m, 2m + 1 done
+#if defined(__AVX2__) && defined(__FMA__)
+  if (vec.paired(v)) {
+    const __m256 t_lo = _mm256_loadu_ps(table), t_hi = _mm256_loadu_ps(table + 8);
+    const __m256i mask = _mm256_set1_epi32(15);
+    const uint8_t* c = vec.bytes(v);
+    for (; 2 * m + 16 <= g; m += 8) {
+      const __m256i b = eight_bytes(c + m);
+      const __m256 even = lookup(_mm256_and_si256(b, mask), t_lo, t_hi, vec.bits == 4);
+      const __m256 odd = lookup(_mm256_srli_epi32(b, 4), t_lo, t_hi, vec.bits == 4);
+      if (makhoul) {
+        _mm256_storeu_ps(out + m, even);
+        _mm256_storeu_ps(out + g - 8 - m, reversed(odd));
+      } else {
+        store_interleaved(out + 2 * m, even, odd, nullptr);
+      }
+    }
+  }
+#endif
+  for (int64_t j = 2 * m; j < g; ++j) {
+    const float value = table[vec.code(v, j)];
+    out[!makhoul ? j : (j % 2 == 0 ? j / 2 : g - 1 - j / 2)] = value;
+  }
+}
+
+}  // namespace
+
 void kashin_lookup(const torch::Tensor& codes, const torch::Tensor& steps, const c10::optional<torch::Tensor>& scale,
                    const c10::optional<torch::Tensor>& log_values, const torch::Tensor& domains, int64_t n_vec,
-                   int64_t group, int64_t bits, int64_t first, const c10::optional<torch::Tensor>& order,
-                   torch::Tensor out_a, const c10::optional<torch::Tensor>& out_b) {
-  check_codes(codes);
-  const int64_t n = out_a.size(0);
-  TORCH_CHECK(out_a.scalar_type() == torch::kFloat32 && out_a.is_contiguous() && out_a.numel() == n * group &&
-              (!out_b.has_value() || (out_b->scalar_type() == torch::kFloat32 && out_b->is_contiguous() &&
-                                      out_b->numel() == n * group)) && first >= 0 && first + n <= n_vec,
-              "lowbit: out_a / out_b must be contiguous float32 (vectors, g) blocks inside the layer");
-  TORCH_CHECK(!order.has_value() || (order->scalar_type() == torch::kInt64 && order->numel() == group),
-              "lowbit: order must be g int64 positions");
-  TORCH_CHECK(domains.scalar_type() == torch::kUInt8 && domains.numel() * 8 >= n_vec * bits, "lowbit: domains");
-  const std::vector<float> step = kashin_steps(steps, scale, log_values, n_vec, bits, first, n);
-  const uint8_t* c = codes.data_ptr<uint8_t>();
-  const uint8_t* dom = domains.data_ptr<uint8_t>();
-  const torch::Tensor order_c = order.has_value() ? order->contiguous() : torch::Tensor();
-  const int64_t* pos = order_c.defined() ? order_c.data_ptr<int64_t>() : nullptr;
-  float* a = out_a.data_ptr<float>();
-  float* b = out_b.has_value() ? out_b->data_ptr<float>() : nullptr;
-  const bool nibbles = bits <= 4;
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+                   int64_t group, int64_t bits, int64_t first, bool makhoul, torch::Tensor out_b) {
+  const KashinVectors vec(codes, steps, scale, log_values, domains, n_vec, group, bits, first, out_b.size(0));
+  TORCH_CHECK(out_b.scalar_type() == torch::kFloat32 && out_b.is_contiguous() && out_b.numel() == vec.n * group,
+              "lowbit: out_b must be a contiguous float32 (vectors, g) block");
+  float* b = out_b.data_ptr<float>();
+  at::parallel_for(0, vec.n, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> table_a(std::max(16, 1 << bits)), table_b(std::max(16, 1 << bits));
     for (int64_t v = begin; v < end; ++v) {
-      bool has_a, has_b;
-      if (kTableLookup && bits <= 4)
-        kashin_tables16(step.data() + v * bits, dom, first + v, bits, table_a.data(), table_b.data(), has_a, has_b);
-      else
-        kashin_tables(step.data() + v * bits, dom, first + v, bits, table_a.data(), table_b.data(), has_a, has_b);
-      const int64_t base = (first + v) * group;
-      float* av = a + v * group;
-      float* bv = b ? b + v * group : nullptr;
-      for (int64_t j = 0; j < group; ++j) {
-        const int q = code_at(c, base + (pos ? pos[j] : j), nibbles);
-        av[j] = table_a[q];
-        if (bv) bv[j] = table_b[q];
+      vec.tables(v, table_a.data(), table_b.data());
+      kashin_values(vec, v, table_b.data(), makhoul, b + v * group);
+    }
+  });
+}
+
+void kashin_combine(const torch::Tensor& codes, const torch::Tensor& steps, const c10::optional<torch::Tensor>& scale,
+                    const c10::optional<torch::Tensor>& log_values, const torch::Tensor& domains, int64_t n_vec,
+                    int64_t group, int64_t bits, const c10::optional<torch::Tensor>& col, int64_t in_f, int64_t first,
+                    const c10::optional<torch::Tensor>& pb, bool makhoul, torch::Tensor w) {
+  const KashinVectors vec(codes, steps, scale, log_values, domains, n_vec, group, bits, first, w.size(0));
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&w, pb.has_value() ? &*pb : &w})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() == vec.n * group,
+                "lowbit: w and pb must be contiguous float32 (vectors, g) blocks");
+  TORCH_CHECK(!makhoul || pb.has_value(), "lowbit: Makhoul's order without P B");
+  TORCH_CHECK(in_f > 0 && (in_f % group == 0 || group % in_f == 0), "lowbit: the vector length does not tile the layer");
+  TORCH_CHECK(!col.has_value() || (col->scalar_type() == torch::kFloat32 && col->is_contiguous() &&
+                                   col->numel() == in_f), "lowbit: col must be in_f contiguous float32 scales");
+  const float* colp = col.has_value() ? col->data_ptr<float>() : nullptr;
+  std::vector<float> col_tiled;  // vectors of whole rows: the scales repeat every in_f weights
+  if (colp && group > in_f) {
+    col_tiled.resize(group);
+    for (int64_t j = 0; j < group; ++j) col_tiled[j] = colp[j % in_f];
+  }
+  const float* pbp = pb.has_value() ? pb->data_ptr<float>() : nullptr;
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, vec.n, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> table_a(std::max(16, 1 << bits)), table_b(std::max(16, 1 << bits));
+    for (int64_t v = begin; v < end; ++v) {
+      vec.tables(v, table_a.data(), table_b.data());
+      float* wv = wp + v * group;
+      const float* pv = pbp ? pbp + v * group : nullptr;
+      const float* cv = !colp ? nullptr : group > in_f ? col_tiled.data() : colp + ((first + v) * group) % in_f;
+      const int64_t g = group;
+      int64_t m = 0;  // positions 2m, 2m + 1 done
+#if defined(__AVX2__) && defined(__FMA__)
+      if (makhoul && vec.paired(v)) {  // A's even and odd positions from the nibbles, P B's from both ends
+        const __m256 t_lo = _mm256_loadu_ps(table_a.data()), t_hi = _mm256_loadu_ps(table_a.data() + 8);
+        const __m256i mask = _mm256_set1_epi32(15);
+        const uint8_t* c = vec.bytes(v);
+        for (; 2 * m + 16 <= g; m += 8) {
+          const __m256i b = eight_bytes(c + m);
+          const __m256 even = _mm256_add_ps(lookup(_mm256_and_si256(b, mask), t_lo, t_hi, bits == 4),
+                                            _mm256_loadu_ps(pv + m));
+          const __m256 odd = _mm256_add_ps(lookup(_mm256_srli_epi32(b, 4), t_lo, t_hi, bits == 4),
+                                           reversed(_mm256_loadu_ps(pv + g - 8 - m)));
+          store_interleaved(wv + 2 * m, even, odd, cv ? cv + 2 * m : nullptr);
+        }
+        for (int64_t j = 2 * m; j < g; ++j) {
+          const float value = table_a[vec.code(v, j)] + pv[j % 2 == 0 ? j / 2 : g - 1 - j / 2];
+          wv[j] = cv ? value * cv[j] : value;
+        }
+        continue;
+      }
+#endif
+      if (makhoul) {
+        for (int64_t j = 0; j < g; ++j) wv[j] = table_a[vec.code(v, j)] + pv[j % 2 == 0 ? j / 2 : g - 1 - j / 2];
+      } else {
+        kashin_values(vec, v, table_a.data(), false, wv);
+        if (pv)
+          for (int64_t j = 0; j < g; ++j) wv[j] += pv[j];
+      }
+      if (cv)
+        for (int64_t j = 0; j < g; ++j) wv[j] *= cv[j];
+    }
+  });
+}
+
+// P's middle step (kashin.py Transform.apply_reordered) on the half spectrum V of each vector, in place:
+// H_k = c_k · (V_k or conj V_k) is a real 2 × 2 map of (Re V_k, Im V_k) per bin k, `map` (bins, 4) =
+// (m00, m01, m10, m11) with Re H = m00 Re V + m01 Im V, Im H = m10 Re V + m11 Im V. One pass instead of
+// torch's two (a sign on the imaginary parts, then a complex multiply).
+void spectral_map(torch::Tensor spectrum, const torch::Tensor& map) {
+  TORCH_CHECK(spectrum.scalar_type() == torch::kComplexFloat && spectrum.is_contiguous() &&
+              map.scalar_type() == torch::kFloat32 && map.is_contiguous() && map.dim() == 2 && map.size(1) == 4 &&
+              spectrum.size(-1) == map.size(0), "lowbit: spectrum (…, bins) complex64 and map (bins, 4) float32");
+  const int64_t bins = map.size(0), rows = spectrum.numel() / std::max<int64_t>(bins, 1);
+  // per bin pair the two registers' patterns: H = A ⊙ (Re, Im) + B ⊙ (Im, Re)
+  std::vector<float> a(2 * bins), b(2 * bins);
+  const float* m = map.data_ptr<float>();
+  for (int64_t k = 0; k < bins; ++k) {
+    a[2 * k] = m[4 * k], a[2 * k + 1] = m[4 * k + 3];
+    b[2 * k] = m[4 * k + 1], b[2 * k + 1] = m[4 * k + 2];
+  }
+  float* v = reinterpret_cast<float*>(spectrum.data_ptr<c10::complex<float>>());
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = v + r * 2 * bins;
+      int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      for (; j + 8 <= 2 * bins; j += 8) {
+        const __m256 x = _mm256_loadu_ps(row + j), swapped = _mm256_permute_ps(x, 0xB1);
+        _mm256_storeu_ps(row + j, _mm256_fmadd_ps(_mm256_loadu_ps(a.data() + j), x,
+                                                  _mm256_mul_ps(_mm256_loadu_ps(b.data() + j), swapped)));
+      }
+#endif
+      for (; j < 2 * bins; j += 2) {
+        const float re = row[j], im = row[j + 1];
+        row[j] = a[j] * re + b[j] * im;
+        row[j + 1] = b[j + 1] * re + a[j + 1] * im;
       }
     }
   });
 }
 
-// The weight route's last step for P by FFT: w[v, order[j]] = a[v, j] + pb[v, j], with a and P b in the FFT's
-// order: the sum and the way back to the natural order in one pass (in place of an add and an index_select).
-void kashin_combine(const torch::Tensor& a, const torch::Tensor& pb, const torch::Tensor& order, torch::Tensor w) {
-  const int64_t n = w.size(0), group = order.numel();
-  TORCH_CHECK(a.scalar_type() == torch::kFloat32 && pb.scalar_type() == torch::kFloat32 &&
-              w.scalar_type() == torch::kFloat32 && a.is_contiguous() && pb.is_contiguous() && w.is_contiguous() &&
-              a.numel() == n * group && pb.numel() == n * group && w.numel() == n * group &&
-              order.scalar_type() == torch::kInt64, "lowbit: a, pb, w must be contiguous float32 (vectors, g) blocks");
-  const torch::Tensor order_c = order.contiguous();
-  const int64_t* pos = order_c.data_ptr<int64_t>();
-  const float *ap = a.data_ptr<float>(), *bp = pb.data_ptr<float>();
-  float* wp = w.data_ptr<float>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t v = begin; v < end; ++v)
-      for (int64_t j = 0; j < group; ++j) wp[v * group + pos[j]] = ap[v * group + j] + bp[v * group + j];
-  });
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("kashin_combine", &kashin_combine, "Kashin: A + P B back in the natural order in one pass");
-  m.def("kashin_lookup", &kashin_lookup, "Kashin (closed codebook): A and B of a block of vectors from the codes");
+  m.def("kashin_combine", &kashin_combine, "Kashin (closed codebook): the weight (A + P B) diag(col) of a block of vectors");
+  m.def("kashin_lookup", &kashin_lookup, "Kashin (closed codebook): B of a block of vectors from the codes");
   m.def("affine_linear", &affine_linear, "RTN / HQQ: y = x W^T (+ b) from the codes");
   m.def("affine_decode", &affine_decode, "RTN / HQQ: the float32 weight from the codes in one pass");
+  m.def("spectral_map", &spectral_map, "P's middle step on the half spectrum: a real 2x2 map per bin, in place");
   m.def("kashin_linear", &kashin_linear, "Kashin (closed codebook): y = x W^T (+ b) from the codes, P on the activations");
 }
