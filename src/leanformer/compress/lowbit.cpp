@@ -113,6 +113,28 @@ inline Lanes table_lanes(const uint8_t* c, const float* xe, const float* xo, int
   for (; j < half; ++j) tail += table[c[j] & 15] * xe[j] + table[c[j] >> 4] * xo[j];
   return _mm256_add_ps(_mm256_add_ps(s0, s1), lanes_scalar(tail));
 }
+// The same over one vector's codes read once for both of its tables: Σ_j A[q_j] x_j + B[q_j] u_j (A against
+// the inputs, B against their transform), four independent chains.
+inline Lanes table_lanes_ab(const uint8_t* c, const float* xe, const float* xo, const float* ue, const float* uo,
+                            int64_t half, const float* table_a, const float* table_b, bool wide) {
+  const __m256 a_lo = _mm256_loadu_ps(table_a), a_hi = _mm256_loadu_ps(table_a + 8);
+  const __m256 b_lo = _mm256_loadu_ps(table_b), b_hi = _mm256_loadu_ps(table_b + 8);
+  const __m256i mask = _mm256_set1_epi32(15);
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= half; j += 8) {
+    const __m256i b = eight_bytes(c + j), lo = _mm256_and_si256(b, mask), hi = _mm256_srli_epi32(b, 4);
+    s0 = _mm256_fmadd_ps(lookup(lo, a_lo, a_hi, wide), _mm256_loadu_ps(xe + j), s0);
+    s1 = _mm256_fmadd_ps(lookup(hi, a_lo, a_hi, wide), _mm256_loadu_ps(xo + j), s1);
+    s2 = _mm256_fmadd_ps(lookup(lo, b_lo, b_hi, wide), _mm256_loadu_ps(ue + j), s2);
+    s3 = _mm256_fmadd_ps(lookup(hi, b_lo, b_hi, wide), _mm256_loadu_ps(uo + j), s3);
+  }
+  float tail = 0.f;
+  for (; j < half; ++j)
+    tail += table_a[c[j] & 15] * xe[j] + table_a[c[j] >> 4] * xo[j] + table_b[c[j] & 15] * ue[j] +
+            table_b[c[j] >> 4] * uo[j];
+  return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), lanes_scalar(tail));
+}
 // Kashin's per-code values of one vector (bits ≤ 4) split by domain, table_a[q] = Σ_{i plain} c_i (2 bit_i(q) − 1)
 // and table_b over the P-domain steps: summed in registers and stored once (a table summed in memory step by
 // step stalls on store forwarding). Entries from 2^bits on are never read.
@@ -152,6 +174,8 @@ inline Lanes nibble_lanes(const uint8_t* c, const float* xe, const float* xo, in
 }
 constexpr bool kTableLookup = false;  // not reached below: kTableLookup is false
 inline Lanes table_lanes(const uint8_t*, const float*, const float*, int64_t, const float*, bool) { return 0.f; }
+inline Lanes table_lanes_ab(const uint8_t*, const float*, const float*, const float*, const float*, int64_t,
+                            const float*, const float*, bool) { return 0.f; }
 inline void kashin_tables16(const float*, const uint8_t*, int64_t, int64_t, float*, float*, bool&, bool&) {}
 inline Lanes byte_lanes(const uint8_t* c, const float* x, int64_t n, int bit) {
   float acc = 0.f;
@@ -284,14 +308,27 @@ std::vector<float> kashin_steps(const torch::Tensor& steps, const c10::optional<
                 "lowbit: step sizes and scales are float16 or uint8 log codes (with log_values)");
     return t.scalar_type() == torch::kHalf ? Numbers{t.data_ptr<at::Half>(), nullptr} : Numbers{nullptr, t.data_ptr<uint8_t>()};
   };
-  auto number = [&](const Numbers& num, int64_t i) -> float {
-    return num.half ? static_cast<float>(num.half[i]) : table[num.log[i]];
+  // decoded run by run (tight loops: this runs on every call of the activation route)
+  auto decode = [&](const Numbers& num, int64_t from, int64_t count, float* out) {
+    if (num.half)
+      for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(num.half[from + i]);
+    else
+      for (int64_t i = 0; i < count; ++i) out[i] = table[num.log[from + i]];
   };
-  const Numbers step_numbers = numbers(steps), scale_numbers = scale.has_value() ? numbers(*scale) : Numbers{};
   std::vector<float> out(n * bits);
-  for (int64_t v = 0; v < n; ++v) {
-    const float sv = scale.has_value() ? number(scale_numbers, first + v) : 1.f;
-    for (int64_t i = 0; i < bits; ++i) out[v * bits + i] = sv * number(step_numbers, shared ? i : (first + v) * bits + i);
+  if (!shared) {
+    decode(numbers(steps), first * bits, n * bits, out.data());
+  } else {
+    float shared_steps[64];
+    TORCH_CHECK(bits <= 64, "lowbit: at most 64 steps");
+    decode(numbers(steps), 0, bits, shared_steps);
+    for (int64_t v = 0; v < n; ++v) std::copy(shared_steps, shared_steps + bits, out.begin() + v * bits);
+  }
+  if (scale.has_value()) {
+    std::vector<float> sv(n);
+    decode(numbers(*scale), first, n, sv.data());
+    for (int64_t v = 0; v < n; ++v)
+      for (int64_t i = 0; i < bits; ++i) out[v * bits + i] *= sv[v];
   }
   return out;
 }
@@ -476,6 +513,12 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
           kashin_tables16(step.data() + v * bits, dom, v, bits, table_a, table_b, has_a, has_b);
           for (int64_t t = 0; t < tokens; ++t) {
             const int64_t x_at = (t * in_f + s * seg) >> 1, u_half = (t * u_width + u_at) >> 1;
+            if (has_a && has_b && own == whole) {  // the vector is part of one row: its codes serve both tables
+              y_row[t] += lanes_sum(table_lanes_ab(c + own / 2, plain.even.data() + x_at, plain.odd.data() + x_at,
+                                                   spec.even.data() + u_half, spec.odd.data() + u_half, seg / 2,
+                                                   table_a, table_b, bits == 4));
+              continue;
+            }
             Lanes acc = lanes_zero();
             if (has_a)
               acc = lanes_add(acc, table_lanes(c + own / 2, plain.even.data() + x_at, plain.odd.data() + x_at,
