@@ -513,7 +513,7 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
           kashin_tables16(step.data() + v * bits, dom, v, bits, table_a, table_b, has_a, has_b);
           for (int64_t t = 0; t < tokens; ++t) {
             const int64_t x_at = (t * in_f + s * seg) >> 1, u_half = (t * u_width + u_at) >> 1;
-            if (has_a && has_b && own == whole) {  // the vector is part of one row: its codes serve both tables
+            if (has_a && has_b && rows == 1) {  // the vector is part of one row: its codes serve both tables
               y_row[t] += lanes_sum(table_lanes_ab(c + own / 2, plain.even.data() + x_at, plain.odd.data() + x_at,
                                                    spec.even.data() + u_half, spec.odd.data() + u_half, seg / 2,
                                                    table_a, table_b, bits == 4));
