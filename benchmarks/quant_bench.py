@@ -655,7 +655,9 @@ def main(argv=None):
                     help="whose sentence embeddings the cosine compares (module docstring)")
     ap.add_argument("--sst2-dev", type=int, default=436, help="SST-2 dev examples (fixed random sample; 872 = all)")
     ap.add_argument("--sentences", type=int, default=128, help="held-out SST-2 train sentences for the cosine")
-    ap.add_argument("--calibration", type=int, default=64, help="SST-2 train sentences for lf.plan's calibration")
+    ap.add_argument("--calibration", type=int, default=512,
+                    help="SST-2 train sentences for lf.plan's calibration (512: about 6,900 tokens, of which the plan "
+                         "reads its default 4,096; 64 gave 939, too few: the plan fit them)")
     ap.add_argument("--windows", type=int, default=64, help="TinyStories windows for perplexity")
     ap.add_argument("--window", type=int, default=256, help="tokens per window")
     ap.add_argument("--story-calibration", type=int, default=32, help="TinyStories stories for lf.plan's calibration")

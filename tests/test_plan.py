@@ -5,6 +5,7 @@ import copy
 import itertools
 import json
 import random
+import warnings
 
 import pytest
 import torch
@@ -87,6 +88,16 @@ def test_output_error_is_measured_on_the_layers_calibration_inputs(make_tiny_lla
     assert row["output_error"] == pytest.approx(expected, rel=1e-9)
     assert row["sensitivity"] == row["output_error"]  # use_profile=False: importance 1
     assert row["bits"] == 4.0 and plan.table[name]["candidates"]["rtn4/g16"]["bits"] == 6.0
+
+
+def test_too_little_calibration_is_warned_about(make_tiny_bert, tokenizer):
+    model = make_tiny_bert(layers=1, vocab_size=tokenizer.vocab_size)
+    kwargs = dict(candidates=RTN_2_4, progress=False, use_profile=False, sensitivity="layer")
+    with pytest.warns(UserWarning, match="calibration gave"):
+        lf.plan(model, 5.0, calibration=TEXTS[:2], tokenizer=tokenizer, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enough tokens for tokens=64: no warning of any kind
+        lf.plan(model, 5.0, calibration=TEXTS[:4], tokenizer=tokenizer, tokens=64, **kwargs)
 
 
 def test_calibration_texts_task_and_token_batches_measure_the_same(make_tiny_bert, tokenizer):

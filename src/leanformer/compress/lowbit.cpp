@@ -144,16 +144,18 @@ inline void kashin_tables16(const float* step, const uint8_t* domains, int64_t v
       {-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1}, {-1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1},
       {-1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1}, {-1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1}};
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-  has_a = has_b = false;
-  for (int64_t i = 0; i < bits; ++i) {
+  int in_a = 0, in_b = 0;
+  for (int64_t i = 0; i < bits; ++i) {  // branch-free: a vector's domain bits are as good as random
     const int64_t flat = v * bits + i;
-    const __m256 st = _mm256_set1_ps(step[i]), s0 = _mm256_load_ps(sign[i]), s1 = _mm256_load_ps(sign[i] + 8);
-    if ((domains[flat >> 3] >> (flat & 7)) & 1) {
-      b0 = _mm256_fmadd_ps(st, s0, b0), b1 = _mm256_fmadd_ps(st, s1, b1), has_b = true;
-    } else {
-      a0 = _mm256_fmadd_ps(st, s0, a0), a1 = _mm256_fmadd_ps(st, s1, a1), has_a = true;
-    }
+    const int d = (domains[flat >> 3] >> (flat & 7)) & 1;
+    const float st = step[i];
+    const __m256 st_a = _mm256_set1_ps(d ? 0.f : st), st_b = _mm256_set1_ps(d ? st : 0.f);
+    const __m256 s0 = _mm256_load_ps(sign[i]), s1 = _mm256_load_ps(sign[i] + 8);
+    a0 = _mm256_fmadd_ps(st_a, s0, a0), a1 = _mm256_fmadd_ps(st_a, s1, a1);
+    b0 = _mm256_fmadd_ps(st_b, s0, b0), b1 = _mm256_fmadd_ps(st_b, s1, b1);
+    in_a |= d ^ 1, in_b |= d;
   }
+  has_a = in_a, has_b = in_b;
   _mm256_storeu_ps(table_a, a0), _mm256_storeu_ps(table_a + 8, a1);
   _mm256_storeu_ps(table_b, b0), _mm256_storeu_ps(table_b + 8, b1);
 }
