@@ -657,7 +657,7 @@ def main(argv=None):
     ap.add_argument("--sentences", type=int, default=128, help="held-out SST-2 train sentences for the cosine")
     ap.add_argument("--calibration", type=int, default=512,
                     help="SST-2 train sentences for lf.plan's calibration (512: about 6,900 tokens, of which the plan "
-                         "reads its default 4,096; 64 gave 939, too few: the plan fit them)")
+                         "reads its default 4,096; 64 gave 939, under a quarter of them)")
     ap.add_argument("--windows", type=int, default=64, help="TinyStories windows for perplexity")
     ap.add_argument("--window", type=int, default=256, help="tokens per window")
     ap.add_argument("--story-calibration", type=int, default=32, help="TinyStories stories for lf.plan's calibration")

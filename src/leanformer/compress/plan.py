@@ -520,12 +520,10 @@ def plan(model: nn.Module, target_bits: float = 3.0, *, calibration=None, tokeni
                                   "pass the lf.inspect profile of this model (or profile=None to measure it)")
     grams, measured, n_tokens = _measure_inputs(model, by_target, batches_, config.use_profile and profile is None,
                                                 progress)
-    if n_tokens < config.tokens / 4:
-        # measured: on MiniLM, 64 SST-2 sentences (~700 tokens) gave a plan that beat uniform Kashin-3 on its
-        # calibration sentences and lost to it on held-out ones
+    if n_tokens < config.tokens / 4:  # each layer's error is an estimate from these tokens; the allocation follows it
         warnings.warn(f"plan: the calibration gave {n_tokens} tokens, under a quarter of the {config.tokens} it reads "
-                      "(tokens=); errors measured on so few tokens fit them, and the plan may lose on other text to a "
-                      "uniform config it beats on these. Give more calibration text", stacklevel=2)
+                      "(tokens=); per-layer errors measured on so few tokens are noisy estimates, and the allocation "
+                      "follows their noise. Give more calibration text", stacklevel=2)
     if config.use_profile and profile is None:
         influence = measured
     if config.use_profile:
