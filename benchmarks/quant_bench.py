@@ -872,6 +872,20 @@ METRICS = {  # model → [(panel name, row → quality, higher is better, row �
 PRIMARY = {"minilm": "embedding cosine", "stories260k": "TinyStories perplexity"}
 
 
+def paired_delta(model: str, a: dict, b: dict, seed: int = 0) -> tuple[float, list[float]]:
+    """The primary metric of row a minus row b, with a 95 % bootstrap interval that resamples the same
+    sentences (cosine) or windows (perplexity) for both: whether a difference is more than the sample's noise."""
+    if model == "minilm":
+        d = np.asarray(a["embedding"]["per_sentence"]) - np.asarray(b["embedding"]["per_sentence"])
+        return float(d.mean()), bootstrap(lambda i: d[i].mean(), len(d), seed)
+    na, nb = np.asarray(a["tinystories"]["nll_per_window"]), np.asarray(b["tinystories"]["nll_per_window"])
+    tokens = len(na) * (a["tinystories"]["window_tokens"] - 1)  # predicted tokens, as stories_quality counts them
+
+    def ppl_gap(i):
+        return math.exp(na[i].sum() / tokens) - math.exp(nb[i].sum() / tokens)
+    return ppl_gap(np.arange(len(na))), bootstrap(ppl_gap, len(na), seed)
+
+
 def summarize(rows: Rows, all_specs) -> dict:
     order = {s.label: i for i, s in enumerate(all_specs)}
     quality = {m: sorted([r for r in rows.rows.values() if r["model"] == m and not r["key"].startswith("latency/")
@@ -953,6 +967,11 @@ def targets(summary: dict, rows: Rows) -> list[dict]:
                 better = get(p) > get(k) if higher else get(p) < get(k)
                 detail[f"{m}: {name}"] = {plan_label: get(p), "kashin-3": get(k), "plan_bits": p["bits_per_weight"],
                                           "kashin_bits": k["bits_per_weight"], "plan_better": better}
+                if name == PRIMARY[m]:
+                    delta, ci = paired_delta(m, p, k)
+                    # better beyond the sample's noise: the paired interval excludes 0 on the better side
+                    clear = ci[0] > 0 if higher else ci[1] < 0
+                    detail[f"{m}: {name}"].update(delta=delta, delta_ci=ci, clearly_better=clear)
                 if name == PRIMARY[m] and not better and status == "met":
                     status = "missed"
         out.append({"target": title, "status": status, "detail": detail, "plan": plan_label})
@@ -1023,11 +1042,13 @@ def markdown(res: dict) -> str:
         lines += ["", f"## {plan_label} against uniform Kashin-3", ""]
         plan_t = next(t for t in res["targets"] if t.get("plan") == plan_label)
         if plan_t["detail"]:
-            lines += [f"| model: metric | {plan_label} | kashin-3 | bits/w plan / kashin | plan better |",
-                      "|---|---|---|---|---|"]
+            lines += [f"| model: metric | {plan_label} | kashin-3 | bits/w plan / kashin | plan better | "
+                      "Δ plan − kashin [95 % CI, paired] | beyond the noise |", "|---|---|---|---|---|---|---|"]
             for k, d in plan_t["detail"].items():
+                paired = (f"{d['delta']:+.4f} {_ci(d['delta_ci'])} | {'yes' if d['clearly_better'] else 'no'}"
+                          if "delta" in d else "— | —")
                 lines.append(f"| {k} | {d[plan_label]:.4f} | {d['kashin-3']:.4f} | {d['plan_bits']:.3f} / "
-                             f"{d['kashin_bits']:.3f} | {'yes' if d['plan_better'] else 'no'} |")
+                             f"{d['kashin_bits']:.3f} | {'yes' if d['plan_better'] else 'no'} | {paired} |")
         else:
             lines.append(f"Not measured ({plan_label} or kashin-3 has no row).")
     lines += _latency_md(res["latency"])
@@ -1046,7 +1067,8 @@ def _target_numbers(t: dict) -> str:
         return "; ".join(f"{m}: {', '.join(d['kashin_on_front']) or 'none'} of front {', '.join(d['front'])}"
                          for m, d in t["detail"].items())
     return "; ".join(f"{k}: {d[t['plan']]:.4f} vs {d['kashin-3']:.4f} ({d['plan_bits']:.3f} vs {d['kashin_bits']:.3f} "
-                     "bits/w)" for k, d in t["detail"].items()) or "—"
+                     "bits/w" + (f"; Δ {d['delta']:+.4f} {_ci(d['delta_ci'])}" if "delta" in d else "") + ")"
+                     for k, d in t["detail"].items()) or "—"
 
 
 def _latency_md(lat: list[dict]) -> list[str]:
