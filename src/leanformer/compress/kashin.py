@@ -776,9 +776,9 @@ class Kashin(QuantConfig):
         g = header["group_size"]
         n_vec = out_f * in_f // g
         fft = has_b and not P.dense
-        w = torch.empty(n_vec, g)
+        w = torch.empty(n_vec, g, dtype=torch.float32)  # the kernels' dtype, whatever torch's default
         step = max(1, REBUILD_CHUNK // g)
-        b_block = torch.empty(min(step, n_vec), g) if has_b else None
+        b_block = torch.empty(min(step, n_vec), g, dtype=torch.float32) if has_b else None
         for first in range(0, n_vec, step):
             last = min(n_vec, first + step)
             pb = None
