@@ -129,6 +129,16 @@ def test_a_wrong_input_width_is_named(ops):
         layer(torch.randn(2, 31))
 
 
+@pytest.mark.parametrize("make, in_f", [(lambda: lf.Kashin(bits=3, col_scale=False), 64),  # P dense, in the kernel
+                                         (lambda: lf.Kashin(bits=3), 300)])  # P by FFT
+@pytest.mark.parametrize("tokens", [1, ACTIVATION_ROUTE_TOKENS + 6])  # the activation route, the weight route
+def test_a_kashin_input_of_the_wrong_width_is_refused(ops, make, in_f, tokens):
+    layer = quantized(make(), 8, in_f)
+    for width in (in_f - 1, 2 * in_f):  # (twice the width fits the vector length: the codes would be overread)
+        with torch.no_grad(), pytest.raises(RuntimeError, match=f"{width}"):
+            layer(torch.randn(tokens, width))
+
+
 def test_loading_other_codes_rebinds_the_kernel(ops):
     source, target = quantized(lf.RTN(bits=3, group_size=16), 8, 32, seed=1), quantized(lf.RTN(bits=3, group_size=16), 8, 32, seed=2)
     x = torch.randn(2, 32)

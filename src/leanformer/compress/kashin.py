@@ -659,12 +659,11 @@ class Kashin(QuantConfig):
 
     @classmethod
     def linear(cls, x: torch.Tensor, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict,
-               bias: torch.Tensor | None, rebuild=None) -> torch.Tensor:
+               bias: torch.Tensor | None) -> torch.Tensor:
         """y = x Ŵᵀ + b without forming what costs most. Per vector Ŵ = (A + P B)·diag(col), so
         x Ŵᵀ = x_c Aᵀ + (Pᵀ x_c) Bᵀ with x_c = x·diag(col): with few tokens P goes on the activations
         (one matmul against A and B side by side; no transform of the weight), with many on the weight,
         read in the FFT's order so that only the activations are reordered (`ACTIVATION_ROUTE_TOKENS`).
-        rebuild(): the fused kernels' weight route (`native_linear`), the column-scaled weight in one function.
         The matrix form rebuilds its weight (the default)."""
         out_f, in_f = header["shape"]
         if header["form"] == "matrix":
@@ -684,8 +683,6 @@ class Kashin(QuantConfig):
             if y is not None:
                 y = y.to(x.dtype) if bias is None else (y.to(x.dtype) + bias)
                 return y.view(*x.shape[:-1], out_f)
-        if rebuild is not None:
-            return F.linear(x, rebuild().view(out_f, in_f).to(x.dtype), bias)
         # reorder, and scale by the column scales, whichever is smaller: the activations (tokens × in) or the
         # weight (out × in)
         on_x = tokens < out_f
@@ -833,8 +830,8 @@ class Kashin(QuantConfig):
         """The closed codebook's activation route as one fused kernel (lowbit.cpp kashin_linear), which rebuilds
         A and B a vector at a time from the codes, step sizes and domains and multiplies them with x_c and
         u = Pᵀ x_c; short vectors hand P's dense matrix to the kernel, longer ones apply P by FFT here first.
-        Many tokens take `linear`'s weight route with A and B looked up by one fused pass (kashin_lookup).
-        Other forms and codebooks have no kernel."""
+        Above ACTIVATION_ROUTE_TOKENS tokens the weight is rebuilt by the weight-route kernels (`_rebuild_native`)
+        and multiplied once. Other forms and codebooks have no kernel."""
         out_f, in_f = header["shape"]
         g, bits = header["group_size"], header["bits"]
         if header["form"] != "vector" or header["codebook"] != "closed":
@@ -845,24 +842,29 @@ class Kashin(QuantConfig):
         log_values = (log8_decode(torch.arange(256, dtype=torch.uint8), tensors["log_range"]).contiguous()
                       if "log_range" in tensors else None)
         steps = (tensors["steps"], tensors.get("scale"), log_values, tensors["domains"])
-        n_vec = out_f * in_f // g
+        n_vec, rows = out_f * in_f // g, (g // in_f if g > in_f else 1)
         lookup = functools.partial(ops.kashin_lookup, codes, *steps, n_vec, g, bits)
         combine = functools.partial(ops.kashin_combine, codes, *steps, n_vec, g, bits, col, in_f)
-        rebuild = functools.partial(cls._rebuild_native, header, P, bool(tensors["domains"].any()), lookup, combine,
-                                    ops.spectral_map)
+        has_b = bool(tensors["domains"].any())
+
+        def weight_route(x: torch.Tensor) -> torch.Tensor:  # many tokens: the weight rebuilt once, then one matmul
+            w = cls._rebuild_native(header, P, has_b, lookup, combine, ops.spectral_map)
+            return F.linear(x, w.view(out_f, in_f), bias)
+
         if P.dense:  # the kernel applies P's matrix itself (the random P's QR factor is column-major)
             fused = functools.partial(ops.kashin_linear, None, codes, *steps, col, P.matrix(codes.device).contiguous(),
-                                      bias, out_f, g, bits, ACTIVATION_ROUTE_TOKENS)
+                                      bias, out_f, in_f, g, bits, ACTIVATION_ROUTE_TOKENS)
 
             def run(x: torch.Tensor) -> torch.Tensor:
                 y = fused(x)  # None above ACTIVATION_ROUTE_TOKENS tokens
-                return cls.linear(x, codes, tensors, header, bias, rebuild=rebuild) if y is None else y
+                return weight_route(x) if y is None else y
             return run
 
         def run_fft(x: torch.Tensor) -> torch.Tensor:
-            x2 = x.reshape(-1, in_f)
-            if x2.shape[0] * (g // in_f if g > in_f else 1) > ACTIVATION_ROUTE_TOKENS:
-                return cls.linear(x, codes, tensors, header, bias, rebuild=rebuild)
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.shape[0] * rows > ACTIVATION_ROUTE_TOKENS or x2.shape[1] != in_f:  # (a wrong width: F.linear says so)
+                return weight_route(x)
             u = cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1]
-            return ops.kashin_linear(u, codes, *steps, col, None, bias, out_f, g, bits, ACTIVATION_ROUTE_TOKENS, x)
+            return ops.kashin_linear(u, codes, *steps, col, None, bias, out_f, in_f, g, bits, ACTIVATION_ROUTE_TOKENS,
+                                     x)
         return run_fft

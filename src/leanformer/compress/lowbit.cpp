@@ -236,11 +236,14 @@ void check_codes(const torch::Tensor& codes) {
               "lowbit: codes must be a contiguous uint8 CPU tensor");
 }
 
-// x (…, in) as a contiguous (tokens, in) float32 CPU tensor, and an optional per-column float32 vector
-torch::Tensor checked_input(const torch::Tensor& x, const c10::optional<torch::Tensor>& col, const float** col_ptr) {
+// x (…, in_f) as a contiguous (tokens, in_f) float32 CPU tensor, and an optional per-column float32 vector
+torch::Tensor checked_input(const torch::Tensor& x, int64_t in_f, const c10::optional<torch::Tensor>& col,
+                            const float** col_ptr) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() >= 1,
               "lowbit: x must be a float32 CPU tensor");
-  const torch::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  TORCH_CHECK(x.size(-1) == in_f, "lowbit: the input's last dimension is ", x.size(-1),
+              ", it must be the layer's input width ", in_f);
+  const torch::Tensor x2 = x.reshape({-1, in_f}).contiguous();
   *col_ptr = nullptr;
   if (col.has_value()) {
     TORCH_CHECK(col->scalar_type() == torch::kFloat32 && col->is_contiguous() && col->numel() == x2.size(1),
@@ -376,11 +379,11 @@ torch::Tensor affine_decode(const torch::Tensor& codes, const torch::Tensor& sca
 // layer binds the rest once (functools.partial).
 torch::Tensor affine_linear(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero,
                             const c10::optional<torch::Tensor>& col, const c10::optional<torch::Tensor>& bias,
-                            int64_t out_f, int64_t group, int64_t bits, bool zero_in_codes, int64_t max_tokens,
-                            const torch::Tensor& x_in) {
+                            int64_t out_f, int64_t in_f, int64_t group, int64_t bits, bool zero_in_codes,
+                            int64_t max_tokens, const torch::Tensor& x_in) {
   const float* colp;
-  const torch::Tensor x = checked_input(x_in, col, &colp);
-  const int64_t tokens = x.size(0), in_f = x.size(1);
+  const torch::Tensor x = checked_input(x_in, in_f, col, &colp);
+  const int64_t tokens = x.size(0);
   if (tokens > max_tokens) {
     const torch::Tensor w = affine_decode(codes, scale, zero, col, out_f, in_f, group, bits, zero_in_codes);
     return at::linear(x_in, w, bias);
@@ -456,12 +459,12 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
                                           const c10::optional<torch::Tensor>& log_values, const torch::Tensor& domains,
                                           const c10::optional<torch::Tensor>& col,
                                           const c10::optional<torch::Tensor>& transform,
-                                          const c10::optional<torch::Tensor>& bias, int64_t out_f, int64_t group,
-                                          int64_t bits, int64_t max_tokens, const torch::Tensor& x_in) {
+                                          const c10::optional<torch::Tensor>& bias, int64_t out_f, int64_t in_f,
+                                          int64_t group, int64_t bits, int64_t max_tokens, const torch::Tensor& x_in) {
   const float* colp;
-  const torch::Tensor x = checked_input(x_in, col, &colp);
+  const torch::Tensor x = checked_input(x_in, in_f, col, &colp);
   check_codes(codes);
-  const int64_t tokens = x.size(0), in_f = x.size(1);
+  const int64_t tokens = x.size(0);
   TORCH_CHECK(group > 0 && (in_f % group == 0 || (group % in_f == 0 && out_f % (group / in_f) == 0)),
               "lowbit: the vector length does not tile the layer");
   const int64_t rows = group > in_f ? group / in_f : 1, seg = rows > 1 ? in_f : group;

@@ -155,8 +155,9 @@ class AffineQuantConfig(QuantConfig):
         if scale.dtype != torch.float16 or zero.dtype != torch.float16:  # metadata cast away from how it is stored
             return None
         col = tensors["col_scale"].float() if "col_scale" in tensors else None
-        return functools.partial(ops.affine_linear, codes, scale, zero, col, bias, header["shape"][0],
-                                 header["group_size"], header["bits"], cls.ZERO_IN_CODES, NATIVE_MAX_TOKENS)
+        out_f, in_f = header["shape"]
+        return functools.partial(ops.affine_linear, codes, scale, zero, col, bias, out_f, in_f, header["group_size"],
+                                 header["bits"], cls.ZERO_IN_CODES, NATIVE_MAX_TOKENS)
 
 
 def method_class(method: str) -> type[QuantConfig]:
