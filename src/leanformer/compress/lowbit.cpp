@@ -113,28 +113,6 @@ inline Lanes table_lanes(const uint8_t* c, const float* xe, const float* xo, int
   for (; j < half; ++j) tail += table[c[j] & 15] * xe[j] + table[c[j] >> 4] * xo[j];
   return _mm256_add_ps(_mm256_add_ps(s0, s1), lanes_scalar(tail));
 }
-// The same over one vector's codes read once for both of its tables: Σ_j A[q_j] x_j + B[q_j] u_j (A against
-// the inputs, B against their transform), four independent chains.
-inline Lanes table_lanes_ab(const uint8_t* c, const float* xe, const float* xo, const float* ue, const float* uo,
-                            int64_t half, const float* table_a, const float* table_b, bool wide) {
-  const __m256 a_lo = _mm256_loadu_ps(table_a), a_hi = _mm256_loadu_ps(table_a + 8);
-  const __m256 b_lo = _mm256_loadu_ps(table_b), b_hi = _mm256_loadu_ps(table_b + 8);
-  const __m256i mask = _mm256_set1_epi32(15);
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= half; j += 8) {
-    const __m256i b = eight_bytes(c + j), lo = _mm256_and_si256(b, mask), hi = _mm256_srli_epi32(b, 4);
-    s0 = _mm256_fmadd_ps(lookup(lo, a_lo, a_hi, wide), _mm256_loadu_ps(xe + j), s0);
-    s1 = _mm256_fmadd_ps(lookup(hi, a_lo, a_hi, wide), _mm256_loadu_ps(xo + j), s1);
-    s2 = _mm256_fmadd_ps(lookup(lo, b_lo, b_hi, wide), _mm256_loadu_ps(ue + j), s2);
-    s3 = _mm256_fmadd_ps(lookup(hi, b_lo, b_hi, wide), _mm256_loadu_ps(uo + j), s3);
-  }
-  float tail = 0.f;
-  for (; j < half; ++j)
-    tail += table_a[c[j] & 15] * xe[j] + table_a[c[j] >> 4] * xo[j] + table_b[c[j] & 15] * ue[j] +
-            table_b[c[j] >> 4] * uo[j];
-  return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), lanes_scalar(tail));
-}
 // Kashin's per-code values of one vector (bits ≤ 4) split by domain, table_a[q] = Σ_{i plain} c_i (2 bit_i(q) − 1)
 // and table_b over the P-domain steps: summed in registers and stored once (a table summed in memory step by
 // step stalls on store forwarding). Entries from 2^bits on are never read.
@@ -176,8 +154,6 @@ inline Lanes nibble_lanes(const uint8_t* c, const float* xe, const float* xo, in
 }
 constexpr bool kTableLookup = false;  // not reached below: kTableLookup is false
 inline Lanes table_lanes(const uint8_t*, const float*, const float*, int64_t, const float*, bool) { return 0.f; }
-inline Lanes table_lanes_ab(const uint8_t*, const float*, const float*, const float*, const float*, int64_t,
-                            const float*, const float*, bool) { return 0.f; }
 inline void kashin_tables16(const float*, const uint8_t*, int64_t, int64_t, float*, float*, bool&, bool&) {}
 inline Lanes byte_lanes(const uint8_t* c, const float* x, int64_t n, int bit) {
   float acc = 0.f;
@@ -518,12 +494,6 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
           kashin_tables16(step.data() + v * bits, dom, v, bits, table_a, table_b, has_a, has_b);
           for (int64_t t = 0; t < tokens; ++t) {
             const int64_t x_at = (t * in_f + s * seg) >> 1, u_half = (t * u_width + u_at) >> 1;
-            if (has_a && has_b && rows == 1) {  // the vector is part of one row: its codes serve both tables
-              y_row[t] += lanes_sum(table_lanes_ab(c + own / 2, plain.even.data() + x_at, plain.odd.data() + x_at,
-                                                   spec.even.data() + u_half, spec.odd.data() + u_half, seg / 2,
-                                                   table_a, table_b, bits == 4));
-              continue;
-            }
             Lanes acc = lanes_zero();
             if (has_a)
               acc = lanes_add(acc, table_lanes(c + own / 2, plain.even.data() + x_at, plain.odd.data() + x_at,
@@ -687,9 +657,17 @@ void kashin_combine(const torch::Tensor& codes, const torch::Tensor& steps, cons
       const float* pv = pbp ? pbp + v * group : nullptr;
       const float* cv = !colp ? nullptr : group > in_f ? col_tiled.data() : colp + ((first + v) * group) % in_f;
       const int64_t g = group;
+      if (!makhoul) {  // P B (if any) in the natural order: A, plus P B, times the scales
+        kashin_values(vec, v, table_a.data(), false, wv);
+        if (pv)
+          for (int64_t j = 0; j < g; ++j) wv[j] += pv[j];
+        if (cv)
+          for (int64_t j = 0; j < g; ++j) wv[j] *= cv[j];
+        continue;
+      }
       int64_t m = 0;  // positions 2m, 2m + 1 done
 #if defined(__AVX2__) && defined(__FMA__)
-      if (makhoul && vec.paired(v)) {  // A's even and odd positions from the nibbles, P B's from both ends
+      if (vec.paired(v)) {  // A's even and odd positions from the nibbles, P B's from both ends
         const __m256 t_lo = _mm256_loadu_ps(table_a.data()), t_hi = _mm256_loadu_ps(table_a.data() + 8);
         const __m256i mask = _mm256_set1_epi32(15);
         const uint8_t* c = vec.bytes(v);
@@ -701,22 +679,12 @@ void kashin_combine(const torch::Tensor& codes, const torch::Tensor& steps, cons
                                            reversed(_mm256_loadu_ps(pv + g - 8 - m)));
           store_interleaved(wv + 2 * m, even, odd, cv ? cv + 2 * m : nullptr);
         }
-        for (int64_t j = 2 * m; j < g; ++j) {
-          const float value = table_a[vec.code(v, j)] + pv[j % 2 == 0 ? j / 2 : g - 1 - j / 2];
-          wv[j] = cv ? value * cv[j] : value;
-        }
-        continue;
       }
 #endif
-      if (makhoul) {
-        for (int64_t j = 0; j < g; ++j) wv[j] = table_a[vec.code(v, j)] + pv[j % 2 == 0 ? j / 2 : g - 1 - j / 2];
-      } else {
-        kashin_values(vec, v, table_a.data(), false, wv);
-        if (pv)
-          for (int64_t j = 0; j < g; ++j) wv[j] += pv[j];
+      for (int64_t j = 2 * m; j < g; ++j) {
+        const float value = table_a[vec.code(v, j)] + pv[j % 2 == 0 ? j / 2 : g - 1 - j / 2];
+        wv[j] = cv ? value * cv[j] : value;
       }
-      if (cv)
-        for (int64_t j = 0; j < g; ++j) wv[j] *= cv[j];
     }
   });
 }
