@@ -539,6 +539,8 @@ def latency_child(spec: dict) -> dict:
         key = "ms_per_batch" if spec["kind"] == "encoder" else "tokens_per_s"
         once = {**spec, "repeats": 1}
         pairs = [(timing(model, once)[key], timing(reference, once)[key]) for _ in range(spec["repeats"])]
+        # ratio: the median over the rounds of (this model / fp32) in the same round, which cancels the machine's
+        # speed of that moment (the targets read it)
         out["paired"] = {"value": statistics.median(q for q, _ in pairs), "fp32": statistics.median(f for _, f in pairs),
                          "ratio": statistics.median(q / f for q, f in pairs), "unit": key, "pairs": pairs}
     return out
@@ -592,12 +594,6 @@ def forward_code() -> str:
     for path in sorted([*package.glob("*.py"), *package.glob("*.cpp")]):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def paired_ratio(paired: dict) -> float:
-    """The median over the rounds of (this model / fp32) in the same round: each pair ran at the machine's speed
-    of that moment, which the ratio cancels (rows measured before it was stored: the ratio of the medians)."""
-    return paired.get("ratio", paired["value"] / paired["fp32"])
 
 
 def dir_bytes(path: Path) -> dict:
@@ -937,7 +933,7 @@ def targets(summary: dict, rows: Rows) -> list[dict]:
             continue
         f = get(fp)
         # the same-process alternating fp32 timing where there is one (drift-free), else fp32's own row
-        pair = {k: (v["paired"]["value"], v["paired"]["fp32"], paired_ratio(v["paired"])) if "paired" in v
+        pair = {k: (v["paired"]["value"], v["paired"]["fp32"], v["paired"]["ratio"]) if "paired" in v
                 else (get(v), f, get(v) / f) for k, v in found.items()}
         detail = {k: {"value": q, "fp32": fq, "ratio": r, "met": ok(r), "paired": "paired" in found[k]}
                   for k, (q, fq, r) in pair.items()}
@@ -1105,7 +1101,7 @@ def _latency_md(lat: list[dict]) -> list[str]:
             cells = lambda m: f"{get(m):.2f} | {ratio(get(m))} | " if m else "— | — | "  # noqa: E731
             lines.append(f"| {r['config']} | {cells(d)}{cells(r.get('decode'))}{cells(c)}")
             pr = r.get("paired")
-            lines[-1] += (f"{pr['value']:.2f} / {pr['fp32']:.2f} ({paired_ratio(pr):.2f}) | " if pr else "— | ")
+            lines[-1] += (f"{pr['value']:.2f} / {pr['fp32']:.2f} ({pr['ratio']:.2f}) | " if pr else "— | ")
             lines[-1] += (f"{r['rss_load_mib']:.1f} | {d['rss_mib']:.1f} | {c['rss_mib']:.1f} | " if c else
                           f"{r['rss_load_mib']:.1f} | {d['rss_mib']:.1f} | — | ") + f"{r['disk']['dir_bytes'] / 2**20:.2f} |"
         lines.append("")
