@@ -113,6 +113,28 @@ inline Lanes table_lanes(const uint8_t* c, const float* xe, const float* xo, int
   for (; j < half; ++j) tail += table[c[j] & 15] * xe[j] + table[c[j] >> 4] * xo[j];
   return _mm256_add_ps(_mm256_add_ps(s0, s1), lanes_scalar(tail));
 }
+// Σ_j A[q_j] x_j + B[q_j] u_j for one vector whose plain and P-domain steps read the same codes: both tables are
+// looked up with one load and split of each 8 bytes, and neither is skipped (a branch on whether a vector has steps
+// in a domain mispredicts: the domains are as good as random).
+inline Lanes table_lanes_ab(const uint8_t* c, const float* xe, const float* xo, const float* ue, const float* uo,
+                            int64_t half, const float* table_a, const float* table_b, bool wide) {
+  const __m256 a_lo = _mm256_loadu_ps(table_a), a_hi = _mm256_loadu_ps(table_a + 8);
+  const __m256 b_lo = _mm256_loadu_ps(table_b), b_hi = _mm256_loadu_ps(table_b + 8);
+  const __m256i mask = _mm256_set1_epi32(15);
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= half; j += 8) {
+    const __m256i b = eight_bytes(c + j), lo = _mm256_and_si256(b, mask), hi = _mm256_srli_epi32(b, 4);
+    s0 = _mm256_fmadd_ps(lookup(lo, a_lo, a_hi, wide), _mm256_loadu_ps(xe + j), s0);
+    s1 = _mm256_fmadd_ps(lookup(hi, a_lo, a_hi, wide), _mm256_loadu_ps(xo + j), s1);
+    s2 = _mm256_fmadd_ps(lookup(lo, b_lo, b_hi, wide), _mm256_loadu_ps(ue + j), s2);
+    s3 = _mm256_fmadd_ps(lookup(hi, b_lo, b_hi, wide), _mm256_loadu_ps(uo + j), s3);
+  }
+  float tail = 0.f;
+  for (; j < half; ++j)
+    tail += table_a[c[j] & 15] * xe[j] + table_a[c[j] >> 4] * xo[j] + table_b[c[j] & 15] * ue[j] + table_b[c[j] >> 4] * uo[j];
+  return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), lanes_scalar(tail));
+}
 // Kashin's per-code values of one vector (bits ≤ 4) split by domain, table_a[q] = Σ_{i plain} c_i (2 bit_i(q) − 1)
 // and table_b over the P-domain steps: summed in registers and stored once (a table summed in memory step by
 // step stalls on store forwarding). Entries from 2^bits on are never read.
@@ -154,6 +176,8 @@ inline Lanes nibble_lanes(const uint8_t* c, const float* xe, const float* xo, in
 }
 constexpr bool kTableLookup = false;  // not reached below: kTableLookup is false
 inline Lanes table_lanes(const uint8_t*, const float*, const float*, int64_t, const float*, bool) { return 0.f; }
+inline Lanes table_lanes_ab(const uint8_t*, const float*, const float*, const float*, const float*, int64_t,
+                            const float*, const float*, bool) { return 0.f; }
 inline void kashin_tables16(const float*, const uint8_t*, int64_t, int64_t, float*, float*, bool&, bool&) {}
 inline Lanes byte_lanes(const uint8_t* c, const float* x, int64_t n, int bit) {
   float acc = 0.f;
@@ -168,24 +192,23 @@ inline Lanes byte_lanes(const uint8_t* c, const float* x, int64_t n, int bit) {
 struct Input {
   int64_t tokens, width, piece, pieces;
   bool nibbles, split;
-  std::vector<float> x, even, odd, sums;
+  std::vector<float> buffer;  // x, then (split) its even and odd entries, then the piece sums: one allocation
+  float *x, *even, *odd, *sums;
   Input(const float* x_, const float* col, int64_t tokens_, int64_t width_, int64_t piece_, bool nibbles_)
-      : tokens(tokens_), width(width_), piece(piece_), nibbles(nibbles_),
-        pieces(width_ / piece_), split(nibbles_ && width_ % 2 == 0 && piece_ % 2 == 0), x(x_, x_ + tokens_ * width_) {
-    if (col)
-      for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t k = 0; k < width; ++k) x[t * width + k] *= col[k];
+      : tokens(tokens_), width(width_), piece(piece_), pieces(width_ / piece_), nibbles(nibbles_),
+        split(nibbles_ && width_ % 2 == 0 && piece_ % 2 == 0),
+        buffer(tokens_ * width_ * (split ? 2 : 1) + tokens_ * pieces) {
+    x = buffer.data(), even = x + tokens * width, odd = even + tokens * (width / 2);
+    sums = x + tokens * width * (split ? 2 : 1);
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t k = 0; k < width; ++k) x[t * width + k] = col ? x_[t * width + k] * col[k] : x_[t * width + k];
     const int64_t half = width / 2;
-    if (split) {
-      even.resize(tokens * half);
-      odd.resize(tokens * half);
+    if (split)
       for (int64_t t = 0; t < tokens; ++t)
         for (int64_t j = 0; j < half; ++j) {
           even[t * half + j] = x[t * width + 2 * j];
           odd[t * half + j] = x[t * width + 2 * j + 1];
         }
-    }
-    sums.assign(tokens * pieces, 0.f);
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t k = 0; k < width; ++k) sums[t * pieces + k / piece] += x[t * width + k];
   }
@@ -193,10 +216,10 @@ struct Input {
   float sum(int64_t t, int64_t p) const { return sums[t * pieces + p]; }
   // Σ_j q_j x[t, offset + j] for the n codes from flat index `start` (q_j = the code, or its bit `bit` ≥ 0)
   Lanes dot(const uint8_t* codes, int64_t start, int64_t n, int64_t t, int64_t offset, int bit) const {
-    if (!nibbles) return byte_lanes(codes + start, x.data() + t * width + offset, n, bit);
+    if (!nibbles) return byte_lanes(codes + start, x + t * width + offset, n, bit);
     if (split) {
       const int64_t at = (t * width + offset) >> 1;
-      return nibble_lanes(codes + start / 2, even.data() + at, odd.data() + at, n / 2, bit);
+      return nibble_lanes(codes + start / 2, even + at, odd + at, n / 2, bit);
     }
     float acc = 0.f;  // pieces that do not start on a byte (odd widths)
     for (int64_t j = 0; j < n; ++j) {
@@ -212,17 +235,18 @@ void check_codes(const torch::Tensor& codes) {
               "lowbit: codes must be a contiguous uint8 CPU tensor");
 }
 
-// x (…, in_f) as a contiguous (tokens, in_f) float32 CPU tensor, and an optional per-column float32 vector
+// x (…, in_f) as a contiguous float32 CPU tensor (tokens = numel / in_f rows), and an optional per-column
+// float32 vector
 torch::Tensor checked_input(const torch::Tensor& x, int64_t in_f, const c10::optional<torch::Tensor>& col,
                             const float** col_ptr) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() >= 1,
               "lowbit: x must be a float32 CPU tensor");
   TORCH_CHECK(x.size(-1) == in_f, "lowbit: the input's last dimension is ", x.size(-1),
               ", it must be the layer's input width ", in_f);
-  const torch::Tensor x2 = x.reshape({-1, in_f}).contiguous();
+  const torch::Tensor x2 = x.contiguous();  // read as (tokens, in_f) rows; no reshape (a new tensor per call)
   *col_ptr = nullptr;
   if (col.has_value()) {
-    TORCH_CHECK(col->scalar_type() == torch::kFloat32 && col->is_contiguous() && col->numel() == x2.size(1),
+    TORCH_CHECK(col->scalar_type() == torch::kFloat32 && col->is_contiguous() && col->numel() == in_f,
                 "lowbit: col must hold one contiguous float32 value per input column");
     *col_ptr = col->data_ptr<float>();
   }
@@ -291,9 +315,14 @@ std::vector<float> kashin_steps(const torch::Tensor& steps, const c10::optional<
   };
   // decoded run by run (tight loops: this runs on every call of the activation route)
   auto decode = [&](const Numbers& num, int64_t from, int64_t count, float* out) {
-    if (num.half)
-      for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(num.half[from + i]);
-    else
+    if (num.half) {
+      int64_t i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+      for (; i + 8 <= count; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(num.half + from + i))));
+#endif
+      for (; i < count; ++i) out[i] = static_cast<float>(num.half[from + i]);
+    } else
       for (int64_t i = 0; i < count; ++i) out[i] = table[num.log[from + i]];
   };
   std::vector<float> out(n * bits);
@@ -359,7 +388,7 @@ torch::Tensor affine_linear(const torch::Tensor& codes, const torch::Tensor& sca
                             int64_t max_tokens, const torch::Tensor& x_in) {
   const float* colp;
   const torch::Tensor x = checked_input(x_in, in_f, col, &colp);
-  const int64_t tokens = x.size(0);
+  const int64_t tokens = x.numel() / in_f;
   if (tokens > max_tokens) {
     const torch::Tensor w = affine_decode(codes, scale, zero, col, out_f, in_f, group, bits, zero_in_codes);
     return at::linear(x_in, w, bias);
@@ -421,6 +450,44 @@ torch::Tensor affine_decode(const torch::Tensor& codes, const torch::Tensor& sca
   return w;
 }
 
+// out[k] = Σ_{n < count} e[n] M[n, k] for k < g (M row-major, g columns): P's rows weighted by the input.
+// R × 8 outputs stay in registers across all n, so M streams through once and no output is stored twice.
+#if defined(__AVX2__) && defined(__FMA__)
+template <int R>
+inline void weighted_rows_block(const float* e, const float* m, int64_t count, int64_t g, int64_t k, float* out) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t n = 0; n < count; ++n) {
+    const __m256 en = _mm256_set1_ps(e[n]);
+    const float* row = m + n * g + k;
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(en, _mm256_loadu_ps(row + 8 * r), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + k + 8 * r, acc[r]);
+}
+#endif
+inline void weighted_rows(const float* e, const float* m, int64_t count, int64_t g, float* out) {
+  int64_t k = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; k + 64 <= g; k += 64) weighted_rows_block<8>(e, m, count, g, k, out);
+  switch ((g - k) / 8) {  // the rest in one pass, as many registers as it needs
+    case 7: weighted_rows_block<7>(e, m, count, g, k, out); break;
+    case 6: weighted_rows_block<6>(e, m, count, g, k, out); break;
+    case 5: weighted_rows_block<5>(e, m, count, g, k, out); break;
+    case 4: weighted_rows_block<4>(e, m, count, g, k, out); break;
+    case 3: weighted_rows_block<3>(e, m, count, g, k, out); break;
+    case 2: weighted_rows_block<2>(e, m, count, g, k, out); break;
+    case 1: weighted_rows_block<1>(e, m, count, g, k, out); break;
+    default: break;
+  }
+  k += (g - k) / 8 * 8;
+#endif
+  for (; k < g; ++k) {
+    float acc = 0.f;
+    for (int64_t n = 0; n < count; ++n) acc += e[n] * m[n * g + k];
+    out[k] = acc;
+  }
+}
+
 // Kashin, closed codebook (kashin.py): a vector of g weights is Ŵ_v = Σ_i c_i s_i (times P when step i is in
 // the P domain), s_i = ±1 the bit i of each code, c_i its step size; the input columns are scaled by col.
 // With P on the activations, u = Pᵀ x_c per vector, each step is one masked sum over the vector's codes.
@@ -440,7 +507,7 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
   const float* colp;
   const torch::Tensor x = checked_input(x_in, in_f, col, &colp);
   check_codes(codes);
-  const int64_t tokens = x.size(0);
+  const int64_t tokens = x.numel() / in_f;
   TORCH_CHECK(group > 0 && (in_f % group == 0 || (group % in_f == 0 && out_f % (group / in_f) == 0)),
               "lowbit: the vector length does not tile the layer");
   const int64_t rows = group > in_f ? group / in_f : 1, seg = rows > 1 ? in_f : group;
@@ -463,11 +530,9 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
     const int64_t pieces = rows > 1 ? rows : in_f / group;
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t p = 0; p < pieces; ++p) {
-        float* out = u.data() + t * u_width + p * group;
-        const float* e = plain.x.data() + t * in_f + (rows > 1 ? 0 : p * group);
+        const float* e = plain.x + t * in_f + (rows > 1 ? 0 : p * group);
         const float* m = mp + (rows > 1 ? p * in_f : 0) * group;  // rows > 1: x sits at slot p
-        for (int64_t n = 0; n < seg; ++n)
-          for (int64_t k = 0; k < group; ++k) out[k] += e[n] * m[n * group + k];
+        weighted_rows(e, m, seg, group, u.data() + t * u_width + p * group);
       }
   }
   const Input spec(u.data(), nullptr, tokens, u_width, group, nibbles);
@@ -494,13 +559,18 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
           kashin_tables16(step.data() + v * bits, dom, v, bits, table_a, table_b, has_a, has_b);
           for (int64_t t = 0; t < tokens; ++t) {
             const int64_t x_at = (t * in_f + s * seg) >> 1, u_half = (t * u_width + u_at) >> 1;
+            if (rows == 1) {  // A and B read the same codes
+              y_row[t] += lanes_sum(table_lanes_ab(c + own / 2, plain.even + x_at, plain.odd + x_at, spec.even + u_half,
+                                                   spec.odd + u_half, group / 2, table_a, table_b, bits == 4));
+              continue;
+            }
             Lanes acc = lanes_zero();
             if (has_a)
-              acc = lanes_add(acc, table_lanes(c + own / 2, plain.even.data() + x_at, plain.odd.data() + x_at,
-                                               seg / 2, table_a, bits == 4));
+              acc = lanes_add(acc, table_lanes(c + own / 2, plain.even + x_at, plain.odd + x_at, seg / 2, table_a,
+                                               bits == 4));
             if (has_b)
-              acc = lanes_add(acc, table_lanes(c + whole / 2, spec.even.data() + u_half, spec.odd.data() + u_half,
-                                               group / 2, table_b, bits == 4));
+              acc = lanes_add(acc, table_lanes(c + whole / 2, spec.even + u_half, spec.odd + u_half, group / 2,
+                                               table_b, bits == 4));
             y_row[t] += lanes_sum(acc);
           }
           continue;
