@@ -74,7 +74,8 @@ from child_runs import ONE_THREAD  # noqa: E402
 from provenance import git_state  # noqa: E402
 
 import leanformer as lf  # noqa: E402
-from leanformer.compress.quantization import QuantConfig, quantized_layers  # noqa: E402
+from leanformer.compress.kashin import ACTIVATION_ROUTE_TOKENS  # noqa: E402
+from leanformer.compress.quantization import NATIVE_MAX_TOKENS, QuantConfig, quantized_layers  # noqa: E402
 from leanformer.files import save_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1073,7 +1074,8 @@ def _latency_md(lat: list[dict]) -> list[str]:
         return lines + ["Not measured yet."]
     lines += ["One torch thread, each model loaded from its saved directory in a fresh child process; median of the "
               "timed runs after a warm-up. default = the library's default forward, kernel='native': fused C++ "
-              "kernels multiply with the codes for calls of up to 8 tokens (Kashin: 64) and rebuild the weight in "
+              f"kernels multiply with the codes for calls of up to {NATIVE_MAX_TOKENS} tokens (Kashin: "
+              f"{ACTIVATION_ROUTE_TOKENS}) and rebuild the weight in "
               "one pass above (Kashin: B looked up in the FFT's order, P by torch's FFT with its middle step fused, "
               "then A, P B and the column scales combined into the weight in one pass); decode = every weight rebuilt "
               "with plain torch ops on every forward (the default before the fused kernels); cache = rebuilt once "
