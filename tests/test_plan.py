@@ -64,6 +64,20 @@ def test_allocate_trades_an_upgrade_for_a_better_one_the_greedy_order_misses():
     assert allocate(costs, errors, budget=8, eligible=[[0, 1], [0]]) == [1, 0]
 
 
+def test_the_objective_is_the_sum_of_the_layers_errors_not_weighted_by_their_sizes():
+    # a big layer (1,000 weights) and a small one (10): the budget fits one upgrade; the small layer's removes
+    # 5 times more error (0.05 against 0.01), so it is the one taken, although the big layer's error summed
+    # over its weights would drop more (10 against 0.5)
+    def row(n, err_2, err_4):
+        return {"n_weights": n, "full_precision_bits": 32.0, "importance": 1.0, "candidates": {
+            "rtn2": {"bytes": n * 2 / 8, "bits": 2.0, "sensitivity": err_2},
+            "rtn4": {"bytes": n * 4 / 8, "bits": 4.0, "sensitivity": err_4}}}
+    table = {"big": row(1000, 0.02, 0.01), "small": row(10, 0.06, 0.01)}
+    plan = QuantPlan(2.0, {"rtn2": lf.RTN(bits=2), "rtn4": lf.RTN(bits=4)}, {}, table, 0.0)
+    budget = (2 * 1010 + 2 * 1000) / 1010  # room for the big layer's upgrade, so for either one
+    assert plan.with_target(budget, sensitivity="layer").layers == {"big": "rtn2", "small": "rtn4"}
+
+
 # ------------------------------------------------------------------------------ measurement
 
 
@@ -158,30 +172,33 @@ def test_block_influence_of_the_profile_weighs_the_layers(make_tiny_llama, token
                       transitions=[{"from": 0, "to": 1, "block_influence": 0.9},
                                    {"from": 1, "to": 2, "block_influence": 0.1}])
     plan = lf.plan(model, 4.6, calibration=TEXTS, tokenizer=tokenizer, candidates=RTN_2_4, profile=profile,
-                   progress=False, sensitivity="layer")  # a tiny random model's layer errors are alike: the weights show
+                   use_profile=True, progress=False, sensitivity="layer")  # a tiny random model's layer errors
+    # are alike: the weights show
     assert [row["importance"] for n, row in plan.table.items() if ".layers.0." in n] == [pytest.approx(1.8)] * 7
     upgraded = [n for n, label in plan.layers.items() if label == "rtn4/g16"]
     assert upgraded and all(".layers.0." in n for n in upgraded)
     # measured on the calibration tokens instead: the same definition as lf.inspect's block influence
-    measured = lf.plan(model, 4.6, calibration=TEXTS, tokenizer=tokenizer, candidates=RTN_2_4, progress=False)
+    measured = lf.plan(model, 4.6, calibration=TEXTS, tokenizer=tokenizer, candidates=RTN_2_4, progress=False,
+                       use_profile=True)
     inspected = lf.inspect(model, tokenizer, TEXTS, progress=False, tokens=4096, logit_lens=False)
     assert measured.info["block_influence"] == pytest.approx([t["block_influence"] for t in inspected.transitions],
                                                              rel=1e-5)
-    flat = lf.plan(model, 4.6, calibration=TEXTS, tokenizer=tokenizer, candidates=RTN_2_4, profile=profile,
-                   use_profile=False, progress=False)
+    flat = lf.plan(model, 4.6, calibration=TEXTS, tokenizer=tokenizer, candidates=RTN_2_4, progress=False)
     assert {row["importance"] for row in flat.table.values()} == {1.0}
+    with pytest.raises(lf.LeanformerError, match="pass use_profile=True with it"):  # not silently ignored
+        lf.plan(model, 4.6, calibration=TEXTS, tokenizer=tokenizer, candidates=RTN_2_4, profile=profile, progress=False)
     with pytest.raises(lf.LeanformerError, match="profile describes 1 blocks but the model has 2"):
         lf.plan(model, 4.6, calibration=TEXTS, tokenizer=tokenizer, candidates=RTN_2_4, progress=False,
-                profile=Profile("x", 1, 32, [], profile.transitions[:1]))
+                use_profile=True, profile=Profile("x", 1, 32, [], profile.transitions[:1]))
 
 
 def test_with_target_reallocates_the_same_measurements(make_tiny_llama, tokenizer):
     model = make_tiny_llama(layers=2, vocab_size=tokenizer.vocab_size)
     kwargs = dict(calibration=TEXTS, tokenizer=tokenizer, candidates=RTN_2_4, progress=False)
-    plan = lf.plan(model, 4.3, **kwargs)
+    plan = lf.plan(model, 4.3, use_profile=True, **kwargs)
     for target in (4.0, 4.9):
-        assert plan.with_target(target).layers == lf.plan(model, target, **kwargs).layers
-    flat = lf.plan(model, 4.9, use_profile=False, **kwargs)
+        assert plan.with_target(target).layers == lf.plan(model, target, use_profile=True, **kwargs).layers
+    flat = lf.plan(model, 4.9, **kwargs)
     ablated = plan.with_target(4.9, use_profile=False)
     def without_blocks(table):  # use_profile=False does not look up blocks
         return {n: {k: v for k, v in row.items() if k != "block"} for n, row in table.items()}
@@ -274,7 +291,7 @@ def test_candidate_labels_name_what_differs_from_the_defaults():
     assert candidate_label(lf.HQQ(bits=2, group_size=64)) == "hqq2"
     assert candidate_label(lf.RTN(bits=4, group_size=16)) == "rtn4/g16"
     assert candidate_label(lf.Kashin(bits=3, step_sizes="shared")) == "kashin3 step_sizes=shared"
-    assert PlanConfig().use_profile
+    assert not PlanConfig().use_profile  # the default end-to-end error already holds what block influence estimates
 
 
 # ------------------------------------------------------------------------------ command line
