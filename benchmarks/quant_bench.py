@@ -18,7 +18,8 @@ Configurations: RTN and HQQ at 2/3/4 bits × group 32/64/128/192/per row (a grou
 of a model is skipped there; layers it does not divide are quantized per row, listed in the row);
 column scaling (col_scale=True) on RTN/HQQ at groups 64 and per row; Kashin at 2/3/4 bits with and
 without column scaling, vectors spanning two rows, the per-layer layout choice; lf.plan at 2.5/3.0/3.5
-bits, with and without the block-influence profile. Families missing from this version of the library
+bits (its defaults) and with the block-influence profile (use_profile=True, the ablation), and lf.plan at
+uniform Kashin-3's honest bits/weight. Families missing from this version of the library
 are listed as skipped, with the reason, never measured.
 
 Latency (one torch thread; OMP/MKL/OpenBLAS pinned to one thread before torch loads), for fp32 and a
@@ -26,6 +27,7 @@ representative subset saved with lf.save and reloaded in a fresh child process:
   batch 1   stories260K greedy generation of --new-tokens tokens from a fixed prompt (model.generate,
             use_cache=True), tokens/s, median of --repeats runs
   batch 32  minilm classifier forward over the same --latency-batches SST-2 dev batches, ms per batch
+  batch 1   minilm: the first --single-sentences of those sentences one per forward, unpadded, ms per sentence
   Each quantized model is timed three ways: default (kernel="native", the fused C++ kernels), decode (every
   weight rebuilt with plain torch ops on every forward) and cache (rebuilt once and kept).
   memory    the child's peak RSS (ru_maxrss) after lf.load, after the timed default forwards, and after
@@ -91,7 +93,7 @@ FAMILY_STYLE = {  # plot colour and marker per family
     "rtn": ("tab:blue", "o"), "rtn+col": ("tab:cyan", "o"), "hqq": ("tab:green", "s"),
     "hqq+col": ("tab:olive", "s"), "kashin": ("tab:red", "D"), "kashin-nocol": ("tab:pink", "D"),
     "kashin-span": ("tab:purple", "^"), "kashin-auto": ("tab:brown", "v"), "plan": ("black", "*"),
-    "plan-noprofile": ("tab:gray", "*"), "plan-matched": ("tab:orange", "*"),
+    "plan-profile": ("tab:gray", "*"), "plan-matched": ("tab:orange", "*"),
 }
 
 
@@ -149,7 +151,9 @@ def _plan(target_bits: float, use_profile: bool):
         if not hasattr(lf, "plan"):
             raise Unavailable("lf.plan is not in this version of leanformer")
         # the measurement (every candidate on every layer) is the cost; each target and the ablation
-        # re-allocate from it (QuantPlan.with_target), as a user sweeping budgets would
+        # re-allocate from it (QuantPlan.with_target), as a user sweeping budgets would. Measured with
+        # use_profile=True so that the table holds the block influence the ablation weighs by;
+        # with_target(…, use_profile=False) is then exactly lf.plan's default
         key = id(ctx["calibration"])
         if key not in _MEASURED_PLANS:
             _MEASURED_PLANS[key] = lf.plan(ctx["model"], target_bits=3.0, calibration=ctx["calibration"],
@@ -165,7 +169,7 @@ def _plan_at_bits_of(label: str):
         bits = ctx.get("bits_of", {}).get(label)
         if bits is None:
             raise Unavailable(f"{label} has not been measured on this model yet (run it first)")
-        return _plan(bits, True)(ctx)
+        return _plan(bits, False)(ctx)
     return make
 
 
@@ -187,8 +191,8 @@ def specs() -> list[Spec]:
     # the per-layer layout search encodes up to 12 candidate layouts per layer: 3 bits only
     out.append(Spec("kashin-3-auto", "kashin-auto", 3, _kashin(3, layout="auto"), 150.0))
     for t in (2.5, 3.0, 3.5):
-        out.append(Spec(f"plan-{t}", "plan", t, _plan(t, True), 90.0))
-        out.append(Spec(f"plan-{t}-noprofile", "plan-noprofile", t, _plan(t, False), 90.0))
+        out.append(Spec(f"plan-{t}", "plan", t, _plan(t, False), 90.0))  # lf.plan's defaults
+        out.append(Spec(f"plan-{t}-profile", "plan-profile", t, _plan(t, True), 90.0))
     out.append(Spec("plan-at-kashin-3-bits", "plan-matched", 3, _plan_at_bits_of("kashin-3"), 90.0))
     return out
 
