@@ -20,16 +20,16 @@ For every target Linear layer i and candidate config c the plan measures
   inputs X. Only the Gram matrix XᵀX is kept (‖X Dᵀ‖² = tr(D XᵀX Dᵀ)), so memory does not grow with
   the calibration tokens. It is always measured (table key "output_error"; the end-to-end one is
   "final_error"), so `QuantPlan.with_target` can switch to it without quantizing again;
-- importance s_b of the layer's block b (use_profile, off by default): its block influence BI_b = 1 − mean_t
-  cos(h_b[t], h_{b+1}[t]) (Men et al., ShortGPT 2024, §3.1, eq. 1) — the inspect profile's
-  `block_influence` — divided by its mean over blocks. Why: a relative error ε in a layer perturbs
-  the block's update r = h_{b+1} − h_b by roughly ε‖r‖, and how much that moves the residual stream
-  depends on ‖r‖ against ‖h‖; for small angles 1 − cos ≈ ½‖r_⊥‖²/‖h‖², the same squared-ratio scale
-  as e_i, so s_b·e_i estimates the relative squared perturbation of the stream. A block that barely
+- importance s_b of the layer's block b (use_profile, off by default): its block influence
+  BI_b = 1 − mean_t cos(h_b[t], h_{b+1}[t]) (Men et al., ShortGPT 2024, §3.1, eq. 1) — the inspect
+  profile's `block_influence` — divided by its mean over blocks. Why: a relative error ε in a layer
+  perturbs the block's update r = h_{b+1} − h_b by roughly ε‖r‖, and how much that moves the residual
+  stream depends on ‖r‖ against ‖h‖; for small angles 1 − cos ≈ ½‖r_⊥‖²/‖h‖², the same squared-ratio
+  scale as e_i, so s_b·e_i estimates the relative squared perturbation of the stream. A block that barely
   turns the stream (low BI, the ones ShortGPT removes) can take coarser weights. It serves the
-  layer's own error, which does not see that; the end-to-end error already holds it, and weighing it
-  again raised the joint calibration error there (stories260K at 3.88 bits: 0.128 → 0.131; the
-  layer error: 0.162 → 0.156, better).
+  layer's own error, which does not see that; the end-to-end error already holds it. On stories260K
+  at 3.88 bits (joint change of the final states on the calibration tokens) the weights lowered the
+  layer error's 0.162 to 0.156 and raised the end-to-end error's 0.128 to 0.131.
 Sensitivity is s_b·e_i(c) (s_b = 1 without use_profile). The allocation solves the multiple-choice
 knapsack
     min Σ_i s_b·e_i(c_i)   s.t.   Σ_i n_i·b_i(c_i) ≤ target_bits · Σ_i n_i
@@ -38,12 +38,12 @@ contribution (to the final states, or relative to its own output, which a relati
 alike whatever the layer's size), and Σ e_i is the additive estimate of the joint change. Weighting
 by n_i spent bits on the large MLP layers that the small ones needed more: on stories260K the joint
 change of the final states on the calibration tokens was 0.333 with it and 0.315 without at 3.0
-bits, 0.171 and 0.128 at 3.88. The allocation is solved greedily: each layer starts at its cheapest candidate and the upgrades along each layer's lower
-convex hull of (bits, error) are taken in order of error drop per extra bit while they fit (the LP
-relaxation's order: Sinha & Zoltners, "The multiple-choice knapsack problem", Oper. Res. 27(3),
-1979, §2), then a local search applies the single change, or the pair of changes on two layers, that
-lowers the objective most while it fits, until none is left. Every step checks the budget, so the
-result never exceeds it.
+bits, 0.171 and 0.128 at 3.88. The allocation is solved greedily: each layer starts at its cheapest
+candidate and the upgrades along each layer's lower convex hull of (bits, error) are taken in order
+of error drop per extra bit while they fit (the LP relaxation's order: Sinha & Zoltners, "The
+multiple-choice knapsack problem", Oper. Res. 27(3), 1979, §2), then a local search applies the single
+change, or the pair of changes on two layers, that lowers the objective most while it fits, until none
+is left. Every step checks the budget, so the result never exceeds it.
 """
 from __future__ import annotations
 
@@ -493,8 +493,8 @@ def plan(model: nn.Module, target_bits: float = 3.0, *, calibration=None, tokeni
          progress: bool = True, **overrides) -> QuantPlan:
     """Choose each target layer's quantization among `candidates` (default: `default_candidates()`)
     so the average honest bits/weight stays ≤ `target_bits` and the sum over layers of their errors
-    (× importance with use_profile) is smallest (module docstring). `calibration`: texts, (text_a, text_b) pairs, a
-    Task (its train split) or token batches; `profile`: an `lf.inspect` Profile of this model whose
+    (× importance with use_profile) is smallest (module docstring). `calibration`: texts, (text_a,
+    text_b) pairs, a Task (its train split) or token batches; `profile`: an `lf.inspect` Profile of this model whose
     block influence weighs the layers (default: measured on the calibration tokens, the same
     definition); keyword overrides set PlanConfig fields (sensitivity, use_profile, tokens, targets, …)."""
     config = with_overrides(PlanConfig, config, overrides)
