@@ -1,0 +1,138 @@
+"""Where the fused kernels' per-token route stops paying: per layer shape, the time of one QuantizedLinear call
+by the activation route (the codes multiplied per token: kashin.ACTIVATION_ROUTE_TOKENS, and for RTN/HQQ
+quantization.NATIVE_MAX_TOKENS) against the weight route (the weight rebuilt once, then one matmul), and fp32's
+F.linear, for 1 to 64 tokens. One thread; the best of 5 × 3 calls each.
+
+  .venv/bin/python benchmarks/route_crossover.py      # → results/route_crossover/{results.json,results.md}, ≈ 3 min
+"""
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import git_state  # noqa: E402
+
+import leanformer as lf  # noqa: E402
+from leanformer.compress import kashin, quantization  # noqa: E402
+from leanformer.compress.quantization import QuantizedLinear  # noqa: E402
+from leanformer.files import atomic_write_bytes, save_json  # noqa: E402
+from leanformer.targets import select_linear  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = (1, 2, 4, 8, 12, 16, 24, 32, 64)
+CONFIGS = {"kashin-3": lambda: lf.Kashin(bits=3), "hqq-3-g64": lambda: lf.HQQ(bits=3, group_size=64)}
+kashin_threshold, affine_threshold = kashin.ACTIVATION_ROUTE_TOKENS, quantization.NATIVE_MAX_TOKENS  # the library's
+
+
+def best_us(fn, x, repeats: int = 5, calls: int = 3) -> float:
+    fn(x)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn(x)
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
+def set_route(method: str, per_token: bool) -> None:
+    """Every call by the activation route (per_token) or by the weight route."""
+    if method == "kashin":
+        kashin.ACTIVATION_ROUTE_TOKENS = 10 ** 9 if per_token else 0
+    else:
+        quantization.NATIVE_MAX_TOKENS = 10 ** 9 if per_token else 0
+
+
+@torch.inference_mode()
+def measure(model_name: str, label: str) -> list[dict]:
+    model = lf.load(model_name)[0]
+    config = CONFIGS[label]()
+    group = getattr(config, "group_size", None)
+    if group is None:
+        lf.quantize(model, config, progress=False)
+    else:  # as quant_bench: per row where the group does not divide the input width
+        names = select_linear(model, None)  # quantize's default targets
+        fits = [n for n in names if model.get_submodule(n).in_features % group == 0]
+        lf.quantize(model, dataclasses.replace(config, targets=fits), progress=False)
+        if len(fits) < len(names):
+            lf.quantize(model, dataclasses.replace(config, group_size=None,
+                                                   targets=[n for n in names if n not in fits]), progress=False)
+    rows, seen = [], set()
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantizedLinear) or (layer.out_features, layer.in_features) in seen:
+            continue
+        seen.add((layer.out_features, layer.in_features))
+        dense = layer.dequantize().clone()
+        for tokens in TOKENS:
+            x = torch.randn(tokens, layer.in_features, generator=torch.Generator().manual_seed(tokens))
+            times = {}
+            for route in ("activation", "weight"):
+                set_route(layer.method, route == "activation")
+                layer.kernel = "native"  # rebinds the kernels: the bound ones read the threshold when bound
+                times[route] = best_us(layer, x)
+            times["fp32"] = best_us(lambda v: F.linear(v, dense), x)
+            rows.append({"model": model_name, "config": label, "layer": name, "shape": [layer.out_features,
+                                                                                         layer.in_features],
+                         "tokens": tokens, **{f"{k}_us": v for k, v in times.items()}})
+        print(f"  {model_name} {label} {layer.out_features}x{layer.in_features}: " + " ".join(
+            f"{r['tokens']}:{r['activation_us']:.0f}/{r['weight_us']:.0f}" for r in rows[-len(TOKENS):]), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], git: dict) -> str:
+    lines = ["# Activation route against weight route, per layer shape", "",
+             f"Commit {git['commit'][:12]}{' (uncommitted changes)' if git['dirty'] else ''}. "
+             "`python benchmarks/route_crossover.py`. µs per call, one thread, best of 5 × 3 calls: activation route "
+             "/ weight route / fp32 F.linear; **bold**: the faster quantized route. Library thresholds at this commit: "
+             f"Kashin {kashin_threshold} tokens, RTN/HQQ {affine_threshold}.", ""]
+    keys = sorted({(r["model"], r["config"], tuple(r["shape"])) for r in rows})
+    lines += ["| model | config | shape (out x in) | " + " | ".join(f"{t} tok" for t in TOKENS) + " |",
+              "|---|---|---|" + "---|" * len(TOKENS)]
+    for model, config, shape in keys:
+        cells = []
+        for t in TOKENS:
+            r = next(r for r in rows if (r["model"], r["config"], tuple(r["shape"]), r["tokens"]) ==
+                     (model, config, shape, t))
+            a, w = f"{r['activation_us']:.0f}", f"{r['weight_us']:.0f}"
+            a, w = (f"**{a}**", w) if r["activation_us"] <= r["weight_us"] else (a, f"**{w}**")
+            cells.append(f"{a} / {w} / {r['fp32_us']:.0f}")
+        lines.append(f"| {model} | {config} | {shape[0]} x {shape[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="minilm,stories260k")
+    ap.add_argument("--out", default=str(ROOT / "results" / "route_crossover"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    git = git_state()
+    rows = []
+    try:
+        for model_name in args.models.split(","):
+            for label in CONFIGS:
+                rows += measure(model_name, label)
+    finally:
+        kashin.ACTIVATION_ROUTE_TOKENS, quantization.NATIVE_MAX_TOKENS = kashin_threshold, affine_threshold
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(out / "results.json", {"git": git, "tokens": TOKENS, "rows": rows,
+                                     "thresholds": {"kashin": kashin_threshold, "affine": affine_threshold}})
+    atomic_write_bytes(out / "results.md", markdown(rows, git).encode())
+    print(f"results in {out}")
+
+
+if __name__ == "__main__":
+    main()
