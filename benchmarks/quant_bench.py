@@ -557,17 +557,24 @@ def latency_child(spec: dict) -> dict:
     return out
 
 
+def _ms_per_input(model, inputs: list[dict], repeats: int) -> list[float]:
+    """Each run's ms per forward over `inputs`, after one warm-up pass (with the cache on, the one-time rebuild
+    of every weight)."""
+    for b in inputs:
+        model(**b)
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for b in inputs:
+            model(**b)
+        runs.append((time.perf_counter() - t0) * 1000 / len(inputs))
+    return runs
+
+
 @torch.inference_mode()
 def _encoder_timing(model, spec: dict) -> dict:
     batches = [{k: torch.tensor(v) for k, v in b.items()} for b in json.loads(Path(spec["inputs"]).read_text())]
-    for b in batches:  # warm-up (and, with the cache on, the one-time rebuild of every weight)
-        model(**b)
-    runs = []
-    for _ in range(spec["repeats"]):
-        t0 = time.perf_counter()
-        for b in batches:
-            model(**b)
-        runs.append((time.perf_counter() - t0) * 1000 / len(batches))
+    runs = _ms_per_input(model, batches, spec["repeats"])
     out = {"ms_per_batch": statistics.median(runs), "runs_ms": runs, "batches": len(batches),
            "batch_size": len(batches[0]["input_ids"])}
     # batch 1: the first sentences one per forward, without padding (a request served alone)
@@ -575,14 +582,7 @@ def _encoder_timing(model, spec: dict) -> dict:
                for k, v in b.items()}
               for b in batches for i in range(len(b["input_ids"]))][:spec.get("single_sentences", 0)]
     if single:
-        for one in single:
-            model(**one)
-        runs = []
-        for _ in range(spec["repeats"]):
-            t0 = time.perf_counter()
-            for one in single:
-                model(**one)
-            runs.append((time.perf_counter() - t0) * 1000 / len(single))
+        runs = _ms_per_input(model, single, spec["repeats"])
         out.update(ms_per_sentence=statistics.median(runs), single_runs_ms=runs, sentences=len(single),
                    sentence_tokens=[int(o["input_ids"].shape[1]) for o in single])
     return out
