@@ -114,8 +114,8 @@ inline Lanes table_lanes(const uint8_t* c, const float* xe, const float* xo, int
   return _mm256_add_ps(_mm256_add_ps(s0, s1), lanes_scalar(tail));
 }
 // Σ_j A[q_j] x_j + B[q_j] u_j for one vector whose plain and P-domain steps read the same codes: both tables are
-// looked up with one load and split of each 8 bytes, and neither is skipped (a branch on whether a vector has steps
-// in a domain mispredicts: the domains are as good as random).
+// looked up from one load and split of each 8 bytes. Against two table_lanes passes (same-process A/B, one token):
+// 12-19 % faster on MiniLM's 384-1536 wide rows, no difference measurable on stories260K's 64-172 wide ones.
 inline Lanes table_lanes_ab(const uint8_t* c, const float* xe, const float* xo, const float* ue, const float* uo,
                             int64_t half, const float* table_a, const float* table_b, bool wide) {
   const __m256 a_lo = _mm256_loadu_ps(table_a), a_hi = _mm256_loadu_ps(table_a + 8);
