@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quant_bench as qb  # noqa: E402
-from provenance import git_state  # noqa: E402
+from provenance import commit_label  # noqa: E402
 
 import leanformer as lf  # noqa: E402
 from leanformer.compress.plan import PlanConfig, QuantPlan, _calibration_batches, _FinalStates  # noqa: E402
@@ -121,9 +121,9 @@ def run_model(key: str, model, tok, calibration, data: dict, seed: int) -> list[
     return rows
 
 
-def markdown(rows: list[dict], git: dict) -> str:
+def markdown(rows: list[dict], commit: str) -> str:
     lines = ["# lf.plan's objective: which sum of per-layer errors to minimise", "",
-             f"Commit {git['commit'][:12]}{' (uncommitted changes)' if git['dirty'] else ''}. "
+             f"Commit {commit}. "
              "`python benchmarks/plan_objective.py`. One plan table per model (default candidates), one allocation "
              "per row. joint = the relative change of the final hidden states on the plan's calibration tokens with "
              "every planned layer quantized (what the objectives estimate); predicted = Σ of the chosen candidates' "
@@ -150,12 +150,10 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     # quant_bench's data and models, with its defaults (the same held-out sets and calibration texts)
-    setup = argparse.Namespace(seed=args.seed, sst2_dev=436, sentences=128, calibration=512, finetune_steps=200,
-                               embeddings="classifier", windows=64, window=256, story_calibration=32,
-                               cache=args.cache or str(Path(qb.tempfile.gettempdir()) / "leanformer-quant-bench"))
+    setup = qb.parser().parse_args(["--seed", str(args.seed), "--cache", args.cache or str(qb.CACHE)])
     Path(setup.cache).mkdir(parents=True, exist_ok=True)
     data = qb.full_setup(setup)
-    git = git_state()
+    commit = commit_label()
     rows = []
     for key in args.models.split(","):
         if key == "stories260k":
@@ -166,8 +164,8 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown model {key!r}: choose stories260k, minilm")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_json(out / "results.json", {"git": git, "rows": rows, "settings": vars(setup)})
-    atomic_write_bytes(out / "results.md", markdown(rows, git).encode())
+    save_json(out / "results.json", {"commit": commit, "rows": rows, "settings": vars(setup)})
+    atomic_write_bytes(out / "results.md", markdown(rows, commit).encode())
     print(f"results in {out}")
 
 

@@ -86,6 +86,7 @@ BOOTSTRAP = 1000
 GROUPS = (32, 64, 128, 192, None)  # None = one group per row
 PROMPT = "Once upon a time, there was a little girl named Lily."
 LATENCY_MODES = ("default", "decode", "cache")  # latency_child: the quantized forwards timed
+CACHE = Path(tempfile.gettempdir()) / "leanformer-quant-bench"  # --cache's default
 LATENCY_SUBSET = ("kashin-3", "rtn-3-g64", "hqq-3-g64", "plan-3.0", "kashin-4", "rtn-4-g64", "hqq-4-g64")
 SMOKE_SUBSET = ("rtn-3-g64", "hqq-3-g192", "rtn-3-row-col", "kashin-3", "kashin-3-span2", "plan-3.0")
 SMOKE_LATENCY = ("kashin-3",)
@@ -665,7 +666,9 @@ def prior_row_seconds(model_key: str, spec: Spec, data: dict, embeddings_model: 
     return n_q * spec.prior_seconds + 0.03 * (len(data["dev_texts"]) + len(data["sentences"]))
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The bench's flags; their defaults are the settings results/quant was measured with (plan_objective.py reads
+    them for the same data)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="output directory (default results/quant; --smoke: a temp dir)")
     ap.add_argument("--cache", default=None,
@@ -693,14 +696,18 @@ def main(argv=None):
     ap.add_argument("--single-sentences", type=int, default=16,
                     help="minilm batch 1: SST-2 dev sentences timed one per forward (unpadded) per run")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     started = time.perf_counter()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     scratch = Path(tempfile.mkdtemp(prefix="quant_bench_smoke_")) if args.smoke else None
     out = Path(args.out) if args.out else (scratch / "results" if args.smoke else ROOT / "results" / "quant")
     cache = Path(args.cache) if args.cache else (
-        scratch / "cache" if args.smoke else Path(tempfile.gettempdir()) / "leanformer-quant-bench")
+        scratch / "cache" if args.smoke else CACHE)
     if args.smoke:
         args.repeats, args.latency_batches, args.new_tokens, args.single_sentences = 2, 2, 8, 4
     out.mkdir(parents=True, exist_ok=True)

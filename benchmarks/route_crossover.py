@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import git_state  # noqa: E402
+from provenance import commit_label  # noqa: E402
 
 import leanformer as lf  # noqa: E402
 from leanformer.compress import kashin, quantization  # noqa: E402
@@ -91,9 +91,9 @@ def measure(model_name: str, label: str) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], git: dict) -> str:
+def markdown(rows: list[dict], commit: str) -> str:
     lines = ["# Activation route against weight route, per layer shape", "",
-             f"Commit {git['commit'][:12]}{' (uncommitted changes)' if git['dirty'] else ''}. "
+             f"Commit {commit}. "
              "`python benchmarks/route_crossover.py`. µs per call, one thread, best of 5 × 3 calls: activation route "
              "/ weight route / fp32 F.linear; **bold**: the faster quantized route. Library thresholds at this commit: "
              f"Kashin {kashin_threshold} tokens, RTN/HQQ {affine_threshold}.", ""]
@@ -118,7 +118,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / "route_crossover"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    git = git_state()
+    commit = commit_label()
     rows = []
     try:
         for model_name in args.models.split(","):
@@ -128,9 +128,9 @@ def main(argv=None) -> None:
         kashin.ACTIVATION_ROUTE_TOKENS, quantization.NATIVE_MAX_TOKENS = kashin_threshold, affine_threshold
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_json(out / "results.json", {"git": git, "tokens": TOKENS, "rows": rows,
+    save_json(out / "results.json", {"commit": commit, "tokens": TOKENS, "rows": rows,
                                      "thresholds": {"kashin": kashin_threshold, "affine": affine_threshold}})
-    atomic_write_bytes(out / "results.md", markdown(rows, git).encode())
+    atomic_write_bytes(out / "results.md", markdown(rows, commit).encode())
     print(f"results in {out}")
 
 
