@@ -38,7 +38,7 @@ contribution (to the final states, or relative to its own output, which a relati
 alike whatever the layer's size), and Σ e_i is the additive estimate of the joint change. Weighting
 by n_i spent bits on the large MLP layers that the small ones needed more: on stories260K the joint
 change of the final states on the calibration tokens was 0.333 with it and 0.315 without at 3.0
-bits, 0.171 and 0.128 at 3.88. The allocation is solved greedily: each layer starts at its cheapest
+bits, 0.171 and 0.128 at 3.88 (benchmarks/plan_objective.py, which also has MiniLM's). The allocation is solved greedily: each layer starts at its cheapest
 candidate and the upgrades along each layer's lower convex hull of (bits, error) are taken in order
 of error drop per extra bit while they fit (the LP relaxation's order: Sinha & Zoltners, "The
 multiple-choice knapsack problem", Oper. Res. 27(3), 1979, §2), then a local search applies the single
@@ -526,7 +526,7 @@ def plan(model: nn.Module, target_bits: float = 3.0, *, calibration=None, tokeni
         raise LeanformerError("profile= gives the block influence that use_profile=True weighs the layers by; pass "
                               "use_profile=True with it (the default end-to-end sensitivity needs neither)")
     blocks, path = find_blocks(model) if config.use_profile else ([], "")
-    if profile is not None and config.use_profile:
+    if profile is not None:  # (use_profile is on: checked above)
         influence = [t["block_influence"] for t in profile.transitions]
         if len(influence) != len(blocks):
             raise LeanformerError(f"the profile describes {len(influence)} blocks but the model has {len(blocks)}; "
