@@ -858,10 +858,10 @@ class Kashin(QuantConfig):
             w = cls._rebuild_native(header, P, has_b, lookup, combine, ops.spectral_map)
             return F.linear(x, w.view(out_f, in_f), bias)
 
-        if P.dense:  # the kernel applies P's matrix itself (the random P's QR factor is column-major)
-            fused = functools.partial(ops.kashin_linear, None, codes, *steps, col, P.matrix(codes.device).contiguous(),
-                                      bias, out_f, in_f, g, bits, ACTIVATION_ROUTE_TOKENS)
-
+        # the kernel applies P's matrix itself when it is dense (the random P's QR factor is column-major)
+        fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device).contiguous() if P.dense else None, bias,
+                                out_f, in_f, g, bits, ACTIVATION_ROUTE_TOKENS)
+        if P.dense:
             def run(x: torch.Tensor) -> torch.Tensor:
                 y = fused(x)  # None above ACTIVATION_ROUTE_TOKENS tokens
                 return weight_route(x) if y is None else y
@@ -871,7 +871,5 @@ class Kashin(QuantConfig):
             x2 = x.reshape(-1, x.shape[-1])
             if x2.shape[0] * rows > ACTIVATION_ROUTE_TOKENS or x2.shape[1] != in_f:  # (a wrong width: F.linear says so)
                 return weight_route(x)
-            u = cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1]
-            return ops.kashin_linear(u, codes, *steps, col, None, bias, out_f, in_f, g, bits, ACTIVATION_ROUTE_TOKENS,
-                                     x)
+            return fused(x, cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1])
         return run_fft

@@ -380,8 +380,8 @@ torch::Tensor affine_decode(const torch::Tensor& codes, const torch::Tensor& sca
 
 // RTN / HQQ: y = x Ŵᵀ (+ b), Ŵ[o, k] = (s_g q + m_g) col_k per group g of `group` inputs of a row. Up to
 // max_tokens tokens the column scales go on x and, per group, y_o += s_g Σ q_k x_k + m_g Σ x_k, so no weight is
-// ever formed; above, the weight is rebuilt in one pass and multiplied (affine_decode). x comes last, so a
-// layer binds the rest once (functools.partial).
+// ever formed; above, the weight is rebuilt in one pass and multiplied (affine_decode). A layer binds the rest once
+// (AffineLayer).
 torch::Tensor affine_linear(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero,
                             const c10::optional<torch::Tensor>& col, const c10::optional<torch::Tensor>& bias,
                             int64_t out_f, int64_t in_f, int64_t group, int64_t bits, bool zero_in_codes,
@@ -796,11 +796,50 @@ void spectral_map(torch::Tensor spectrum, const torch::Tensor& map) {
   });
 }
 
+// One layer's kernel with everything but x bound once: a call converts one argument instead of sixteen (on
+// stories260K's 64-wide layers the conversions cost about as much as the multiply).
+struct KashinLayer {
+  c10::optional<torch::Tensor> scale, log_values, col, transform, bias;
+  torch::Tensor codes, steps, domains;
+  int64_t out_f, in_f, group, bits, max_tokens;
+  c10::optional<torch::Tensor> operator()(const torch::Tensor& x, const c10::optional<torch::Tensor>& u) const {
+    return kashin_linear(u, codes, steps, scale, log_values, domains, col, u.has_value() ? c10::nullopt : transform,
+                         bias, out_f, in_f, group, bits, max_tokens, x);
+  }
+};
+
+struct AffineLayer {
+  torch::Tensor codes, scale, zero;
+  c10::optional<torch::Tensor> col, bias;
+  int64_t out_f, in_f, group, bits;
+  bool zero_in_codes;
+  int64_t max_tokens;
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    return affine_linear(codes, scale, zero, col, bias, out_f, in_f, group, bits, zero_in_codes, max_tokens, x);
+  }
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // module_local: the AVX2 and portable builds may both be loaded in one process (the tests compare them)
+  pybind11::class_<KashinLayer>(m, "KashinLayer", pybind11::module_local(), "kashin_linear bound to one layer: layer(x, u=None)")
+      .def(pybind11::init([](torch::Tensor codes, torch::Tensor steps, c10::optional<torch::Tensor> scale,
+                             c10::optional<torch::Tensor> log_values, torch::Tensor domains,
+                             c10::optional<torch::Tensor> col, c10::optional<torch::Tensor> transform,
+                             c10::optional<torch::Tensor> bias, int64_t out_f, int64_t in_f, int64_t group,
+                             int64_t bits, int64_t max_tokens) {
+        return KashinLayer{scale, log_values, col, transform, bias, codes, steps, domains,
+                           out_f, in_f, group, bits, max_tokens};
+      }))
+      .def("__call__", &KashinLayer::operator(), pybind11::arg("x"), pybind11::arg("u") = pybind11::none());
+  pybind11::class_<AffineLayer>(m, "AffineLayer", pybind11::module_local(), "affine_linear bound to one layer: layer(x)")
+      .def(pybind11::init([](torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
+                             c10::optional<torch::Tensor> col, c10::optional<torch::Tensor> bias, int64_t out_f,
+                             int64_t in_f, int64_t group, int64_t bits, bool zero_in_codes, int64_t max_tokens) {
+        return AffineLayer{codes, scale, zero, col, bias, out_f, in_f, group, bits, zero_in_codes, max_tokens};
+      }))
+      .def("__call__", &AffineLayer::operator());
   m.def("kashin_combine", &kashin_combine, "Kashin (closed codebook): the weight (A + P B) diag(col) of a block of vectors");
   m.def("kashin_lookup", &kashin_lookup, "Kashin (closed codebook): B of a block of vectors from the codes");
-  m.def("affine_linear", &affine_linear, "RTN / HQQ: y = x W^T (+ b) from the codes");
   m.def("affine_decode", &affine_decode, "RTN / HQQ: the float32 weight from the codes in one pass");
   m.def("spectral_map", &spectral_map, "P's middle step on the half spectrum: a real 2x2 map per bin, in place");
-  m.def("kashin_linear", &kashin_linear, "Kashin (closed codebook): y = x W^T (+ b) from the codes, P on the activations");
 }

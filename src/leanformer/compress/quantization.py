@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -156,8 +155,8 @@ class AffineQuantConfig(QuantConfig):
             return None
         col = tensors["col_scale"].float() if "col_scale" in tensors else None
         out_f, in_f = header["shape"]
-        return functools.partial(ops.affine_linear, codes, scale, zero, col, bias, out_f, in_f, header["group_size"],
-                                 header["bits"], cls.ZERO_IN_CODES, NATIVE_MAX_TOKENS)
+        return ops.AffineLayer(codes, scale, zero, col, bias, out_f, in_f, header["group_size"], header["bits"],
+                               cls.ZERO_IN_CODES, NATIVE_MAX_TOKENS)
 
 
 def method_class(method: str) -> type[QuantConfig]:
