@@ -201,8 +201,6 @@ def specs() -> list[Spec]:
 def apply_config(model, spec: Spec, ctx: dict) -> dict:
     """Quantize `model` in place by `spec`; what was done. A group size is applied where it fits a
     layer and per row elsewhere; a group that fits no layer raises Unavailable (the config is skipped)."""
-    from leanformer.targets import linear_shape, select_linear
-
     t0 = time.perf_counter()
     cfg = spec.make({**ctx, "model": model})
     info = {"fallback_per_row": [], "skipped_layers": {}}
@@ -212,24 +210,32 @@ def apply_config(model, spec: Spec, ctx: dict) -> dict:
         reports = reports if isinstance(reports, list) else [reports]
     else:
         info["settings"] = cfg.to_dict()
-        g = getattr(cfg, "group_size", None)
-        names = select_linear(model, cfg.targets)
-        shapes = {n: linear_shape(model.get_submodule(n)) for n in names}  # (in, out)
-        odd = [n for n in names if g is not None and shapes[n][0] % g]
-        if odd and len(odd) == len(names):
-            widths = sorted({shapes[n][0] for n in names})
-            raise Unavailable(f"group {g} divides no layer's input width ({', '.join(map(str, widths))})")
-        reports = []
-        if odd:
-            cfg.targets = [n for n in names if n not in odd]
-            reports.append(lf.quantize(model, dataclasses.replace(cfg, group_size=None, targets=odd), progress=False))
-            info["fallback_per_row"] = odd
-        reports.append(lf.quantize(model, cfg, progress=False))
+        reports, info["fallback_per_row"] = quantize_per_row_where_group_does_not_fit(model, cfg)
     for r in reports:
         info["skipped_layers"].update(r.skipped)
     set_cache(model, True)  # quality only: the rebuilt weights are the same, evaluation runs faster
     info["quantize_seconds"] = time.perf_counter() - t0
     return info
+
+
+def quantize_per_row_where_group_does_not_fit(model, cfg: QuantConfig) -> tuple[list, list[str]]:
+    """lf.quantize with cfg's group size where it divides a layer's input width and per row elsewhere (what a user
+    would do for stories260K's 172-wide layers): the reports, and the layers quantized per row. A group that
+    divides no layer raises Unavailable."""
+    from leanformer.targets import linear_shape, select_linear
+
+    g = getattr(cfg, "group_size", None)
+    names = select_linear(model, cfg.targets)
+    widths = {n: linear_shape(model.get_submodule(n))[0] for n in names}
+    odd = [n for n in names if g is not None and widths[n] % g]
+    if odd and len(odd) == len(names):
+        raise Unavailable(f"group {g} divides no layer's input width ({', '.join(map(str, sorted(set(widths.values()))))})")
+    reports = []
+    if odd:
+        reports.append(lf.quantize(model, dataclasses.replace(cfg, group_size=None, targets=odd), progress=False))
+    reports.append(lf.quantize(model, dataclasses.replace(cfg, targets=[n for n in names if n not in odd]),
+                               progress=False))
+    return reports, odd
 
 
 def _jsonable(obj):

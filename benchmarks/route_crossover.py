@@ -13,7 +13,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -23,12 +22,12 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import commit_label  # noqa: E402
+from quant_bench import quantize_per_row_where_group_does_not_fit  # noqa: E402
 
 import leanformer as lf  # noqa: E402
 from leanformer.compress import kashin, quantization  # noqa: E402
 from leanformer.compress.quantization import QuantizedLinear  # noqa: E402
 from leanformer.files import atomic_write_bytes, save_json  # noqa: E402
-from leanformer.targets import select_linear  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = (1, 2, 4, 8, 12, 16, 24, 32, 64)
@@ -58,17 +57,7 @@ def set_route(method: str, per_token: bool) -> None:
 @torch.inference_mode()
 def measure(model_name: str, label: str) -> list[dict]:
     model = lf.load(model_name)[0]
-    config = CONFIGS[label]()
-    group = getattr(config, "group_size", None)
-    if group is None:
-        lf.quantize(model, config, progress=False)
-    else:  # as quant_bench: per row where the group does not divide the input width
-        names = select_linear(model, None)  # quantize's default targets
-        fits = [n for n in names if model.get_submodule(n).in_features % group == 0]
-        lf.quantize(model, dataclasses.replace(config, targets=fits), progress=False)
-        if len(fits) < len(names):
-            lf.quantize(model, dataclasses.replace(config, group_size=None,
-                                                   targets=[n for n in names if n not in fits]), progress=False)
+    quantize_per_row_where_group_does_not_fit(model, CONFIGS[label]())
     rows, seen = [], set()
     for name, layer in model.named_modules():
         if not isinstance(layer, QuantizedLinear) or (layer.out_features, layer.in_features) in seen:
