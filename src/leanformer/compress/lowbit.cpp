@@ -135,6 +135,45 @@ inline Lanes table_lanes_ab(const uint8_t* c, const float* xe, const float* xo, 
     tail += table_a[c[j] & 15] * xe[j] + table_a[c[j] >> 4] * xo[j] + table_b[c[j] & 15] * ue[j] + table_b[c[j] >> 4] * uo[j];
   return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), lanes_scalar(tail));
 }
+// table_lanes_ab for two vectors that read the same input piece (the same segment of two rows): the x and u loads
+// are shared and the two vectors' dependency chains interleave; their two sums, reduced together.
+inline void table_lanes_ab2(const uint8_t* c0, const uint8_t* c1, const float* xe, const float* xo, const float* ue,
+                            const float* uo, int64_t half, const float* table_a0, const float* table_b0,
+                            const float* table_a1, const float* table_b1, bool wide, float& y0, float& y1) {
+  const __m256 a0_lo = _mm256_loadu_ps(table_a0), a0_hi = _mm256_loadu_ps(table_a0 + 8);
+  const __m256 b0_lo = _mm256_loadu_ps(table_b0), b0_hi = _mm256_loadu_ps(table_b0 + 8);
+  const __m256 a1_lo = _mm256_loadu_ps(table_a1), a1_hi = _mm256_loadu_ps(table_a1 + 8);
+  const __m256 b1_lo = _mm256_loadu_ps(table_b1), b1_hi = _mm256_loadu_ps(table_b1 + 8);
+  const __m256i mask = _mm256_set1_epi32(15);
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= half; j += 8) {
+    const __m256 x_e = _mm256_loadu_ps(xe + j), x_o = _mm256_loadu_ps(xo + j);
+    const __m256 u_e = _mm256_loadu_ps(ue + j), u_o = _mm256_loadu_ps(uo + j);
+    const __m256i p = eight_bytes(c0 + j), p_lo = _mm256_and_si256(p, mask), p_hi = _mm256_srli_epi32(p, 4);
+    const __m256i q = eight_bytes(c1 + j), q_lo = _mm256_and_si256(q, mask), q_hi = _mm256_srli_epi32(q, 4);
+    s0 = _mm256_fmadd_ps(lookup(p_lo, a0_lo, a0_hi, wide), x_e, s0);
+    s1 = _mm256_fmadd_ps(lookup(p_lo, b0_lo, b0_hi, wide), u_e, s1);
+    s2 = _mm256_fmadd_ps(lookup(q_lo, a1_lo, a1_hi, wide), x_e, s2);
+    s3 = _mm256_fmadd_ps(lookup(q_lo, b1_lo, b1_hi, wide), u_e, s3);
+    s0 = _mm256_fmadd_ps(lookup(p_hi, a0_lo, a0_hi, wide), x_o, s0);
+    s1 = _mm256_fmadd_ps(lookup(p_hi, b0_lo, b0_hi, wide), u_o, s1);
+    s2 = _mm256_fmadd_ps(lookup(q_hi, a1_lo, a1_hi, wide), x_o, s2);
+    s3 = _mm256_fmadd_ps(lookup(q_hi, b1_lo, b1_hi, wide), u_o, s3);
+  }
+  float tail0 = 0.f, tail1 = 0.f;
+  for (; j < half; ++j) {
+    tail0 += table_a0[c0[j] & 15] * xe[j] + table_a0[c0[j] >> 4] * xo[j] + table_b0[c0[j] & 15] * ue[j] +
+             table_b0[c0[j] >> 4] * uo[j];
+    tail1 += table_a1[c1[j] & 15] * xe[j] + table_a1[c1[j] >> 4] * xo[j] + table_b1[c1[j] & 15] * ue[j] +
+             table_b1[c1[j] >> 4] * uo[j];
+  }
+  __m256 h = _mm256_hadd_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));  // (0 0 1 1 | 0 0 1 1) pairs
+  h = _mm256_hadd_ps(h, h);                                                  // (0 1 0 1 | 0 1 0 1)
+  const __m128 v = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  y0 = _mm_cvtss_f32(v) + tail0;
+  y1 = _mm_cvtss_f32(_mm_movehdup_ps(v)) + tail1;
+}
 // Kashin's per-code values of one vector (bits ≤ 4) split by domain, table_a[q] = Σ_{i plain} c_i (2 bit_i(q) − 1)
 // and table_b over the P-domain steps: summed in registers and stored once (a table summed in memory step by
 // step stalls on store forwarding). Entries from 2^bits on are never read.
@@ -178,6 +217,8 @@ constexpr bool kTableLookup = false;  // not reached below: kTableLookup is fals
 inline Lanes table_lanes(const uint8_t*, const float*, const float*, int64_t, const float*, bool) { return 0.f; }
 inline Lanes table_lanes_ab(const uint8_t*, const float*, const float*, const float*, const float*, int64_t,
                             const float*, const float*, bool) { return 0.f; }
+inline void table_lanes_ab2(const uint8_t*, const uint8_t*, const float*, const float*, const float*, const float*,
+                            int64_t, const float*, const float*, const float*, const float*, bool, float&, float&) {}
 inline void kashin_tables16(const float*, const uint8_t*, int64_t, int64_t, float*, float*, bool&, bool&) {}
 inline Lanes byte_lanes(const uint8_t* c, const float* x, int64_t n, int bit) {
   float acc = 0.f;
@@ -547,7 +588,29 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
   at::parallel_for(0, out_f, 16, [&](int64_t begin, int64_t end) {
     float table_a[16], table_b[16];
     std::vector<float> y_row(tokens);
-    for (int64_t o = begin; o < end; ++o) {
+    int64_t o = begin;
+    if (tables && rows == 1) {  // rows in pairs (table_lanes_ab2); an odd last row below
+      float table_a1[16], table_b1[16];
+      std::vector<float> y_pair(2 * tokens);
+      for (; o + 1 < end; o += 2) {
+        std::fill(y_pair.begin(), y_pair.end(), 0.f);
+        for (int64_t s = 0; s < in_f / seg; ++s) {
+          const int64_t v = o * (in_f / group) + s, v1 = v + in_f / group, own = o * in_f + s * seg;
+          bool has_a, has_b;
+          kashin_tables16(step.data() + v * bits, dom, v, bits, table_a, table_b, has_a, has_b);
+          kashin_tables16(step.data() + v1 * bits, dom, v1, bits, table_a1, table_b1, has_a, has_b);
+          for (int64_t t = 0; t < tokens; ++t) {
+            const int64_t x_at = (t * in_f + s * seg) >> 1, u_half = (t * u_width + s * group) >> 1;
+            float y0, y1;
+            table_lanes_ab2(c + own / 2, c + (own + in_f) / 2, plain.even + x_at, plain.odd + x_at, spec.even + u_half,
+                            spec.odd + u_half, group / 2, table_a, table_b, table_a1, table_b1, bits == 4, y0, y1);
+            y_pair[t] += y0, y_pair[tokens + t] += y1;
+          }
+        }
+        for (int64_t t = 0; t < tokens; ++t) yp[t * out_f + o] = y_pair[t], yp[t * out_f + o + 1] = y_pair[tokens + t];
+      }
+    }
+    for (; o < end; ++o) {
       std::fill(y_row.begin(), y_row.end(), 0.f);
       for (int64_t s = 0; s < in_f / seg; ++s) {
         const int64_t v = rows > 1 ? o / rows : o * (in_f / group) + s;
