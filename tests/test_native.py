@@ -11,7 +11,7 @@ from torch import nn
 
 import leanformer as lf
 from leanformer.compress import native
-from leanformer.compress.kashin import ACTIVATION_ROUTE_TOKENS
+from leanformer.compress.kashin import ACTIVATION_DENSE_MAX, ACTIVATION_ROUTE_TOKENS, DENSE_TRANSFORM_MAX
 from leanformer.compress.quantization import NATIVE_MAX_TOKENS, QuantizedLinear, quantized_layers
 from leanformer.errors import LeanformerError
 
@@ -73,10 +73,18 @@ KASHIN = [
     pytest.param(lambda: lf.Kashin(bits=5), 16, 32, id="5bit-bytes"),
     pytest.param(lambda: lf.Kashin(bits=3), 6, 7, id="odd-width"),
     pytest.param(lambda: lf.Kashin(bits=3, transform="random"), 16, 48, id="random-P"),
-    pytest.param(lambda: lf.Kashin(bits=3), 8, 300, id="fft-P"),  # longer than DENSE_TRANSFORM_MAX: P by FFT
-    pytest.param(lambda: lf.Kashin(bits=4, col_scale=False), 6, 264, id="fft-P-4bit"),
-    pytest.param(lambda: lf.Kashin(bits=3), 4, 301, id="fft-P-odd"),  # Makhoul's order of an odd length
+    # longer than DENSE_TRANSFORM_MAX: the weight route applies P by FFT, the activation route as a dense matrix
+    pytest.param(lambda: lf.Kashin(bits=3), 8, 300, id="dense-P-activations"),
+    # longer than ACTIVATION_DENSE_MAX: P by FFT on both routes
+    pytest.param(lambda: lf.Kashin(bits=3), 4, 520, id="fft-P"),
+    pytest.param(lambda: lf.Kashin(bits=4, col_scale=False), 6, 528, id="fft-P-4bit"),
+    pytest.param(lambda: lf.Kashin(bits=3), 4, 521, id="fft-P-odd"),  # Makhoul's order of an odd length
 ]
+
+
+def test_the_kashin_widths_reach_every_form_of_P():
+    """The 300- and 520-wide cases above stay on the sides of the thresholds they are named for."""
+    assert DENSE_TRANSFORM_MAX < 300 <= ACTIVATION_DENSE_MAX < 520
 
 
 @pytest.mark.parametrize("make, out_f, in_f", AFFINE + KASHIN)

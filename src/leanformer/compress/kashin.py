@@ -73,6 +73,10 @@ ACTIVATION_ROUTE_TOKENS = 12
 REBUILD_CHUNK = 2 ** 16  # weights rebuilt per step of the weight route (256 KiB of float32)
 DENSE_TRANSFORM_MAX = 256  # vectors up to this length apply P as one dense (cached) matrix product:
                            # g² multiply-adds per vector beat the FFT's passes over memory at this size
+# The activation route (a few tokens) applies P to the input alone, where torch's FFT costs more in per-call
+# overhead than in arithmetic; one matrix per length serves every layer (quantize_weight), so it stays in cache.
+# One token, one thread, an n x n layer: dense / FFT 34 / 68 us at 384, 58 / 91 at 512, 164 / 150 at 768.
+ACTIVATION_DENSE_MAX = 512
 
 
 @lru_cache(maxsize=64)
@@ -836,7 +840,8 @@ class Kashin(QuantConfig):
     def native_linear(cls, ops, codes, tensors, header, bias):
         """The closed codebook's activation route as one fused kernel (lowbit.cpp kashin_linear), which rebuilds
         A and B a vector at a time from the codes, step sizes and domains and multiplies them with x_c and
-        u = Pᵀ x_c; short vectors hand P's dense matrix to the kernel, longer ones apply P by FFT here first.
+        u = Pᵀ x_c; vectors up to ACTIVATION_DENSE_MAX long hand P's dense matrix to the kernel, longer ones apply P by
+        FFT here first.
         Above ACTIVATION_ROUTE_TOKENS tokens the weight is rebuilt by the weight-route kernels (`_rebuild_native`)
         and multiplied once. Other forms and codebooks have no kernel."""
         out_f, in_f = header["shape"]
@@ -859,9 +864,10 @@ class Kashin(QuantConfig):
             return F.linear(x, w.view(out_f, in_f), bias)
 
         # the kernel applies P's matrix itself when it is dense (the random P's QR factor is column-major)
-        fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device).contiguous() if P.dense else None, bias,
+        dense = P.dense or g <= ACTIVATION_DENSE_MAX
+        fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device).contiguous() if dense else None, bias,
                                 out_f, in_f, g, bits, ACTIVATION_ROUTE_TOKENS)
-        if P.dense:
+        if dense:
             def run(x: torch.Tensor) -> torch.Tensor:
                 y = fused(x)  # None above ACTIVATION_ROUTE_TOKENS tokens
                 return weight_route(x) if y is None else y
