@@ -43,8 +43,9 @@ bits, 0.158 and 0.126 at 3.88 (benchmarks/plan_objective.py, which also has Mini
 allocation is solved greedily: each layer starts at its cheapest candidate and the upgrades along
 each layer's lower convex hull of (bits, error) are taken in order of error drop per extra bit while
 they fit (the LP relaxation's order: Sinha & Zoltners, "The multiple-choice knapsack problem", Oper.
-Res. 27(3), 1979, §2), then a local search applies the single change, or the pair of changes on two layers, that lowers the objective most while it fits, until none
-is left. Every step checks the budget, so the result never exceeds it.
+Res. 27(3), 1979, §2), then a local search applies the single change, or the pair of changes on two
+layers, that lowers the objective most while it fits, until none is left. Every step checks the
+budget, so the result never exceeds it.
 """
 from __future__ import annotations
 
