@@ -80,12 +80,12 @@ def default_candidates() -> list[QuantConfig]:
 
     Kashin (vector form, closed codebook) stores b bits per weight plus its per-vector step sizes; with
     scale_bits=8 those take one byte each instead of two, for the same error within a few per cent (on
-    stories260K's small layers Kashin-3 costs 3.57 bits instead of 3.88, perplexity 7.70 against 7.71
-    on held-out TinyStories text; given both, the plan never chose the float16 steps). HQQ with groups
+    stories260K's small layers Kashin-3 costs 3.57 bits instead of 3.88, perplexity 7.34 against 7.34
+    on held-out TinyStories text). HQQ with groups
     of 64 stores b + 0.5: together a ladder of honest costs from about 2.1 to 4.5 bits, from two methods
     whose errors differ by layer, and HQQ covers layers whose Kashin decomposition does not converge.
     Measured on stories260K (plan at 3.0 bits, output sensitivity, held-out TinyStories perplexity)
-    this set gives 11.3 where the float16-step Kashin set gives 13.6. Neither needs calibration. RTN is
+    this set gives 11.9 where the float16-step Kashin set gives 13.8. Neither needs calibration. RTN is
     left out: it stores the same per-group metadata as HQQ without optimising it, and every candidate
     costs one quantization of every layer."""
     return [Kashin(bits=b, scale_bits=8) for b in (2, 3, 4)] + [HQQ(bits=b, group_size=64) for b in (2, 3, 4)]
