@@ -67,7 +67,7 @@ FORMS = ("vector", "matrix")
 
 # Kashin.linear puts P on the activations up to this many tokens (× rows per vector), and rebuilds the weight
 # above: the activation route costs two table reads per weight per token, the weight route one rebuild per call.
-# One thread, native kernels (benchmarks/route_crossover.py): the weight route catches up between 8 and 24 tokens on
+# One thread, native kernels (benchmarks/route_crossover.py): the weight route catches up between 12 and 24 tokens on
 # MiniLM's 384-1536 wide layers and stories260K's 64-172 wide ones, and is 2-5x faster at 64.
 ACTIVATION_ROUTE_TOKENS = 12
 REBUILD_CHUNK = 2 ** 16  # weights rebuilt per step of the weight route (256 KiB of float32)
