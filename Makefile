@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.leanformer-installed
 
-.PHONY: env demo test bench dynamic-bench quant-bench batch1-scaling zoo-table clean
+.PHONY: env demo test bench dynamic-bench quant-bench batch1-bench zoo-table clean
 
 env: $(STAMP)
 
@@ -31,8 +31,8 @@ dynamic-bench: env  # dense vs dynamic-k MoE vs early exit, FLOPs and CPU latenc
 quant-bench: env  # quantization Pareto curves (quality vs honest bits) + latency table (≈40 min on one thread)
 	$(PY) benchmarks/quant_bench.py
 
-batch1-scaling: env  # batch-1 decode speed of 3-bit models vs fp32 as the model outgrows the caches (≈15 min)
-	$(PY) benchmarks/batch1_scaling.py
+batch1-bench: env  # batch-1 decode speed of 3-bit models vs fp32 as the model outgrows the caches (≈12 min)
+	$(PY) benchmarks/batch1_bench.py
 
 zoo-table: env  # the README's architecture support table, from the zoo test's recorded outcomes
 	$(PY) benchmarks/zoo_table.py

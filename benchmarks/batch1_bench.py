@@ -15,7 +15,7 @@ the rounds, and how many rounds the config was at least as fast. Bytes per token
 the linear layers, fp32 weights against the quantized layers' in-memory codes (3-bit codes sit in 4-bit nibbles
 at run time) and metadata; fp32's GB/s is those bytes over its decode time.
 
-  .venv/bin/python benchmarks/batch1_scaling.py      # → results/batch1_scaling/, ≈ 15 min
+  .venv/bin/python benchmarks/batch1_bench.py      # → results/batch1/, ≈ 12 min
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def measure(label: str, fp32, prompt: list[int], rounds: int) -> dict:
 
 def markdown(rows: list[dict], commit: str) -> str:
     lines = ["# Batch-1 generation against fp32 as the model grows", "", f"Commit {commit}. "
-             "`python benchmarks/batch1_scaling.py`. One thread; greedy generation from an 8-token prompt. Speed vs "
+             "`python benchmarks/batch1_bench.py`. One thread; greedy generation from an 8-token prompt. Speed vs "
              "fp32: fp32's time over the config's, per round (same process, alternating), median [interquartile "
              "range] (rounds at least as fast / rounds). Decode: per new token, the prompt's forward left out; end "
              "to end: 40 new tokens with the prompt. Bytes/token: what a decode step reads of the linear layers. "
@@ -174,7 +174,7 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", default="512,1024,2048", help="hidden sizes of the random models")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of each random model")
     ap.add_argument("--rounds", type=int, default=7, help="paired timing rounds per model")
-    ap.add_argument("--out", default=str(ROOT / "results" / "batch1_scaling"))
+    ap.add_argument("--out", default=str(ROOT / "results" / "batch1"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     commit = commit_label()
@@ -192,7 +192,7 @@ def main(argv=None) -> None:
     save_json(out / "results.json", {"commit": commit, "prompt_ids": prompt, "new_tokens": [SHORT, LONG],
                                      "threads": 1, "rows": rows})
     atomic_write_bytes(out / "results.md", markdown(rows, commit).encode())
-    plot(rows, out / "batch1_scaling.png", commit)
+    plot(rows, out / "batch1.png", commit)
     print(f"results in {out}")
 
 
