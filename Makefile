@@ -31,7 +31,7 @@ dynamic-bench: env  # dense vs dynamic-k MoE vs early exit, FLOPs and CPU latenc
 quant-bench: env  # quantization Pareto curves (quality vs honest bits) + latency table (≈40 min on one thread)
 	$(PY) benchmarks/quant_bench.py
 
-batch1-bench: env  # batch-1 decode speed of 3-bit models vs fp32 as the model outgrows the caches (≈12 min)
+batch1-bench: env  # batch-1 decode speed of 3-bit models vs fp32 as the model outgrows the caches (≈20 min)
 	$(PY) benchmarks/batch1_bench.py
 
 zoo-table: env  # the README's architecture support table, from the zoo test's recorded outcomes

@@ -15,7 +15,7 @@ the rounds, and how many rounds the config was at least as fast. Bytes per token
 the linear layers, fp32 weights against the quantized layers' in-memory codes (3-bit codes sit in 4-bit nibbles
 at run time) and metadata; fp32's GB/s is those bytes over its decode time.
 
-  .venv/bin/python benchmarks/batch1_bench.py      # → results/batch1/, ≈ 12 min
+  .venv/bin/python benchmarks/batch1_bench.py      # → results/batch1/, ≈ 20 min
 """
 from __future__ import annotations
 
@@ -173,7 +173,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", default="512,1024,2048", help="hidden sizes of the random models")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of each random model")
-    ap.add_argument("--rounds", type=int, default=7, help="paired timing rounds per model")
+    # as quant_bench: on a machine whose speed swings by tens of per cent within minutes, more short rounds
+    ap.add_argument("--rounds", type=int, default=15, help="paired timing rounds per model")
     ap.add_argument("--out", default=str(ROOT / "results" / "batch1"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
