@@ -72,6 +72,7 @@ KASHIN = [
     pytest.param(lambda: lf.Kashin(bits=3, layout="auto"), 32, 48, id="auto"),
     pytest.param(lambda: lf.Kashin(bits=5), 16, 32, id="5bit-bytes"),
     pytest.param(lambda: lf.Kashin(bits=3), 6, 7, id="odd-width"),
+    pytest.param(lambda: lf.Kashin(bits=3), 7, 64, id="odd-rows"),  # rows go in pairs: the last one alone
     pytest.param(lambda: lf.Kashin(bits=3, transform="random"), 16, 48, id="random-P"),
     # longer than DENSE_TRANSFORM_MAX: the weight route applies P by FFT, the activation route as a dense matrix
     pytest.param(lambda: lf.Kashin(bits=3), 8, 300, id="dense-P-activations"),

@@ -113,33 +113,15 @@ inline Lanes table_lanes(const uint8_t* c, const float* xe, const float* xo, int
   for (; j < half; ++j) tail += table[c[j] & 15] * xe[j] + table[c[j] >> 4] * xo[j];
   return _mm256_add_ps(_mm256_add_ps(s0, s1), lanes_scalar(tail));
 }
-// Σ_j A[q_j] x_j + B[q_j] u_j for one vector whose plain and P-domain steps read the same codes: both tables are
-// looked up from one load and split of each 8 bytes. Against two table_lanes passes (same-process A/B, one token):
-// 12-19 % faster on MiniLM's 384-1536 wide rows, no difference measurable on stories260K's 64-172 wide ones.
-inline Lanes table_lanes_ab(const uint8_t* c, const float* xe, const float* xo, const float* ue, const float* uo,
-                            int64_t half, const float* table_a, const float* table_b, bool wide) {
-  const __m256 a_lo = _mm256_loadu_ps(table_a), a_hi = _mm256_loadu_ps(table_a + 8);
-  const __m256 b_lo = _mm256_loadu_ps(table_b), b_hi = _mm256_loadu_ps(table_b + 8);
-  const __m256i mask = _mm256_set1_epi32(15);
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= half; j += 8) {
-    const __m256i b = eight_bytes(c + j), lo = _mm256_and_si256(b, mask), hi = _mm256_srli_epi32(b, 4);
-    s0 = _mm256_fmadd_ps(lookup(lo, a_lo, a_hi, wide), _mm256_loadu_ps(xe + j), s0);
-    s1 = _mm256_fmadd_ps(lookup(hi, a_lo, a_hi, wide), _mm256_loadu_ps(xo + j), s1);
-    s2 = _mm256_fmadd_ps(lookup(lo, b_lo, b_hi, wide), _mm256_loadu_ps(ue + j), s2);
-    s3 = _mm256_fmadd_ps(lookup(hi, b_lo, b_hi, wide), _mm256_loadu_ps(uo + j), s3);
-  }
-  float tail = 0.f;
-  for (; j < half; ++j)
-    tail += table_a[c[j] & 15] * xe[j] + table_a[c[j] >> 4] * xo[j] + table_b[c[j] & 15] * ue[j] + table_b[c[j] >> 4] * uo[j];
-  return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), lanes_scalar(tail));
-}
-// table_lanes_ab for two vectors that read the same input piece (the same segment of two rows): the x and u loads
-// are shared and the two vectors' dependency chains interleave; their two sums, reduced together.
-inline void table_lanes_ab2(const uint8_t* c0, const uint8_t* c1, const float* xe, const float* xo, const float* ue,
-                            const float* uo, int64_t half, const float* table_a0, const float* table_b0,
-                            const float* table_a1, const float* table_b1, bool wide, float& y0, float& y1) {
+// Σ_j A[q_j] x_j + B[q_j] u_j for two vectors whose plain and P-domain steps read the same codes and that read the
+// same input piece (the same segment of two rows): both tables are looked up from one load and split of each 8
+// bytes (12-19 % faster than two table_lanes passes on MiniLM's 384-1536 wide rows), the x and u loads are
+// shared, and the two vectors' dependency chains interleave; their two sums, reduced together. Same-process A/B
+// at one token against one vector per call: 9-22 % faster from 64 x 64 to 1024 x 384.
+inline void table_lanes_ab_pair(const uint8_t* c0, const uint8_t* c1, const float* xe, const float* xo,
+                                const float* ue, const float* uo, int64_t half, const float* table_a0,
+                                const float* table_b0, const float* table_a1, const float* table_b1, bool wide,
+                                float& y0, float& y1) {
   const __m256 a0_lo = _mm256_loadu_ps(table_a0), a0_hi = _mm256_loadu_ps(table_a0 + 8);
   const __m256 b0_lo = _mm256_loadu_ps(table_b0), b0_hi = _mm256_loadu_ps(table_b0 + 8);
   const __m256 a1_lo = _mm256_loadu_ps(table_a1), a1_hi = _mm256_loadu_ps(table_a1 + 8);
@@ -215,10 +197,9 @@ inline Lanes nibble_lanes(const uint8_t* c, const float* xe, const float* xo, in
 }
 constexpr bool kTableLookup = false;  // not reached below: kTableLookup is false
 inline Lanes table_lanes(const uint8_t*, const float*, const float*, int64_t, const float*, bool) { return 0.f; }
-inline Lanes table_lanes_ab(const uint8_t*, const float*, const float*, const float*, const float*, int64_t,
-                            const float*, const float*, bool) { return 0.f; }
-inline void table_lanes_ab2(const uint8_t*, const uint8_t*, const float*, const float*, const float*, const float*,
-                            int64_t, const float*, const float*, const float*, const float*, bool, float&, float&) {}
+inline void table_lanes_ab_pair(const uint8_t*, const uint8_t*, const float*, const float*, const float*,
+                                const float*, int64_t, const float*, const float*, const float*, const float*, bool,
+                                float&, float&) {}
 inline void kashin_tables16(const float*, const uint8_t*, int64_t, int64_t, float*, float*, bool&, bool&) {}
 inline Lanes byte_lanes(const uint8_t* c, const float* x, int64_t n, int bit) {
   float acc = 0.f;
@@ -588,29 +569,31 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
   at::parallel_for(0, out_f, 16, [&](int64_t begin, int64_t end) {
     float table_a[16], table_b[16];
     std::vector<float> y_row(tokens);
-    int64_t o = begin;
-    if (tables && rows == 1) {  // rows in pairs (table_lanes_ab2); an odd last row below
+    if (tables && rows == 1) {  // rows in pairs (table_lanes_ab_pair); an odd last row is paired with itself
       float table_a1[16], table_b1[16];
       std::vector<float> y_pair(2 * tokens);
-      for (; o + 1 < end; o += 2) {
+      for (int64_t o = begin; o < end; o += 2) {
+        const int64_t o1 = std::min(o + 1, end - 1);
         std::fill(y_pair.begin(), y_pair.end(), 0.f);
         for (int64_t s = 0; s < in_f / seg; ++s) {
-          const int64_t v = o * (in_f / group) + s, v1 = v + in_f / group, own = o * in_f + s * seg;
+          const int64_t v = o * (in_f / group) + s, v1 = o1 * (in_f / group) + s;
+          const int64_t own = o * in_f + s * seg, own1 = o1 * in_f + s * seg;
           bool has_a, has_b;
           kashin_tables16(step.data() + v * bits, dom, v, bits, table_a, table_b, has_a, has_b);
           kashin_tables16(step.data() + v1 * bits, dom, v1, bits, table_a1, table_b1, has_a, has_b);
           for (int64_t t = 0; t < tokens; ++t) {
             const int64_t x_at = (t * in_f + s * seg) >> 1, u_half = (t * u_width + s * group) >> 1;
             float y0, y1;
-            table_lanes_ab2(c + own / 2, c + (own + in_f) / 2, plain.even + x_at, plain.odd + x_at, spec.even + u_half,
+            table_lanes_ab_pair(c + own / 2, c + own1 / 2, plain.even + x_at, plain.odd + x_at, spec.even + u_half,
                             spec.odd + u_half, group / 2, table_a, table_b, table_a1, table_b1, bits == 4, y0, y1);
             y_pair[t] += y0, y_pair[tokens + t] += y1;
           }
         }
-        for (int64_t t = 0; t < tokens; ++t) yp[t * out_f + o] = y_pair[t], yp[t * out_f + o + 1] = y_pair[tokens + t];
+        for (int64_t t = 0; t < tokens; ++t) yp[t * out_f + o] = y_pair[t], yp[t * out_f + o1] = y_pair[tokens + t];
       }
+      return;
     }
-    for (; o < end; ++o) {
+    for (int64_t o = begin; o < end; ++o) {
       std::fill(y_row.begin(), y_row.end(), 0.f);
       for (int64_t s = 0; s < in_f / seg; ++s) {
         const int64_t v = rows > 1 ? o / rows : o * (in_f / group) + s;
@@ -620,13 +603,8 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
         if (tables) {  // A and B of this vector per code, once for every token
           bool has_a, has_b;
           kashin_tables16(step.data() + v * bits, dom, v, bits, table_a, table_b, has_a, has_b);
-          for (int64_t t = 0; t < tokens; ++t) {
+          for (int64_t t = 0; t < tokens; ++t) {  // vectors of several rows: A and B read different codes
             const int64_t x_at = (t * in_f + s * seg) >> 1, u_half = (t * u_width + u_at) >> 1;
-            if (rows == 1) {  // A and B read the same codes
-              y_row[t] += lanes_sum(table_lanes_ab(c + own / 2, plain.even + x_at, plain.odd + x_at, spec.even + u_half,
-                                                   spec.odd + u_half, group / 2, table_a, table_b, bits == 4));
-              continue;
-            }
             Lanes acc = lanes_zero();
             if (has_a)
               acc = lanes_add(acc, table_lanes(c + own / 2, plain.even + x_at, plain.odd + x_at, seg / 2, table_a,
