@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import commit_label  # noqa: E402
-from quant_bench import quantize_per_row_where_group_does_not_fit  # noqa: E402
+from quant_bench import greedy, quantize_per_row_where_group_does_not_fit  # noqa: E402
 
 import leanformer as lf  # noqa: E402
 from leanformer.compress.quantization import QuantizedLinear  # noqa: E402
@@ -75,12 +75,10 @@ def linear_bytes(model) -> int:
     return total
 
 
-@torch.inference_mode()
 def generate_seconds(model, prompt: list[int], new_tokens: int) -> float:
     ids = torch.tensor([prompt])
     t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                   pad_token_id=0, attention_mask=torch.ones_like(ids))
+    greedy(model, ids, new_tokens, pad_id=0)
     return time.perf_counter() - t0
 
 

@@ -596,15 +596,20 @@ def _encoder_timing(model, spec: dict) -> dict:
 
 
 @torch.inference_mode()
+def greedy(model, ids: torch.Tensor, new_tokens: int, pad_id: int) -> torch.Tensor:
+    """Exactly `new_tokens` greedy tokens after the (1, n) prompt ids, with the KV cache: the timed batch-1 step."""
+    return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                          pad_token_id=pad_id, attention_mask=torch.ones_like(ids))
+
+
+@torch.inference_mode()
 def _decoder_timing(model, spec: dict) -> dict:
     ids = torch.tensor([spec["prompt_ids"]])
-    kwargs = dict(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"], do_sample=False,
-                  use_cache=True, pad_token_id=spec["pad_id"], attention_mask=torch.ones_like(ids))
-    out = model.generate(ids, **kwargs)  # warm-up
+    out = greedy(model, ids, spec["new_tokens"], spec["pad_id"])  # warm-up
     runs = []
     for _ in range(spec["repeats"]):
         t0 = time.perf_counter()
-        out = model.generate(ids, **kwargs)
+        out = greedy(model, ids, spec["new_tokens"], spec["pad_id"])
         runs.append(time.perf_counter() - t0)
     new = out.shape[1] - ids.shape[1]
     return {"tokens_per_s": new / statistics.median(runs), "runs_s": runs, "new_tokens": new,
