@@ -41,6 +41,7 @@ from quant_bench import greedy, quantize_per_row_where_group_does_not_fit  # noq
 import leanformer as lf  # noqa: E402
 from leanformer.compress.quantization import QuantizedLinear  # noqa: E402
 from leanformer.files import atomic_write_bytes, save_json  # noqa: E402
+from leanformer.targets import select_linear  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"kashin-3": lambda: lf.Kashin(bits=3), "rtn-3-g64": lambda: lf.RTN(bits=3, group_size=64),
@@ -63,16 +64,14 @@ def llama_like(base, hidden: int, layers: int, seed: int):
 
 
 def linear_bytes(model) -> int:
-    """Bytes one decode step reads of the linear layers: fp32 weights, or a quantized layer's in-memory codes and
-    metadata (the stored tensors the forward reads; the packed stream is not read)."""
-    total = 0
-    for name, m in model.named_modules():
-        if isinstance(m, QuantizedLinear):
-            tensors = [m.codes, *m.metadata_tensors().values()]
-            total += sum(t.numel() * t.element_size() for t in tensors)
-        elif isinstance(m, torch.nn.Linear) and name.endswith("proj"):
-            total += m.weight.numel() * m.weight.element_size()
-    return total
+    """Bytes one decode step reads of the layers quantize targets by default (the head is not one): fp32 weights, or
+    a quantized layer's in-memory codes and metadata (the stored tensors the forward reads; the packed stream is
+    not read)."""
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if quantized:
+        return sum(t.numel() * t.element_size() for m in quantized for t in (m.codes, *m.metadata_tensors().values()))
+    weights = [model.get_submodule(n).weight for n in select_linear(model, None)]
+    return sum(w.numel() * w.element_size() for w in weights)
 
 
 def generate_seconds(model, prompt: list[int], new_tokens: int) -> float:
