@@ -172,8 +172,8 @@ def test_block_influence_of_the_profile_weighs_the_layers(make_tiny_llama, token
                       transitions=[{"from": 0, "to": 1, "block_influence": 0.9},
                                    {"from": 1, "to": 2, "block_influence": 0.1}])
     plan = lf.plan(model, 4.6, calibration=TEXTS, tokenizer=tokenizer, candidates=RTN_2_4, profile=profile,
-                   use_profile=True, progress=False, sensitivity="layer")  # a tiny random model's layer errors
-    # are alike: the weights show
+                   use_profile=True, progress=False, sensitivity="layer")
+    # a tiny random model's layer errors are alike: the weights show
     assert [row["importance"] for n, row in plan.table.items() if ".layers.0." in n] == [pytest.approx(1.8)] * 7
     upgraded = [n for n, label in plan.layers.items() if label == "rtn4/g16"]
     assert upgraded and all(".layers.0." in n for n in upgraded)
