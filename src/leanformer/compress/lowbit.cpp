@@ -21,6 +21,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -100,7 +102,7 @@ inline __m256 lookup(__m256i idx, __m256 t_lo, __m256 t_hi, bool wide) {
   return _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(t_hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 inline Lanes table_lanes(const uint8_t* c, const float* xe, const float* xo, int64_t half, const float* table, bool wide) {
-  const __m256 t_lo = _mm256_loadu_ps(table), t_hi = _mm256_loadu_ps(table + 8);
+  const __m256 t_lo = _mm256_loadu_ps(table), t_hi = wide ? _mm256_loadu_ps(table + 8) : t_lo;
   const __m256i mask = _mm256_set1_epi32(15);
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   int64_t j = 0;
@@ -122,10 +124,10 @@ inline void table_lanes_ab_pair(const uint8_t* c0, const uint8_t* c1, const floa
                                 const float* ue, const float* uo, int64_t half, const float* table_a0,
                                 const float* table_b0, const float* table_a1, const float* table_b1, bool wide,
                                 float& y0, float& y1) {
-  const __m256 a0_lo = _mm256_loadu_ps(table_a0), a0_hi = _mm256_loadu_ps(table_a0 + 8);
-  const __m256 b0_lo = _mm256_loadu_ps(table_b0), b0_hi = _mm256_loadu_ps(table_b0 + 8);
-  const __m256 a1_lo = _mm256_loadu_ps(table_a1), a1_hi = _mm256_loadu_ps(table_a1 + 8);
-  const __m256 b1_lo = _mm256_loadu_ps(table_b1), b1_hi = _mm256_loadu_ps(table_b1 + 8);
+  const __m256 a0_lo = _mm256_loadu_ps(table_a0), a0_hi = wide ? _mm256_loadu_ps(table_a0 + 8) : a0_lo;
+  const __m256 b0_lo = _mm256_loadu_ps(table_b0), b0_hi = wide ? _mm256_loadu_ps(table_b0 + 8) : b0_lo;
+  const __m256 a1_lo = _mm256_loadu_ps(table_a1), a1_hi = wide ? _mm256_loadu_ps(table_a1 + 8) : a1_lo;
+  const __m256 b1_lo = _mm256_loadu_ps(table_b1), b1_hi = wide ? _mm256_loadu_ps(table_b1 + 8) : b1_lo;
   const __m256i mask = _mm256_set1_epi32(15);
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
   int64_t j = 0;
@@ -392,6 +394,17 @@ inline void kashin_tables(const float* step, const uint8_t* domains, int64_t v, 
   }
 }
 
+// What the activation route reads of a layer's step sizes on every call, decoded once: the float step sizes
+// and, for the table route, each vector's A and B per code (`entries` values each: 8 up to 3 bits, 16 at 4)
+// with whether it has any plain (bit 0) or P-domain (bit 1) step. Building the tables on every call cost 14 %
+// of a one-token call on stories260K's 64 x 172 gate_proj (same-process A/B); kept, they take 2 · entries
+// floats per vector (64 B at 3 bits: 1 B per weight on 64-wide vectors, 0.17 B on 384-wide ones).
+struct KashinDecoded {
+  std::vector<float> step, tables;
+  std::vector<uint8_t> has;
+  int64_t entries = 0;  // 0: no tables (more than 4 bits, or the portable build)
+};
+
 }  // namespace
 
 // The RTN / HQQ weight (out, in) in one pass over the codes: for many tokens one matmul against the rebuilt
@@ -513,19 +526,16 @@ inline void weighted_rows(const float* e, const float* m, int64_t count, int64_t
 // Kashin, closed codebook (kashin.py): a vector of g weights is Ŵ_v = Σ_i c_i s_i (times P when step i is in
 // the P domain), s_i = ±1 the bit i of each code, c_i its step size; the input columns are scaled by col.
 // With P on the activations, u = Pᵀ x_c per vector, each step is one masked sum over the vector's codes.
-//   steps: (vectors or 1, k) float16, or uint8 log codes with log_values; scale: per vector, optional (shared
-//   step sizes), float16 or uint8 log codes; domains: the 1-bit stream of the (vectors, k) domain flags.
-//   Returns None for more than max_tokens tokens (× rows per vector): the caller rebuilds the weight instead.
+//   decoded: the step sizes (and tables) KashinLayer decoded from the stored ones; domains: the 1-bit stream
+//   of the (vectors, k) domain flags.
 //   u: given (tokens, u_width), or computed here from `transform`, P's dense (g, g) matrix M (P z = M z).
 //   A vector is a group of g inputs of one row (u: (tokens, in)), or r whole rows (g = r · in; u: (tokens,
 //   r, g), u[t, j] = Pᵀ of the input placed at slot j, and output row j of the block reads its own slot).
-c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u_given, const torch::Tensor& codes,
-                                          const torch::Tensor& steps, const c10::optional<torch::Tensor>& scale,
-                                          const c10::optional<torch::Tensor>& log_values, const torch::Tensor& domains,
-                                          const c10::optional<torch::Tensor>& col,
-                                          const c10::optional<torch::Tensor>& transform,
-                                          const c10::optional<torch::Tensor>& bias, int64_t out_f, int64_t in_f,
-                                          int64_t group, int64_t bits, int64_t max_tokens, const torch::Tensor& x_in) {
+torch::Tensor kashin_linear(const c10::optional<torch::Tensor>& u_given, const torch::Tensor& codes,
+                            const KashinDecoded& decoded, const torch::Tensor& domains,
+                            const c10::optional<torch::Tensor>& col, const c10::optional<torch::Tensor>& transform,
+                            const c10::optional<torch::Tensor>& bias, int64_t out_f, int64_t in_f, int64_t group,
+                            int64_t bits, const torch::Tensor& x_in) {
   const float* colp;
   const torch::Tensor x = checked_input(x_in, in_f, col, &colp);
   check_codes(codes);
@@ -533,7 +543,6 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
   TORCH_CHECK(group > 0 && (in_f % group == 0 || (group % in_f == 0 && out_f % (group / in_f) == 0)),
               "lowbit: the vector length does not tile the layer");
   const int64_t rows = group > in_f ? group / in_f : 1, seg = rows > 1 ? in_f : group;
-  if (tokens * rows > max_tokens) return c10::nullopt;  // the caller's weight route is cheaper
   const float* xp = x.data_ptr<float>();
   const int64_t n_vec = out_f * in_f / group, u_width = rows > 1 ? rows * group : in_f;
   TORCH_CHECK(domains.scalar_type() == torch::kUInt8 && domains.numel() * 8 >= n_vec * bits, "lowbit: domains");
@@ -558,19 +567,19 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
       }
   }
   const Input spec(u.data(), nullptr, tokens, u_width, group, nibbles);
-  const std::vector<float> step = kashin_steps(steps, scale, log_values, n_vec, bits, 0, n_vec);
+  const float* step = decoded.step.data();
+  const int64_t entries = decoded.entries;
   const uint8_t* dom = domains.data_ptr<uint8_t>();
   const uint8_t* c = codes.data_ptr<uint8_t>();
   auto y = output(x_in, out_f, bias);
   float* yp = y.data_ptr<float>();
   // up to 4 bits with nibble-aligned pieces: each vector's A and B as 16-entry tables, read with the codes;
   // otherwise (and in the portable build) one masked sum per step (bit-sliced)
-  const bool tables = kTableLookup && bits <= 4 && plain.split && spec.split;
+  const bool tables = entries > 0 && plain.split && spec.split;
+  const float* table_of = decoded.tables.data();  // vector v: A at table_of + 2 v entries, then B
   at::parallel_for(0, out_f, 16, [&](int64_t begin, int64_t end) {
-    float table_a[16], table_b[16];
     std::vector<float> y_row(tokens);
     if (tables && rows == 1) {  // rows in pairs (table_lanes_ab_pair); an odd last row is paired with itself
-      float table_a1[16], table_b1[16];
       std::vector<float> y_pair(2 * tokens);
       for (int64_t o = begin; o < end; o += 2) {
         const int64_t o1 = std::min(o + 1, end - 1);
@@ -578,14 +587,13 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
         for (int64_t s = 0; s < in_f / seg; ++s) {
           const int64_t v = o * (in_f / group) + s, v1 = o1 * (in_f / group) + s;
           const int64_t own = o * in_f + s * seg, own1 = o1 * in_f + s * seg;
-          bool has_a, has_b;
-          kashin_tables16(step.data() + v * bits, dom, v, bits, table_a, table_b, has_a, has_b);
-          kashin_tables16(step.data() + v1 * bits, dom, v1, bits, table_a1, table_b1, has_a, has_b);
+          const float *table_a = table_of + 2 * v * entries, *table_a1 = table_of + 2 * v1 * entries;
           for (int64_t t = 0; t < tokens; ++t) {
             const int64_t x_at = (t * in_f + s * seg) >> 1, u_half = (t * u_width + s * group) >> 1;
             float y0, y1;
             table_lanes_ab_pair(c + own / 2, c + own1 / 2, plain.even + x_at, plain.odd + x_at, spec.even + u_half,
-                            spec.odd + u_half, group / 2, table_a, table_b, table_a1, table_b1, bits == 4, y0, y1);
+                            spec.odd + u_half, group / 2, table_a, table_a + entries, table_a1, table_a1 + entries,
+                                bits == 4, y0, y1);
             y_pair[t] += y0, y_pair[tokens + t] += y1;
           }
         }
@@ -601,8 +609,8 @@ c10::optional<torch::Tensor> kashin_linear(const c10::optional<torch::Tensor>& u
         const int64_t whole = rows > 1 ? v * group : own;       // the whole vector's codes (P steps)
         const int64_t u_piece = rows > 1 ? o % rows : s, u_at = u_piece * group;
         if (tables) {  // A and B of this vector per code, once for every token
-          bool has_a, has_b;
-          kashin_tables16(step.data() + v * bits, dom, v, bits, table_a, table_b, has_a, has_b);
+          const bool has_a = decoded.has[v] & 1, has_b = decoded.has[v] & 2;
+          const float *table_a = table_of + 2 * v * entries, *table_b = table_a + entries;
           for (int64_t t = 0; t < tokens; ++t) {  // vectors of several rows: A and B read different codes
             const int64_t x_at = (t * in_f + s * seg) >> 1, u_half = (t * u_width + u_at) >> 1;
             Lanes acc = lanes_zero();
@@ -838,14 +846,46 @@ void spectral_map(torch::Tensor spectrum, const torch::Tensor& map) {
 }
 
 // One layer's kernel with everything but x bound once: a call converts one argument instead of sixteen (on
-// stories260K's 64-wide layers the conversions cost about as much as the multiply).
+// stories260K's 64-wide layers the conversions cost about as much as the multiply). The step sizes and tables
+// are decoded on the first call that takes the activation route, so a layer that only ever rebuilds its
+// weight (long inputs) never holds them; the once-flag makes concurrent first calls safe. Returns None for more
+// than max_tokens tokens (× rows per vector): the caller rebuilds the weight instead.
 struct KashinLayer {
   c10::optional<torch::Tensor> scale, log_values, col, transform, bias;
   torch::Tensor codes, steps, domains;
   int64_t out_f, in_f, group, bits, max_tokens;
+  struct Lazy {
+    std::once_flag once;
+    KashinDecoded decoded;
+  };
+  std::shared_ptr<Lazy> lazy = std::make_shared<Lazy>();
+
+  const KashinDecoded& decoded() const {
+    std::call_once(lazy->once, [this] {
+      KashinDecoded& d = lazy->decoded;
+      const int64_t n_vec = out_f * in_f / group;
+      d.step = kashin_steps(steps, scale, log_values, n_vec, bits, 0, n_vec);
+      if (!kTableLookup || bits > 4) return;
+      TORCH_CHECK(domains.scalar_type() == torch::kUInt8 && domains.numel() * 8 >= n_vec * bits, "lowbit: domains");
+      d.entries = bits <= 3 ? 8 : 16;
+      d.tables.resize(2 * n_vec * d.entries);
+      d.has.resize(n_vec);
+      float table_a[16], table_b[16];
+      for (int64_t v = 0; v < n_vec; ++v) {
+        bool has_a, has_b;
+        kashin_tables16(d.step.data() + v * bits, domains.data_ptr<uint8_t>(), v, bits, table_a, table_b, has_a, has_b);
+        std::copy(table_a, table_a + d.entries, d.tables.begin() + 2 * v * d.entries);
+        std::copy(table_b, table_b + d.entries, d.tables.begin() + (2 * v + 1) * d.entries);
+        d.has[v] = uint8_t(has_a) | uint8_t(has_b) << 1;
+      }
+    });
+    return lazy->decoded;
+  }
   c10::optional<torch::Tensor> operator()(const torch::Tensor& x, const c10::optional<torch::Tensor>& u) const {
-    return kashin_linear(u, codes, steps, scale, log_values, domains, col, u.has_value() ? c10::nullopt : transform,
-                         bias, out_f, in_f, group, bits, max_tokens, x);
+    const int64_t rows = group > in_f ? group / in_f : 1;
+    if (x.numel() / std::max<int64_t>(in_f, 1) * rows > max_tokens) return c10::nullopt;  // weight route: nothing to decode
+    return kashin_linear(u, codes, decoded(), domains, col, u.has_value() ? c10::nullopt : transform, bias, out_f,
+                         in_f, group, bits, x);
   }
 };
 
