@@ -1,7 +1,10 @@
-"""Where the fused kernels' per-token route stops paying: per layer shape, the time of one QuantizedLinear call
-by the activation route (the codes multiplied per token: kashin.ACTIVATION_ROUTE_TOKENS, and for RTN/HQQ
-quantization.NATIVE_MAX_TOKENS) against the weight route (the weight rebuilt once, then one matmul), and fp32's
-F.linear, for 1 to 64 tokens. One thread; the best of 5 × 3 calls each.
+"""Where each of the fused kernels' routes stops paying: per layer shape, the time of one QuantizedLinear call by
+each route, and fp32's F.linear, for 1 to 64 tokens. One thread; the best of 5 × 3 calls each. Routes:
+  table   (Kashin) the codes read per token through per-vector tables, P on the input (kashin.TABLE_KERNEL_TOKENS)
+  middle  (Kashin) A and B decoded a block of rows at a time, one matmul against x_c and u = Pᵀ x_c
+          (up to kashin.ACTIVATION_ROUTE_TOKENS)
+  codes   (RTN/HQQ) the codes multiplied per token (quantization.NATIVE_MAX_TOKENS)
+  weight  the weight rebuilt once, then one matmul
 
   .venv/bin/python benchmarks/route_crossover.py      # → results/route_crossover/{results.json,results.md}, ≈ 3 min
 """
@@ -32,7 +35,10 @@ from leanformer.files import atomic_write_bytes, save_json  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = (1, 2, 4, 8, 12, 16, 24, 32, 64)
 CONFIGS = {"kashin-3": lambda: lf.Kashin(bits=3), "hqq-3-g64": lambda: lf.HQQ(bits=3, group_size=64)}
-kashin_threshold, affine_threshold = kashin.ACTIVATION_ROUTE_TOKENS, quantization.NATIVE_MAX_TOKENS  # the library's
+THRESHOLDS = {"kashin.TABLE_KERNEL_TOKENS": kashin.TABLE_KERNEL_TOKENS,  # the library's, restored after
+              "kashin.ACTIVATION_ROUTE_TOKENS": kashin.ACTIVATION_ROUTE_TOKENS,
+              "quantization.NATIVE_MAX_TOKENS": quantization.NATIVE_MAX_TOKENS}
+ROUTES = {"kashin": ("table", "middle", "weight"), "affine": ("codes", "weight")}
 
 
 def best_us(fn, x, repeats: int = 5, calls: int = 3) -> float:
@@ -46,12 +52,18 @@ def best_us(fn, x, repeats: int = 5, calls: int = 3) -> float:
     return best
 
 
-def set_route(method: str, per_token: bool) -> None:
-    """Every call by the activation route (per_token) or by the weight route."""
-    if method == "kashin":
-        kashin.ACTIVATION_ROUTE_TOKENS = 10 ** 9 if per_token else 0
-    else:
-        quantization.NATIVE_MAX_TOKENS = 10 ** 9 if per_token else 0
+def set_route(route: str) -> None:
+    """Every call by this route (a layer reads the thresholds when it binds its kernels)."""
+    always, never = 10 ** 9, 0
+    kashin.TABLE_KERNEL_TOKENS = always if route == "table" else never
+    kashin.ACTIVATION_ROUTE_TOKENS = always if route in ("table", "middle") else never
+    quantization.NATIVE_MAX_TOKENS = always if route == "codes" else never
+
+
+def restore_thresholds() -> None:
+    kashin.TABLE_KERNEL_TOKENS = THRESHOLDS["kashin.TABLE_KERNEL_TOKENS"]
+    kashin.ACTIVATION_ROUTE_TOKENS = THRESHOLDS["kashin.ACTIVATION_ROUTE_TOKENS"]
+    quantization.NATIVE_MAX_TOKENS = THRESHOLDS["quantization.NATIVE_MAX_TOKENS"]
 
 
 @torch.inference_mode()
@@ -67,25 +79,27 @@ def measure(model_name: str, label: str) -> list[dict]:
         for tokens in TOKENS:
             x = torch.randn(tokens, layer.in_features, generator=torch.Generator().manual_seed(tokens))
             times = {}
-            for route in ("activation", "weight"):
-                set_route(layer.method, route == "activation")
-                layer.kernel = "native"  # rebinds the kernels: the bound ones read the threshold when bound
+            for route in ROUTES["kashin" if layer.method == "kashin" else "affine"]:
+                set_route(route)
+                layer.kernel = "native"  # rebinds the kernels: the bound ones read the thresholds when bound
                 times[route] = best_us(layer, x)
             times["fp32"] = best_us(lambda v: F.linear(v, dense), x)
             rows.append({"model": model_name, "config": label, "layer": name, "shape": [layer.out_features,
                                                                                          layer.in_features],
                          "tokens": tokens, **{f"{k}_us": v for k, v in times.items()}})
         print(f"  {model_name} {label} {layer.out_features}x{layer.in_features}: " + " ".join(
-            f"{r['tokens']}:{r['activation_us']:.0f}/{r['weight_us']:.0f}" for r in rows[-len(TOKENS):]), flush=True)
+            f"{r['tokens']}:" + "/".join(f"{v:.0f}" for k, v in r.items() if k.endswith("_us")) for r in rows[-len(TOKENS):]),
+            flush=True)
     return rows
 
 
 def markdown(rows: list[dict], commit: str) -> str:
-    lines = ["# Activation route against weight route, per layer shape", "",
+    lines = ["# The fused kernels' routes, per layer shape", "",
              f"Commit {commit}. "
-             "`python benchmarks/route_crossover.py`. µs per call, one thread, best of 5 × 3 calls: activation route "
-             "/ weight route / fp32 F.linear; **bold**: the faster quantized route. Library thresholds at this commit: "
-             f"Kashin {kashin_threshold} tokens, RTN/HQQ {affine_threshold}.", ""]
+             "`python benchmarks/route_crossover.py`. µs per call, one thread, best of 5 × 3 calls. Kashin: table "
+             "route / middle route / weight route / fp32 F.linear; RTN/HQQ: codes route / weight route / fp32 "
+             "F.linear; **bold**: the fastest quantized route. Library thresholds at this commit (tokens): "
+             + ", ".join(f"{k} {v}" for k, v in THRESHOLDS.items()) + ".", ""]
     keys = sorted({(r["model"], r["config"], tuple(r["shape"])) for r in rows})
     lines += ["| model | config | shape (out x in) | " + " | ".join(f"{t} tok" for t in TOKENS) + " |",
               "|---|---|---|" + "---|" * len(TOKENS)]
@@ -94,9 +108,10 @@ def markdown(rows: list[dict], commit: str) -> str:
         for t in TOKENS:
             r = next(r for r in rows if (r["model"], r["config"], tuple(r["shape"]), r["tokens"]) ==
                      (model, config, shape, t))
-            a, w = f"{r['activation_us']:.0f}", f"{r['weight_us']:.0f}"
-            a, w = (f"**{a}**", w) if r["activation_us"] <= r["weight_us"] else (a, f"**{w}**")
-            cells.append(f"{a} / {w} / {r['fp32_us']:.0f}")
+            routes = [k for k in r if k.endswith("_us") and k != "fp32_us"]
+            best = min(routes, key=lambda k: r[k])
+            cells.append(" / ".join(f"**{r[k]:.0f}**" if k == best else f"{r[k]:.0f}" for k in routes)
+                         + f" / {r['fp32_us']:.0f}")
         lines.append(f"| {model} | {config} | {shape[0]} x {shape[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -114,11 +129,11 @@ def main(argv=None) -> None:
             for label in CONFIGS:
                 rows += measure(model_name, label)
     finally:
-        kashin.ACTIVATION_ROUTE_TOKENS, quantization.NATIVE_MAX_TOKENS = kashin_threshold, affine_threshold
+        restore_thresholds()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / "results.json", {"commit": commit, "tokens": TOKENS, "rows": rows,
-                                     "thresholds": {"kashin": kashin_threshold, "affine": affine_threshold}})
+                                     "thresholds": THRESHOLDS})
     atomic_write_bytes(out / "results.md", markdown(rows, commit).encode())
     print(f"results in {out}")
 

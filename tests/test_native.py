@@ -11,7 +11,8 @@ from torch import nn
 
 import leanformer as lf
 from leanformer.compress import native
-from leanformer.compress.kashin import ACTIVATION_DENSE_MAX, ACTIVATION_ROUTE_TOKENS, DENSE_TRANSFORM_MAX
+from leanformer.compress.kashin import (ACTIVATION_DENSE_MAX, ACTIVATION_ROUTE_TOKENS, DENSE_TRANSFORM_MAX,
+                                       TABLE_KERNEL_TOKENS)
 from leanformer.compress.quantization import NATIVE_MAX_TOKENS, QuantizedLinear, quantized_layers
 from leanformer.errors import LeanformerError
 
@@ -95,6 +96,35 @@ def test_native_matches_decode(ops, make, out_f, in_f, tokens):
     x = torch.randn(2, tokens, in_f, generator=torch.Generator().manual_seed(tokens))
     assert layer._bind_native(), "this layout has a kernel"
     assert_close(*outputs(layer, x))
+
+
+@pytest.mark.parametrize("in_f", [64, 520])  # P dense in the kernels, P by FFT in Python
+def test_kashin_takes_each_route_by_its_token_count(ops, monkeypatch, in_f):
+    """Up to TABLE_KERNEL_TOKENS the table route, up to ACTIVATION_ROUTE_TOKENS the middle one, above that the weight
+    route (neither kernel call); each computes what the decode path does."""
+    taken = []
+
+    class Spy:  # the bound kernel, recording which of its routes ran
+        def __init__(self, *args):
+            self.inner = ops.KashinLayer(*args)
+
+        def __call__(self, x, u=None):
+            taken.append("table")
+            return self.inner(x, u)
+
+        def middle(self, x, u=None):
+            taken.append("middle")
+            return self.inner.middle(x, u)
+
+    spy_ops = type("SpyOps", (), {"__getattr__": lambda self, name: getattr(ops, name), "KashinLayer": Spy})()
+    monkeypatch.setattr(native, "ops", lambda: spy_ops)
+    layer = quantized(lf.Kashin(bits=3), 12, in_f)
+    for tokens, route in ((1, "table"), (TABLE_KERNEL_TOKENS, "table"), (TABLE_KERNEL_TOKENS + 1, "middle"),
+                          (ACTIVATION_ROUTE_TOKENS, "middle"), (ACTIVATION_ROUTE_TOKENS + 1, "weight")):
+        taken.clear()
+        y, ref = outputs(layer, torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens)))
+        assert (taken or ["weight"]) == [route], tokens
+        assert_close(y, ref)
 
 
 def test_the_kernel_is_what_runs(ops, monkeypatch):

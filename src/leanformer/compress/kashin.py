@@ -65,11 +65,16 @@ FORMS = ("vector", "matrix")
 # v = (x_0, x_2, x_4, …, x_5, x_3, x_1), then DCT_k = scale_k Re(e^{−iπk/2N} V_k), V = FFT(v). v is
 # real, so V_{N−k} = conj(V_k) and the half spectrum of rfft gives every coefficient.
 
-# Kashin.linear puts P on the activations up to this many tokens (× rows per vector), and rebuilds the weight
-# above: the activation route costs two table reads per weight per token, the weight route one rebuild per call.
-# One thread, native kernels (benchmarks/route_crossover.py): the weight route catches up between 12 and 24 tokens on
-# MiniLM's 384-1536 wide layers and stories260K's 64-172 wide ones, and is 2-5x faster at 64.
-ACTIVATION_ROUTE_TOKENS = 12
+# Kashin.linear puts P on the activations up to ACTIVATION_ROUTE_TOKENS tokens (× rows per vector), and rebuilds the
+# weight above: P on the weight costs one transform per vector per call, whatever the tokens. On the activations the
+# native kernels take one of two routes: up to TABLE_KERNEL_TOKENS the codes are read through per-vector tables once
+# per token (no weight-sized pass at all); above, A and B are decoded a block of rows at a time and multiplied with
+# x_c and u = Pᵀ x_c in one matmul (the "middle" route; torch's twin is _linear_on_activations). One thread
+# (benchmarks/route_crossover.py at the commit that set these): the middle route overtakes the table route between 4
+# and 8 tokens and the weight route takes over between 24 and 64 on MiniLM's 384-1536 wide layers and stories260K's
+# 64-172 wide ones (between 16 and 24 on the 384 x 1536 one).
+ACTIVATION_ROUTE_TOKENS = 24
+TABLE_KERNEL_TOKENS = 4
 REBUILD_CHUNK = 2 ** 16  # weights rebuilt per step of the weight route (256 KiB of float32)
 DENSE_TRANSFORM_MAX = 256  # vectors up to this length apply P as one dense (cached) matrix product:
                            # g² multiply-adds per vector beat the FFT's passes over memory at this size
@@ -840,12 +845,13 @@ class Kashin(QuantConfig):
 
     @classmethod
     def native_linear(cls, ops, codes, tensors, header, bias):
-        """The closed codebook's activation route as one fused kernel (lowbit.cpp kashin_linear), which rebuilds
-        A and B a vector at a time from the codes, step sizes and domains and multiplies them with x_c and
-        u = Pᵀ x_c; vectors up to ACTIVATION_DENSE_MAX long hand P's dense matrix to the kernel, longer ones apply P by
-        FFT here first.
-        Above ACTIVATION_ROUTE_TOKENS tokens the weight is rebuilt by the weight-route kernels (`_rebuild_native`)
-        and multiplied once. Other forms and codebooks have no kernel."""
+        """The closed codebook's kernels (lowbit.cpp KashinLayer), by the number of tokens: up to TABLE_KERNEL_TOKENS
+        the table route (kashin_linear: the codes read through per-vector tables, against x_c and u = Pᵀ x_c), up to
+        ACTIVATION_ROUTE_TOKENS the middle route (KashinLayer.middle: A and B decoded a block of rows at a time, one
+        matmul; vectors within a row of up to 4 bits, others skip it), above that the weight rebuilt by the
+        weight-route kernels (`_rebuild_native`) and multiplied once. Vectors up to ACTIVATION_DENSE_MAX long hand
+        P's dense matrix to the kernels, longer ones apply P by FFT here first. Other forms and codebooks have no
+        kernel."""
         out_f, in_f = header["shape"]
         g, bits = header["group_size"], header["bits"]
         if header["form"] != "vector" or header["codebook"] != "closed":
@@ -857,6 +863,7 @@ class Kashin(QuantConfig):
                       if "log_range" in tensors else None)
         steps = (tensors["steps"], tensors.get("scale"), log_values, tensors["domains"])
         n_vec, rows = out_f * in_f // g, (g // in_f if g > in_f else 1)
+        table_tokens, activation_tokens = TABLE_KERNEL_TOKENS, ACTIVATION_ROUTE_TOKENS  # as when bound
         lookup = functools.partial(ops.kashin_lookup, codes, *steps, n_vec, g, bits)
         combine = functools.partial(ops.kashin_combine, codes, *steps, n_vec, g, bits, col, in_f)
         has_b = bool(tensors["domains"].any())
@@ -868,16 +875,15 @@ class Kashin(QuantConfig):
         # the kernel applies P's matrix itself when it is dense (the random P's QR factor is column-major)
         dense = P.dense or g <= ACTIVATION_DENSE_MAX
         fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device).contiguous() if dense else None, bias,
-                                out_f, in_f, g, bits, ACTIVATION_ROUTE_TOKENS)
-        if dense:
-            def run(x: torch.Tensor) -> torch.Tensor:
-                y = fused(x)  # None above ACTIVATION_ROUTE_TOKENS tokens
-                return weight_route(x) if y is None else y
-            return run
+                                out_f, in_f, g, bits, table_tokens)
+        # the middle route (vectors within a row, up to 4 bits): A and B decoded a block of rows at a time, one matmul
+        middle = g <= in_f and g % 2 == 0 and bits <= 4
 
-        def run_fft(x: torch.Tensor) -> torch.Tensor:
+        def run(x: torch.Tensor) -> torch.Tensor:
             x2 = x.reshape(-1, x.shape[-1])
-            if x2.shape[0] * rows > ACTIVATION_ROUTE_TOKENS or x2.shape[1] != in_f:  # (a wrong width: F.linear says so)
-                return weight_route(x)
-            return fused(x, cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1])
-        return run_fft
+            tokens = x2.shape[0] * rows
+            if x2.shape[1] != in_f or tokens > activation_tokens or (tokens > table_tokens and not middle):
+                return weight_route(x)  # (a wrong width: F.linear says so)
+            u = None if dense else cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1]
+            return fused(x, u) if tokens <= table_tokens else fused.middle(x, u)
+        return run

@@ -10,7 +10,8 @@
 // Both methods are linear in what the codes stand for, so the codes multiply the input directly:
 //   RTN / HQQ    y_o = Σ_g s_g Σ_{k∈g} q_k x_k + m_g Σ_{k∈g} x_k
 //   Kashin       y_o = Σ_k A_v[q_k] x_c,k + B_v[q_k] u_k, u = Pᵀ x_c: per-vector tables of the values per code
-//                (AVX2), or one masked sum per step, Σ_i c_i (2 Σ_k bit_i(q_k) z_k − Σ_k z_k) (portable)
+//                (AVX2), or one masked sum per step, Σ_i c_i (2 Σ_k bit_i(q_k) z_k − Σ_k z_k) (portable); for
+//                more tokens, A and B written out a block of rows at a time and multiplied by torch's matmul
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -402,8 +403,24 @@ inline void kashin_tables(const float* step, const uint8_t* domains, int64_t v, 
 struct KashinDecoded {
   std::vector<float> step, tables;
   std::vector<uint8_t> has;
-  int64_t entries = 0;  // 0: no tables (more than 4 bits, or the portable build)
+  int64_t entries = 0;  // 0: no tables (more than 4 bits)
+  bool any_b = false;   // some vector has a P-domain step
 };
+
+// table[q] for the 2·half nibble codes of `c`: the even positions' values to `even`, the odd ones' to `odd`
+inline void lookup_split(const uint8_t* c, int64_t half, const float* table, bool wide, float* even, float* odd) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 t_lo = _mm256_loadu_ps(table), t_hi = wide ? _mm256_loadu_ps(table + 8) : t_lo;
+  const __m256i mask = _mm256_set1_epi32(15);
+  for (; j + 8 <= half; j += 8) {
+    const __m256i b = eight_bytes(c + j);
+    _mm256_storeu_ps(even + j, lookup(_mm256_and_si256(b, mask), t_lo, t_hi, wide));
+    _mm256_storeu_ps(odd + j, lookup(_mm256_srli_epi32(b, 4), t_lo, t_hi, wide));
+  }
+#endif
+  for (; j < half; ++j) even[j] = table[c[j] & 15], odd[j] = table[c[j] >> 4];
+}
 
 }  // namespace
 
@@ -575,7 +592,7 @@ torch::Tensor kashin_linear(const c10::optional<torch::Tensor>& u_given, const t
   float* yp = y.data_ptr<float>();
   // up to 4 bits with nibble-aligned pieces: each vector's A and B as 16-entry tables, read with the codes;
   // otherwise (and in the portable build) one masked sum per step (bit-sliced)
-  const bool tables = entries > 0 && plain.split && spec.split;
+  const bool tables = kTableLookup && entries > 0 && plain.split && spec.split;
   const float* table_of = decoded.tables.data();  // vector v: A at table_of + 2 v entries, then B
   at::parallel_for(0, out_f, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> y_row(tokens);
@@ -865,21 +882,96 @@ struct KashinLayer {
       KashinDecoded& d = lazy->decoded;
       const int64_t n_vec = out_f * in_f / group;
       d.step = kashin_steps(steps, scale, log_values, n_vec, bits, 0, n_vec);
-      if (!kTableLookup || bits > 4) return;
+      if (bits > 4) return;
       TORCH_CHECK(domains.scalar_type() == torch::kUInt8 && domains.numel() * 8 >= n_vec * bits, "lowbit: domains");
       d.entries = bits <= 3 ? 8 : 16;
       d.tables.resize(2 * n_vec * d.entries);
       d.has.resize(n_vec);
-      float table_a[16], table_b[16];
+      float table_a[256] = {}, table_b[256] = {};
       for (int64_t v = 0; v < n_vec; ++v) {
         bool has_a, has_b;
-        kashin_tables16(d.step.data() + v * bits, domains.data_ptr<uint8_t>(), v, bits, table_a, table_b, has_a, has_b);
+        kashin_tables(d.step.data() + v * bits, domains.data_ptr<uint8_t>(), v, bits, table_a, table_b, has_a, has_b);
         std::copy(table_a, table_a + d.entries, d.tables.begin() + 2 * v * d.entries);
         std::copy(table_b, table_b + d.entries, d.tables.begin() + (2 * v + 1) * d.entries);
         d.has[v] = uint8_t(has_a) | uint8_t(has_b) << 1;
+        d.any_b |= has_b;
       }
     });
     return lazy->decoded;
+  }
+  // The middle route's weights, rows first … first + n − 1 into out (n, in_f), or (n, 2 in_f) for A and B side by
+  // side: row o's A_v[q_k] (and B_v[q_k]), each piece of g entries in split order (its even entries, then its
+  // odd ones), so the caller orders x_c and u = Pᵀ x_c the same way and multiplies once, y = [x_c | u] [A | B]ᵀ.
+  // A pass of table reads, no P: vectors within a row (g ≤ in_f, g even) of up to 4 bits.
+  void ab_rows(int64_t first, const torch::Tensor& out) const {
+    const KashinDecoded& d = decoded();
+    TORCH_CHECK(d.entries > 0 && group <= in_f && group % 2 == 0, "lowbit: ab_rows needs vectors within a row, "
+                "an even length and at most 4 bits");
+    TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 &&
+                (out.size(1) == in_f || out.size(1) == 2 * in_f) && first >= 0 && first + out.size(0) <= out_f,
+                "lowbit: ab_rows writes (rows, in) or (rows, 2 in) contiguous float32 rows of the layer");
+    const bool with_b = out.size(1) == 2 * in_f, wide = d.entries == 16;
+    const int64_t pieces = in_f / group, half = group / 2, width = out.size(1);
+    const uint8_t* c = codes.data_ptr<uint8_t>();
+    float* o = out.data_ptr<float>();
+    for (int64_t r = 0; r < out.size(0); ++r)
+      for (int64_t s = 0; s < pieces; ++s) {
+        const int64_t row = first + r, v = row * pieces + s;
+        const float* table_a = d.tables.data() + 2 * v * d.entries;
+        const uint8_t* cv = c + (row * in_f + s * group) / 2;
+        float* a = o + r * width + s * group;
+        lookup_split(cv, half, table_a, wide, a, a + half);
+        if (with_b) lookup_split(cv, half, table_a + d.entries, wide, a + in_f, a + in_f + half);
+      }
+  }
+  // The middle route, y = [x_c | u] [A | B]ᵀ (+ b): u = Pᵀ x_c by P's dense matrix (one matmul over every token's
+  // pieces) or given (P by FFT, the caller's), both put in the split order ab_rows writes, then ab_rows a block
+  // of rows at a time (A and B stay in cache) and torch's matmul. One call: on stories260K's 64-172 wide layers
+  // the same steps as torch ops from Python cost more in per-op overhead than in arithmetic.
+  torch::Tensor middle(const torch::Tensor& x_in, const c10::optional<torch::Tensor>& u_given) const {
+    const float* colp;
+    const torch::Tensor x = checked_input(x_in, in_f, col, &colp);
+    const KashinDecoded& d = decoded();
+    const int64_t tokens = x.numel() / in_f, pieces = in_f / group, half = group / 2;
+    const int64_t width = d.any_b ? 2 * in_f : in_f;
+    torch::Tensor xc = x.reshape({tokens, in_f});
+    if (colp) xc = xc * *col;
+    torch::Tensor u;
+    if (d.any_b) {
+      if (u_given.has_value()) {
+        TORCH_CHECK(u_given->scalar_type() == torch::kFloat32 && u_given->numel() == tokens * in_f,
+                    "lowbit: u has the wrong shape");
+        u = u_given->reshape({tokens, in_f}).contiguous();
+      } else {
+        TORCH_CHECK(transform.has_value(), "lowbit: the middle route needs u or P's dense matrix");
+        u = at::mm(xc.reshape({tokens * pieces, group}), *transform).view({tokens, in_f});  // u_m = Σ_n M[n, m] e_n
+      }
+    }
+    torch::Tensor xu = torch::empty({tokens, width}, x.options());
+    const float* xcp = xc.data_ptr<float>();
+    const float* up = d.any_b ? u.data_ptr<float>() : nullptr;
+    float* xup = xu.data_ptr<float>();
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t k = 0; k < in_f; ++k) {  // entry k = s g + 2 j + odd goes to s g + odd · g / 2 + j
+        const int64_t s = k / group, j = (k % group) >> 1, at = s * group + (k & 1) * half + j;
+        xup[t * width + at] = xcp[t * in_f + k];
+        if (up) xup[t * width + in_f + at] = up[t * in_f + k];
+      }
+    torch::Tensor y = output(x_in, out_f, bias);
+    torch::Tensor y2 = y.view({tokens, out_f});
+    const int64_t block_rows = std::max<int64_t>(1, std::min<int64_t>(out_f, (int64_t(1) << 17) / width));
+    torch::Tensor block = torch::empty({block_rows, width}, x.options());
+    for (int64_t first = 0; first < out_f; first += block_rows) {
+      const int64_t n = std::min(block_rows, out_f - first);
+      torch::Tensor part = block.narrow(0, 0, n);
+      ab_rows(first, part);
+      if (n == out_f)
+        at::mm_out(y2, xu, part.t());
+      else
+        y2.narrow(1, first, n).copy_(at::mm(xu, part.t()));
+    }
+    add_bias(y.data_ptr<float>(), tokens, out_f, bias);
+    return y;
   }
   c10::optional<torch::Tensor> operator()(const torch::Tensor& x, const c10::optional<torch::Tensor>& u) const {
     const int64_t rows = group > in_f ? group / in_f : 1;
@@ -911,7 +1003,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return KashinLayer{scale, log_values, col, transform, bias, codes, steps, domains,
                            out_f, in_f, group, bits, max_tokens};
       }))
-      .def("__call__", &KashinLayer::operator(), pybind11::arg("x"), pybind11::arg("u") = pybind11::none());
+      .def("__call__", &KashinLayer::operator(), pybind11::arg("x"), pybind11::arg("u") = pybind11::none())
+      .def("ab_rows", &KashinLayer::ab_rows, pybind11::arg("first"), pybind11::arg("out"))
+      .def("middle", &KashinLayer::middle, pybind11::arg("x"), pybind11::arg("u") = pybind11::none());
   pybind11::class_<AffineLayer>(m, "AffineLayer", pybind11::module_local(), "affine_linear bound to one layer: layer(x)")
       .def(pybind11::init([](torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
                              c10::optional<torch::Tensor> col, c10::optional<torch::Tensor> bias, int64_t out_f,

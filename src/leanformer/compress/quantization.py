@@ -32,8 +32,10 @@ from ..targets import (WRAPPER_TYPES, FilterFn, Targets, dense_weight, linear_sh
 
 METHODS: dict[str, type["QuantConfig"]] = {}  # method name → config class (filled by subclassing)
 KERNELS = ("native", "decode", "compiled")
-NATIVE_MAX_TOKENS = 8  # kernel="native": up to this many tokens per call the fused kernel reads the codes once
-                       # per token; above, one matmul against the rebuilt weight is cheaper
+# kernel="native": up to this many tokens per call the fused kernel reads the codes once per token; above, one matmul
+# against the rebuilt weight is cheaper (RTN/HQQ; benchmarks/route_crossover.py: the two tie at about 4 tokens on
+# MiniLM's and stories260K's layers, and at 8 the rebuilt weight takes 0.3-0.6x the time)
+NATIVE_MAX_TOKENS = 3
 PLAN_TYPES: list[type] = []  # per-layer plans quantize() applies (plan.py registers QuantPlan; it imports this module)
 
 
