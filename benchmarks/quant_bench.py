@@ -76,7 +76,7 @@ from child_runs import ONE_THREAD  # noqa: E402
 from provenance import git_state  # noqa: E402
 
 import leanformer as lf  # noqa: E402
-from leanformer.compress.kashin import ACTIVATION_ROUTE_TOKENS  # noqa: E402
+from leanformer.compress.kashin import ACTIVATION_ROUTE_TOKENS, TABLE_KERNEL_TOKENS  # noqa: E402
 from leanformer.compress.quantization import NATIVE_MAX_TOKENS, QuantConfig, quantized_layers  # noqa: E402
 from leanformer.files import save_json  # noqa: E402
 
@@ -545,23 +545,38 @@ def latency_child(spec: dict) -> dict:
         out[mode].update(mem("rss"))
     if spec.get("reference"):
         # the machine's speed drifts (other jobs, frequency): time this model and fp32 alternately in the same
-        # process, one run each per round, and compare the medians of the pairs
+        # process, one run each per round, and compare the medians of the pairs. fp32's own child gets a second
+        # copy of fp32 as its reference: that A/A control is the noise floor of every other ratio.
         set_kernel(model, "native")
         set_cache(model, False)
         reference, _ = lf.load(spec["reference"])
         keys = {"paired": "ms_per_batch", "paired_single": "ms_per_sentence"} if spec["kind"] == "encoder" else \
             {"paired": "tokens_per_s"}
         once = {**spec, "repeats": 1}
-        rounds = [(timing(model, once), timing(reference, once)) for _ in range(spec["repeats"])]
+        rounds = []
+        for i in range(spec["repeats"]):  # who goes first alternates, so an effect of going second cancels too
+            first, second = (model, reference) if i % 2 == 0 else (reference, model)
+            a, b = timing(first, once), timing(second, once)
+            rounds.append((a, b) if i % 2 == 0 else (b, a))
         for name, key in keys.items():
             pairs = [(q[key], f[key]) for q, f in rounds if key in q]
             if pairs:
                 # ratio: the median over the rounds of (this model / fp32) in the same round, which cancels the
-                # machine's speed of that moment (the targets read it)
+                # machine's speed of that moment (the targets read it); with its quartiles over the rounds
+                ratios = [q / f for q, f in pairs]
                 out[name] = {"value": statistics.median(q for q, _ in pairs),
                              "fp32": statistics.median(f for _, f in pairs),
-                             "ratio": statistics.median(q / f for q, f in pairs), "unit": key, "pairs": pairs}
+                             "ratio": statistics.median(ratios), "ratio_quartiles": _quartiles(ratios),
+                             "unit": key, "pairs": pairs}
     return out
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    """The first and third quartiles (the interval the paired ratios are reported with)."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
 
 
 def _ms_per_input(model, inputs: list[dict], repeats: int) -> list[float]:
@@ -846,7 +861,7 @@ def latency(data, rows: Rows, all_specs, labels, order, cache: Path, args, git, 
     by_label = {s.label: s for s in all_specs}
     lat_settings = {"repeats": args.repeats, "latency_batches": args.latency_batches, "new_tokens": args.new_tokens,
                     "single_sentences": args.single_sentences, "modes": list(LATENCY_MODES),
-                    "forward_code": forward_code()}
+                    "forward_code": forward_code(), "pairing": "alternating order; fp32 against a second copy"}
     inputs = cache / f"latency_inputs_{rows.fingerprint}.json"
     dev = data["dev_texts"][:32 * args.latency_batches]
     batches = []
@@ -876,7 +891,7 @@ def latency(data, rows: Rows, all_specs, labels, order, cache: Path, args, git, 
                 save_model(q, tok, path)
             spec = {"dir": str(path), "repeats": args.repeats}
             reference = saved_dir(cache, rows.fingerprint, key, "fp32")
-            if label != "fp32" and is_saved(reference):
+            if is_saved(reference):  # for fp32 itself: a second copy, the A/A control
                 spec["reference"] = str(reference)
             if key == "minilm":
                 spec.update(kind="encoder", inputs=str(inputs), single_sentences=args.single_sentences)
@@ -980,11 +995,13 @@ def targets(summary: dict, rows: Rows) -> list[dict]:
         if not found:
             out.append({"target": name, "status": "not measured", "detail": "no latency rows yet"})
             continue
-        detail = {k: {"value": p["value"], "fp32": p["fp32"], "ratio": p["ratio"], "met": ok(p["ratio"])}
-                  for k, p in found.items()}
+        detail = {k: {"value": p["value"], "fp32": p["fp32"], "ratio": p["ratio"], "met": ok(p["ratio"]),
+                      "quartiles": p.get("ratio_quartiles")} for k, p in found.items()}
         missing = [lab for lab in low if lab not in found]
         status = "missed" if not all(d["met"] for d in detail.values()) else "incomplete" if missing else "met"
-        out.append({"target": name, "status": status, "detail": detail, "missing": missing})
+        control = (_lat(rows, model, "fp32") or {}).get(paired)  # fp32 against a second copy: the noise floor
+        out.append({"target": name, "status": status, "detail": detail, "missing": missing,
+                    "control": control and {"ratio": control["ratio"], "quartiles": control.get("ratio_quartiles")}})
     detail = {}
     for m in METRICS:
         front = summary["fronts"][m].get(PRIMARY[m], [])
@@ -1101,8 +1118,15 @@ def _target_numbers(t: dict) -> str:
     if t["status"] == "not measured" and not isinstance(t["detail"], dict):
         return t["detail"]
     if t["target"].startswith("≤3-bit"):
-        text = "; ".join(f"{k} {d['ratio']:.2f}× fp32" for k, d in t["detail"].items())
+        text = "; ".join(f"{k} {d['ratio']:.2f}× fp32{_quartile_text(d.get('quartiles'))}" for k, d in t["detail"].items())
+        if t.get("control"):
+            text += (f"; A/A control (fp32 against a second fp32 copy, same procedure) {t['control']['ratio']:.2f}"
+                     f"{_quartile_text(t['control'].get('quartiles'))}")
         return text + (f"; not measured: {', '.join(t['missing'])}" if t.get("missing") else "")
+
+
+def _quartile_text(q: list[float] | None) -> str:
+    return f" [{q[0]:.2f}, {q[1]:.2f}]" if q else ""
     if t["target"].startswith("Kashin"):
         return "; ".join(f"{m}: {', '.join(d['kashin_on_front']) or 'none'} of front {', '.join(d['front'])}"
                          for m, d in t["detail"].items())
@@ -1117,15 +1141,18 @@ def _latency_md(lat: list[dict]) -> list[str]:
         return lines + ["Not measured yet."]
     lines += ["One torch thread, each model loaded from its saved directory in a fresh child process; median of the "
               "timed runs after a warm-up. default = the library's default forward, kernel='native': fused C++ "
-              f"kernels multiply with the codes for calls of up to {NATIVE_MAX_TOKENS} tokens (Kashin: "
-              f"{ACTIVATION_ROUTE_TOKENS}) and rebuild the weight in "
+              f"kernels multiply with the codes for calls of up to {NATIVE_MAX_TOKENS} tokens (Kashin: up to "
+              f"{TABLE_KERNEL_TOKENS}, then up to {ACTIVATION_ROUTE_TOKENS} A and B decoded a block of rows at a time "
+              "and multiplied with x and Pᵀx in one matmul) and rebuild the weight in "
               "one pass above (Kashin: B looked up in the FFT's order, P by torch's FFT with its middle step fused, "
               "then A, P B and the column scales combined into the weight in one pass); decode = every weight rebuilt "
               "with plain torch ops on every forward (the default before the fused kernels); cache = rebuilt once "
               "and kept. "
-              "paired: the same process times this model and the fp32 one alternately (one run each per round): the "
-              "medians of the rounds, and in brackets the median over the rounds of the two's ratio, so drift in the "
-              "machine's speed cancels; the targets read these ratios. "
+              "paired: the same process times this model and the fp32 one alternately (one run each per round, who "
+              "goes first alternating): the medians of the rounds, and in parentheses the median over the rounds of "
+              "the two's ratio [its quartiles], so drift in the machine's speed cancels; the targets read these "
+              "ratios. On the fp32 row, paired is the A/A control: fp32 against a second copy of itself, the same "
+              "procedure; its quartiles are the noise floor of every other ratio. "
               "RSS: the child's peak during the step minus its RSS after importing torch, leanformer and the model's "
               "transformers architecture module (peak mark reset after those imports; the raw ru_maxrss deltas are "
               "in results.json).", ""]
@@ -1137,7 +1164,7 @@ def _latency_md(lat: list[dict]) -> list[str]:
             continue
         lines += [f"### {model}: {unit}" + (" (fp32 = the bare dense forward, the floor)" if model == "minilm" else ""),
                   "", "| config | default | ratio to fp32 | decode | ratio | cache=True | ratio "
-                  "| paired: default / fp32 (ratio) | RSS load MiB | RSS after default MiB | RSS after cache MiB "
+                  "| paired: default / fp32 (ratio [quartiles]) | RSS load MiB | RSS after default MiB | RSS after cache MiB "
                   "| disk MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: (r["config"] != "fp32", r["config"])):
@@ -1146,7 +1173,8 @@ def _latency_md(lat: list[dict]) -> list[str]:
             cells = lambda m: f"{get(m):.2f} | {ratio(get(m))} | " if m else "— | — | "  # noqa: E731
             lines.append(f"| {r['config']} | {cells(d)}{cells(r.get('decode'))}{cells(c)}")
             pr = r.get("paired")
-            lines[-1] += (f"{pr['value']:.2f} / {pr['fp32']:.2f} ({pr['ratio']:.2f}) | " if pr else "— | ")
+            lines[-1] += (f"{pr['value']:.2f} / {pr['fp32']:.2f} ({pr['ratio']:.2f}{_quartile_text(pr.get('ratio_quartiles'))}) | "
+                          if pr else "— | ")
             lines[-1] += (f"{r['rss_load_mib']:.1f} | {d['rss_mib']:.1f} | {c['rss_mib']:.1f} | " if c else
                           f"{r['rss_load_mib']:.1f} | {d['rss_mib']:.1f} | — | ") + f"{r['disk']['dir_bytes'] / 2**20:.2f} |"
         lines.append("")
@@ -1155,11 +1183,12 @@ def _latency_md(lat: list[dict]) -> list[str]:
         first = single[0]["default"]
         lines += [f"### minilm: ms per sentence (batch 1: {first['sentences']} SST-2 dev sentences of "
                   f"{min(first['sentence_tokens'])}-{max(first['sentence_tokens'])} tokens, one per forward, unpadded)",
-                  "", "| config | default | paired: default / fp32 (ratio) |", "|---|---|---|"]
+                  "", "| config | default | paired: default / fp32 (ratio [quartiles]) |", "|---|---|---|"]
         for r in sorted(single, key=lambda r: (r["config"] != "fp32", r["config"])):
             pr = r.get("paired_single")
             lines.append(f"| {r['config']} | {r['default']['ms_per_sentence']:.2f} | "
-                         + (f"{pr['value']:.2f} / {pr['fp32']:.2f} ({pr['ratio']:.2f}) |" if pr else "— |"))
+                         + (f"{pr['value']:.2f} / {pr['fp32']:.2f} ({pr['ratio']:.2f}"
+                            f"{_quartile_text(pr.get('ratio_quartiles'))}) |" if pr else "— |"))
         lines.append("")
     return lines
 
