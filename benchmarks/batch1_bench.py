@@ -9,9 +9,10 @@ HQQ-3 at group 64), each model's default forward (kernel='native').
 
 Timing: one thread (torch and the BLAS variables), greedy `generate` from an 8-token prompt. Decode time per
 token = (t(40 new tokens) − t(8 new tokens)) / 32, which leaves out the prompt's forward; end to end = t(40) / 40.
-In each round the same process times fp32 and every config one after the other, and the ratio to fp32 is taken
-per round (this machine's speed drifts by tens of per cent within minutes): median and interquartile range over
-the rounds, and how many rounds the config was at least as fast. Bytes per token: what one decode step reads of
+In each round the same process times fp32 and every config one after the other (the order reversed every other
+round), and the ratio to fp32 is taken per round (this machine's speed drifts by tens of per cent within minutes):
+median and interquartile range over the rounds, and how many rounds the config was at least as fast. A second
+copy of fp32 is timed the same way: that A/A control's spread is the noise floor of every ratio. Bytes per token: what one decode step reads of
 the linear layers, fp32 weights against the quantized layers' in-memory codes (3-bit codes sit in 4-bit nibbles
 at run time) and metadata; fp32's GB/s is those bytes over its decode time.
 
@@ -49,6 +50,7 @@ CONFIGS = {"kashin-3": lambda: lf.Kashin(bits=3), "rtn-3-g64": lambda: lf.RTN(bi
 PROMPT_TEXT = "Once upon a time, there was a little"  # its first 8 tokens (stories260K's tokenizer; every model
                                                     # here shares its 512-token vocabulary)
 SHORT, LONG = 8, 40  # new tokens of the two timed generations
+CONTROL = "fp32 copy"  # the A/A control: fp32 against a second copy of itself
 
 
 def llama_like(base, hidden: int, layers: int, seed: int):
@@ -82,7 +84,7 @@ def generate_seconds(model, prompt: list[int], new_tokens: int) -> float:
 
 
 def measure(label: str, fp32, prompt: list[int], rounds: int) -> dict:
-    models = {"fp32": fp32}
+    models = {"fp32": fp32, CONTROL: copy.deepcopy(fp32)}
     quantize_s = {}
     for name, make in CONFIGS.items():
         t0 = time.perf_counter()
@@ -93,7 +95,8 @@ def measure(label: str, fp32, prompt: list[int], rounds: int) -> dict:
         generate_seconds(m, prompt, SHORT)
     runs = {k: {"decode_ms": [], "end_to_end_ms": []} for k in models}
     for r in range(rounds):
-        for name, m in models.items():
+        for name in list(models) if r % 2 == 0 else list(models)[::-1]:
+            m = models[name]
             short, long = generate_seconds(m, prompt, SHORT), generate_seconds(m, prompt, LONG)
             runs[name]["decode_ms"].append((long - short) / (LONG - SHORT) * 1000)
             runs[name]["end_to_end_ms"].append(long / LONG * 1000)
@@ -110,7 +113,7 @@ def measure(label: str, fp32, prompt: list[int], rounds: int) -> dict:
             q1, _, q3 = statistics.quantiles(speed, n=4)
             entry[f"{key}_speed_vs_fp32"] = {"median": statistics.median(speed), "iqr": [q1, q3],
                                              "rounds_at_least_fp32": sum(s >= 1 for s in speed), "rounds": len(speed)}
-        if name != "fp32":
+        if name in quantize_s:
             entry["quantize_seconds"] = quantize_s[name]
         row["configs"][name] = entry
     row["fp32_gb_per_s"] = fp32_bytes / (row["configs"]["fp32"]["decode_ms"] / 1000) / 1e9
@@ -123,6 +126,7 @@ def markdown(rows: list[dict], commit: str) -> str:
              "fp32: fp32's time over the config's, per round (same process, alternating), median [interquartile "
              "range] (rounds at least as fast / rounds). Decode: per new token, the prompt's forward left out; end "
              "to end: 40 new tokens with the prompt. Bytes/token: what a decode step reads of the linear layers. "
+             f"'{CONTROL}': the A/A control, fp32 timed against a second copy of itself, the noise floor. "
              "Random weights above stories260K: speed only.", "",
              "| model | linear weights | fp32 decode ms/token (GB/s) | config | bytes/token | decode ms/token | "
              "decode speed vs fp32 | end-to-end speed vs fp32 |",
@@ -150,11 +154,12 @@ def plot(rows: list[dict], path: Path, commit: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     x = [r["linear_weights"] * 4 / 2**20 for r in rows]
-    for name in CONFIGS:
+    for name in (*CONFIGS, CONTROL):
         med = [r["configs"][name]["decode_ms_speed_vs_fp32"]["median"] for r in rows]
         lo = [m - r["configs"][name]["decode_ms_speed_vs_fp32"]["iqr"][0] for m, r in zip(med, rows)]
         hi = [r["configs"][name]["decode_ms_speed_vs_fp32"]["iqr"][1] - m for m, r in zip(med, rows)]
-        ax.errorbar(x, med, yerr=[lo, hi], marker="o", capsize=3, label=name)
+        style = {"color": "grey", "linestyle": ":", "marker": "x"} if name == CONTROL else {"marker": "o"}
+        ax.errorbar(x, med, yerr=[lo, hi], capsize=3, label=name, **style)
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="fp32")
     ax.set_xscale("log")
     ax.set_xlabel("fp32 linear-layer weights (MiB)")

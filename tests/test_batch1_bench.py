@@ -33,13 +33,14 @@ def test_one_paired_round_reports_every_config_against_fp32(tiny_base):
     n_weights = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("proj"))
     row = batch1_bench.measure("tiny", model, prompt=list(range(1, 9)), rounds=2)
     assert row["linear_weights"] == n_weights
-    assert set(row["configs"]) == {"fp32", *batch1_bench.CONFIGS}
-    fp32 = row["configs"]["fp32"]
+    assert set(row["configs"]) == {"fp32", batch1_bench.CONTROL, *batch1_bench.CONFIGS}
+    fp32, control = row["configs"]["fp32"], row["configs"][batch1_bench.CONTROL]
     assert fp32["bytes_per_token"] == 4 * n_weights and fp32["decode_ms_speed_vs_fp32"]["median"] == 1.0
+    assert control["bytes_per_token"] == fp32["bytes_per_token"] and control["decode_ms_speed_vs_fp32"]["rounds"] == 2
     for name in batch1_bench.CONFIGS:
         c = row["configs"][name]
         # 3-bit codes held as nibbles plus metadata: well under fp32's 32 bits, at least the codes' 4
         assert 4 * n_weights / 8 <= c["bytes_per_token"] < fp32["bytes_per_token"] / 4
         assert c["decode_ms"] > 0 and c["decode_ms_speed_vs_fp32"]["rounds"] == 2
     table = batch1_bench.markdown([row], "abc")
-    assert table.count("| tiny |") == len(batch1_bench.CONFIGS)
+    assert table.count("| tiny |") == len(batch1_bench.CONFIGS) + 1  # and the A/A control
