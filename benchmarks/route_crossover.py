@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENS = (1, 2, 4, 8, 12, 16, 24, 32, 64)
 CONFIGS = {"kashin-3": lambda: lf.Kashin(bits=3), "hqq-3-g64": lambda: lf.HQQ(bits=3, group_size=64)}
 THRESHOLDS = {"kashin.TABLE_KERNEL_TOKENS": kashin.TABLE_KERNEL_TOKENS,  # the library's, restored after
+              "kashin.TABLE_ONLY_TOKENS": kashin.TABLE_ONLY_TOKENS,
               "kashin.ACTIVATION_ROUTE_TOKENS": kashin.ACTIVATION_ROUTE_TOKENS,
               "quantization.NATIVE_MAX_TOKENS": quantization.NATIVE_MAX_TOKENS}
 ROUTES = {"kashin": ("table", "middle", "weight"), "affine": ("codes", "weight")}
@@ -55,13 +56,14 @@ def best_us(fn, x, repeats: int = 5, calls: int = 3) -> float:
 def set_route(route: str) -> None:
     """Every call by this route (a layer reads the thresholds when it binds its kernels)."""
     always, never = 10 ** 9, 0
-    kashin.TABLE_KERNEL_TOKENS = always if route == "table" else never
+    kashin.TABLE_KERNEL_TOKENS = kashin.TABLE_ONLY_TOKENS = always if route == "table" else never
     kashin.ACTIVATION_ROUTE_TOKENS = always if route in ("table", "middle") else never
     quantization.NATIVE_MAX_TOKENS = always if route == "codes" else never
 
 
 def restore_thresholds() -> None:
     kashin.TABLE_KERNEL_TOKENS = THRESHOLDS["kashin.TABLE_KERNEL_TOKENS"]
+    kashin.TABLE_ONLY_TOKENS = THRESHOLDS["kashin.TABLE_ONLY_TOKENS"]
     kashin.ACTIVATION_ROUTE_TOKENS = THRESHOLDS["kashin.ACTIVATION_ROUTE_TOKENS"]
     quantization.NATIVE_MAX_TOKENS = THRESHOLDS["quantization.NATIVE_MAX_TOKENS"]
 

@@ -12,7 +12,7 @@ from torch import nn
 import leanformer as lf
 from leanformer.compress import native
 from leanformer.compress.kashin import (ACTIVATION_DENSE_MAX, ACTIVATION_ROUTE_TOKENS, DENSE_TRANSFORM_MAX,
-                                       TABLE_KERNEL_TOKENS)
+                                       TABLE_KERNEL_TOKENS, TABLE_ONLY_TOKENS)
 from leanformer.compress.quantization import NATIVE_MAX_TOKENS, QuantizedLinear, quantized_layers
 from leanformer.errors import LeanformerError
 
@@ -98,8 +98,18 @@ def test_native_matches_decode(ops, make, out_f, in_f, tokens):
     assert_close(*outputs(layer, x))
 
 
-@pytest.mark.parametrize("in_f", [64, 520])  # P dense in the kernels, P by FFT in Python
-def test_kashin_takes_each_route_by_its_token_count(ops, monkeypatch, in_f):
+ROUTES = [1, TABLE_KERNEL_TOKENS, TABLE_KERNEL_TOKENS + 1, ACTIVATION_ROUTE_TOKENS, ACTIVATION_ROUTE_TOKENS + 1]
+
+
+@pytest.mark.parametrize("make, in_f, routes", [
+    (lambda: lf.Kashin(bits=3), 64, ["table", "table", "middle", "middle", "weight"]),  # P dense in the kernels
+    (lambda: lf.Kashin(bits=3), 520, ["table", "table", "middle", "middle", "weight"]),  # P by FFT in Python
+    # no middle route for vectors spanning rows or of more than 4 bits: the table route up to TABLE_ONLY_TOKENS
+    (lambda: lf.Kashin(bits=3, rows_per_vector=2), 32, ["table" if 2 * t <= TABLE_ONLY_TOKENS else "weight"
+                                                        for t in ROUTES]),  # (tokens count once per row)
+    (lambda: lf.Kashin(bits=5), 32, ["table" if t <= TABLE_ONLY_TOKENS else "weight" for t in ROUTES]),
+])
+def test_kashin_takes_each_route_by_its_token_count(ops, monkeypatch, make, in_f, routes):
     """Up to TABLE_KERNEL_TOKENS the table route, up to ACTIVATION_ROUTE_TOKENS the middle one, above that the weight
     route (neither kernel call); each computes what the decode path does."""
     taken = []
@@ -118,9 +128,8 @@ def test_kashin_takes_each_route_by_its_token_count(ops, monkeypatch, in_f):
 
     spy_ops = type("SpyOps", (), {"__getattr__": lambda self, name: getattr(ops, name), "KashinLayer": Spy})()
     monkeypatch.setattr(native, "ops", lambda: spy_ops)
-    layer = quantized(lf.Kashin(bits=3), 12, in_f)
-    for tokens, route in ((1, "table"), (TABLE_KERNEL_TOKENS, "table"), (TABLE_KERNEL_TOKENS + 1, "middle"),
-                          (ACTIVATION_ROUTE_TOKENS, "middle"), (ACTIVATION_ROUTE_TOKENS + 1, "weight")):
+    layer = quantized(make(), 12, in_f)
+    for tokens, route in zip(ROUTES, routes):
         taken.clear()
         y, ref = outputs(layer, torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens)))
         assert (taken or ["weight"]) == [route], tokens

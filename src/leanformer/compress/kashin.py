@@ -75,6 +75,9 @@ FORMS = ("vector", "matrix")
 # 64-172 wide ones (between 16 and 24 on the 384 x 1536 one).
 ACTIVATION_ROUTE_TOKENS = 24
 TABLE_KERNEL_TOKENS = 4
+# layouts without the middle route (vectors spanning rows, more than 4 bits, odd lengths) keep the table route up to
+# where the weight route caught up with it before there was a middle one (12-24 tokens, route_crossover at 4f54491)
+TABLE_ONLY_TOKENS = 12
 REBUILD_CHUNK = 2 ** 16  # weights rebuilt per step of the weight route (256 KiB of float32)
 DENSE_TRANSFORM_MAX = 256  # vectors up to this length apply P as one dense (cached) matrix product:
                            # g² multiply-adds per vector beat the FFT's passes over memory at this size
@@ -848,7 +851,7 @@ class Kashin(QuantConfig):
         """The closed codebook's kernels (lowbit.cpp KashinLayer), by the number of tokens: up to TABLE_KERNEL_TOKENS
         the table route (kashin_linear: the codes read through per-vector tables, against x_c and u = Pᵀ x_c), up to
         ACTIVATION_ROUTE_TOKENS the middle route (KashinLayer.middle: A and B decoded a block of rows at a time, one
-        matmul; vectors within a row of up to 4 bits, others skip it), above that the weight rebuilt by the
+        matmul; vectors within a row of up to 4 bits, others keep the table route up to TABLE_ONLY_TOKENS), above that the weight rebuilt by the
         weight-route kernels (`_rebuild_native`) and multiplied once. Vectors up to ACTIVATION_DENSE_MAX long hand
         P's dense matrix to the kernels, longer ones apply P by FFT here first. Other forms and codebooks have no
         kernel."""
@@ -863,7 +866,11 @@ class Kashin(QuantConfig):
                       if "log_range" in tensors else None)
         steps = (tensors["steps"], tensors.get("scale"), log_values, tensors["domains"])
         n_vec, rows = out_f * in_f // g, (g // in_f if g > in_f else 1)
-        table_tokens, activation_tokens = TABLE_KERNEL_TOKENS, ACTIVATION_ROUTE_TOKENS  # as when bound
+        # the middle route (vectors within a row, up to 4 bits): A and B decoded a block of rows at a time, one matmul
+        middle = g <= in_f and g % 2 == 0 and bits <= 4
+        # the thresholds as when bound
+        table_tokens = TABLE_KERNEL_TOKENS if middle else min(TABLE_ONLY_TOKENS, ACTIVATION_ROUTE_TOKENS)
+        activation_tokens = ACTIVATION_ROUTE_TOKENS
         lookup = functools.partial(ops.kashin_lookup, codes, *steps, n_vec, g, bits)
         combine = functools.partial(ops.kashin_combine, codes, *steps, n_vec, g, bits, col, in_f)
         has_b = bool(tensors["domains"].any())
@@ -876,8 +883,6 @@ class Kashin(QuantConfig):
         dense = P.dense or g <= ACTIVATION_DENSE_MAX
         fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device).contiguous() if dense else None, bias,
                                 out_f, in_f, g, bits, table_tokens)
-        # the middle route (vectors within a row, up to 4 bits): A and B decoded a block of rows at a time, one matmul
-        middle = g <= in_f and g % 2 == 0 and bits <= 4
 
         def run(x: torch.Tensor) -> torch.Tensor:
             x2 = x.reshape(-1, x.shape[-1])

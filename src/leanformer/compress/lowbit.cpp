@@ -395,8 +395,8 @@ inline void kashin_tables(const float* step, const uint8_t* domains, int64_t v, 
   }
 }
 
-// What the activation route reads of a layer's step sizes on every call, decoded once: the float step sizes
-// and, for the table route, each vector's A and B per code (`entries` values each: 8 up to 3 bits, 16 at 4)
+// What the activation routes read of a layer's step sizes on every call, decoded once: the float step sizes
+// and, for the table and middle routes, each vector's A and B per code (`entries` values each: 8 up to 3 bits, 16 at 4)
 // with whether it has any plain (bit 0) or P-domain (bit 1) step. Building the tables on every call cost 14 %
 // of a one-token call on stories260K's 64 x 172 gate_proj (same-process A/B); kept, they take 2 · entries
 // floats per vector (64 B at 3 bits: 1 B per weight on 64-wide vectors, 0.17 B on 384-wide ones).
@@ -590,7 +590,7 @@ torch::Tensor kashin_linear(const c10::optional<torch::Tensor>& u_given, const t
   const uint8_t* c = codes.data_ptr<uint8_t>();
   auto y = output(x_in, out_f, bias);
   float* yp = y.data_ptr<float>();
-  // up to 4 bits with nibble-aligned pieces: each vector's A and B as 16-entry tables, read with the codes;
+  // up to 4 bits with nibble-aligned pieces: each vector's A and B as tables, read with the codes;
   // otherwise (and in the portable build) one masked sum per step (bit-sliced)
   const bool tables = kTableLookup && entries > 0 && plain.split && spec.split;
   const float* table_of = decoded.tables.data();  // vector v: A at table_of + 2 v entries, then B
@@ -975,7 +975,7 @@ struct KashinLayer {
   }
   c10::optional<torch::Tensor> operator()(const torch::Tensor& x, const c10::optional<torch::Tensor>& u) const {
     const int64_t rows = group > in_f ? group / in_f : 1;
-    if (x.numel() / std::max<int64_t>(in_f, 1) * rows > max_tokens) return c10::nullopt;  // weight route: nothing to decode
+    if (x.numel() / in_f * rows > max_tokens) return c10::nullopt;  // the weight route: nothing to decode
     return kashin_linear(u, codes, decoded(), domains, col, u.has_value() ? c10::nullopt : transform, bias, out_f,
                          in_f, group, bits, x);
   }
