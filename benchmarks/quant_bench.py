@@ -30,6 +30,9 @@ representative subset saved with lf.save and reloaded in a fresh child process:
   batch 1   minilm: the first --single-sentences of those sentences one per forward, unpadded, ms per sentence
   Each quantized model is timed three ways: default (kernel="native", the fused C++ kernels), decode (every
   weight rebuilt with plain torch ops on every forward) and cache (rebuilt once and kept).
+  paired    the default forward and fp32 timed alternately in the same process (who goes first alternating),
+            --decoder-pairs rounds for stories260K and --repeats for minilm; the targets read the median of the
+            per-round ratios. fp32's own child times a second fp32 copy the same way: the A/A control.
   memory    the child's peak RSS (ru_maxrss) after lf.load, after the timed default forwards, and after
             the cache=True forwards, each minus its RSS after importing torch and leanformer; beside the
             saved directory's size on disk
@@ -554,7 +557,7 @@ def latency_child(spec: dict) -> dict:
             {"paired": "tokens_per_s"}
         once = {**spec, "repeats": 1}
         rounds = []
-        for i in range(spec["repeats"]):  # who goes first alternates, so an effect of going second cancels too
+        for i in range(spec["pairs"]):  # who goes first alternates, so an effect of going second cancels too
             first, second = (model, reference) if i % 2 == 0 else (reference, model)
             a, b = timing(first, once), timing(second, once)
             rounds.append((a, b) if i % 2 == 0 else (b, a))
@@ -716,9 +719,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--finetune-steps", type=int, default=200)
     # many short rounds rather than a few long ones: on a shared machine whose speed swings by tens of per cent
     # within minutes, the paired ratio needs rounds more than it needs length
-    ap.add_argument("--repeats", type=int, default=15, help="latency: timed runs (median), and paired rounds")
+    ap.add_argument("--repeats", type=int, default=15, help="latency: timed runs (median), and minilm's paired rounds")
     ap.add_argument("--latency-batches", type=int, default=2, help="minilm SST-2 dev batches of 32 timed per run")
     ap.add_argument("--new-tokens", type=int, default=64, help="stories260K tokens generated per timed run")
+    # a stories260K generation takes about 0.15 s: many more pairs cost little, and its ratios sit within a few per
+    # cent of 1, where 15 pairs leave the A/A control's median 3 % off
+    ap.add_argument("--decoder-pairs", type=int, default=75, help="stories260K: paired rounds against fp32")
     ap.add_argument("--single-sentences", type=int, default=16,
                     help="minilm batch 1: SST-2 dev sentences timed one per forward (unpadded) per run")
     ap.add_argument("--seed", type=int, default=0)
@@ -735,7 +741,7 @@ def main(argv=None):
     cache = Path(args.cache) if args.cache else (
         scratch / "cache" if args.smoke else CACHE)
     if args.smoke:
-        args.repeats, args.latency_batches, args.new_tokens, args.single_sentences = 2, 2, 8, 4
+        args.repeats, args.latency_batches, args.new_tokens, args.single_sentences, args.decoder_pairs = 2, 2, 8, 4, 2
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     args.cache = str(cache)  # what the setup reads (the fine-tuned classifier lives there)
@@ -743,7 +749,7 @@ def main(argv=None):
     data = smoke_setup(args) if args.smoke else full_setup(args)
     settings = {k: v for k, v in vars(args).items()  # what the quality rows depend on (latency rows: latency())
                 if k not in ("out", "cache", "only", "fresh", "no_latency", "repeats", "latency_batches", "new_tokens",
-                             "single_sentences")}
+                             "single_sentences", "decoder_pairs")}
     settings["sst2_dev"] = len(data["dev_texts"])
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     rows = Rows(cache / "rows.jsonl", fingerprint, args.fresh)
@@ -874,7 +880,8 @@ def latency(data, rows: Rows, all_specs, labels, order, cache: Path, args, git, 
     for label in order:
         for key, model, tok in (("stories260k", data["llama"], data["ltok"]), ("minilm", data["clf"], data["tok"])):
             rk = f"latency/{key}/{label}"
-            if (rows.get(rk) or {}).get("latency_settings") == lat_settings:
+            settings = {**lat_settings, "pairs": args.decoder_pairs} if key == "stories260k" else lat_settings
+            if (rows.get(rk) or {}).get("latency_settings") == settings:
                 continue
             path = saved_dir(cache, rows.fingerprint, key, label)
             if not is_saved(path):
@@ -889,7 +896,8 @@ def latency(data, rows: Rows, all_specs, labels, order, cache: Path, args, git, 
                         continue
                     set_cache(q, False)
                 save_model(q, tok, path)
-            spec = {"dir": str(path), "repeats": args.repeats}
+            spec = {"dir": str(path), "repeats": args.repeats,
+                    "pairs": args.decoder_pairs if key == "stories260k" else args.repeats}
             reference = saved_dir(cache, rows.fingerprint, key, "fp32")
             if is_saved(reference):  # for fp32 itself: a second copy, the A/A control
                 spec["reference"] = str(reference)
@@ -900,7 +908,7 @@ def latency(data, rows: Rows, all_specs, labels, order, cache: Path, args, git, 
             t0 = time.perf_counter()
             result = run_latency_child(spec)
             row = rows.add(rk, {"model": key, "config": label, "git": git, "disk": dir_bytes(path),
-                                "latency_settings": lat_settings,
+                                "latency_settings": settings,
                                 "seconds": time.perf_counter() - t0, **result})
             d = row["default"]
             speed = f"{d['tokens_per_s']:.1f} tok/s" if key == "stories260k" else f"{d['ms_per_batch']:.1f} ms/batch"
