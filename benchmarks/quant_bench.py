@@ -1131,16 +1131,16 @@ def _target_numbers(t: dict) -> str:
             text += (f"; A/A control (fp32 against a second fp32 copy, same procedure) {t['control']['ratio']:.2f}"
                      f"{_quartile_text(t['control'].get('quartiles'))}")
         return text + (f"; not measured: {', '.join(t['missing'])}" if t.get("missing") else "")
-
-
-def _quartile_text(q: list[float] | None) -> str:
-    return f" [{q[0]:.2f}, {q[1]:.2f}]" if q else ""
     if t["target"].startswith("Kashin"):
         return "; ".join(f"{m}: {', '.join(d['kashin_on_front']) or 'none'} of front {', '.join(d['front'])}"
                          for m, d in t["detail"].items())
     return "; ".join(f"{k}: {d[t['plan']]:.4f} vs {d['kashin-3']:.4f} ({d['plan_bits']:.3f} vs {d['kashin_bits']:.3f} "
                      "bits/w" + (f"; Δ {d['delta']:+.4f} {_ci(d['delta_ci'])}" if "delta" in d else "") + ")"
                      for k, d in t["detail"].items()) or "—"
+
+
+def _quartile_text(q: list[float] | None) -> str:
+    return f" [{q[0]:.2f}, {q[1]:.2f}]" if q else ""
 
 
 def _latency_md(lat: list[dict]) -> list[str]:

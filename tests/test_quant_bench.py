@@ -93,8 +93,27 @@ def test_latency_child_times_a_saved_quantized_model_in_a_fresh_process(tmp_path
     lf.save(model, tok, tmp_path / "q", base_weights="stored")
     out = quant_bench.run_latency_child({"dir": str(tmp_path / "q"), "repeats": 2, "kind": "decoder",
                                          "prompt_ids": tok("once upon")["input_ids"], "new_tokens": 4,
-                                         "pad_id": tok.pad_token_id})
+                                         "pad_id": tok.pad_token_id, "reference": str(tmp_path / "q"), "pairs": 3})
     for mode in ("default", "cache"):
         assert out[mode]["new_tokens"] == 4 and out[mode]["tokens_per_s"] > 0 and len(out[mode]["runs_s"]) == 2
     assert out["default"]["generated_ids"] == out["cache"]["generated_ids"]  # the cache changes speed, not output
     assert out["rss_load_mib"] >= 0
+    paired = out["paired"]  # the model against its reference (here a second copy: an A/A control), 3 rounds
+    assert len(paired["pairs"]) == 3 and paired["unit"] == "tokens_per_s"
+    q1, q3 = paired["ratio_quartiles"]
+    assert 0 < q1 <= paired["ratio"] <= q3
+
+
+def test_every_target_line_carries_its_numbers():
+    latency = {"target": "≤3-bit models at batch 1 …", "status": "missed", "missing": [],
+               "detail": {"kashin-3": {"ratio": 0.97, "quartiles": [0.92, 1.02]}},
+               "control": {"ratio": 1.0, "quartiles": [0.94, 1.05]}}
+    front = {"target": "Kashin (any variant) on the Pareto front …", "status": "met",
+             "detail": {"minilm": {"front": ["hqq-2-row", "kashin-2"], "kashin_on_front": ["kashin-2"]}}}
+    plan = {"target": "plan-3.0 beats uniform Kashin-3 …", "status": "missed", "plan": "plan-3.0",
+            "detail": {"minilm: cosine": {"plan-3.0": 0.91, "kashin-3": 0.9059, "plan_bits": 2.997,
+                                          "kashin_bits": 3.131}}}
+    assert quant_bench._target_numbers(latency) == ("kashin-3 0.97× fp32 [0.92, 1.02]; A/A control (fp32 against a "
+                                                    "second fp32 copy, same procedure) 1.00 [0.94, 1.05]")
+    assert quant_bench._target_numbers(front) == "minilm: kashin-2 of front hqq-2-row, kashin-2"
+    assert quant_bench._target_numbers(plan) == "minilm: cosine: 0.9100 vs 0.9059 (2.997 vs 3.131 bits/w)"
