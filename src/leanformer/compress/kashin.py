@@ -885,10 +885,14 @@ class Kashin(QuantConfig):
                                 out_f, in_f, g, bits, table_tokens)
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            x2 = x.reshape(-1, x.shape[-1])
-            tokens = x2.shape[0] * rows
-            if x2.shape[1] != in_f or tokens > activation_tokens or (tokens > table_tokens and not middle):
-                return weight_route(x)  # (a wrong width: F.linear says so)
+            if x.shape[-1] != in_f:
+                return weight_route(x)  # (F.linear names the wrong width)
+            tokens = x.numel() // in_f * rows
+            if dense and tokens <= table_tokens:  # one token of a decode step: as little Python as possible
+                return fused(x)
+            if tokens > activation_tokens or (tokens > table_tokens and not middle):
+                return weight_route(x)
+            x2 = x.reshape(-1, in_f)
             u = None if dense else cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1]
             return fused(x, u) if tokens <= table_tokens else fused.middle(x, u)
         return run
