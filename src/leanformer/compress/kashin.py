@@ -851,8 +851,8 @@ class Kashin(QuantConfig):
         """The closed codebook's kernels (lowbit.cpp KashinLayer), by the number of tokens: up to TABLE_KERNEL_TOKENS
         the table route (kashin_linear: the codes read through per-vector tables, against x_c and u = Pᵀ x_c), up to
         ACTIVATION_ROUTE_TOKENS the middle route (KashinLayer.middle: A and B decoded a block of rows at a time, one
-        matmul; vectors within a row of up to 4 bits, others keep the table route up to TABLE_ONLY_TOKENS), above that the weight rebuilt by the
-        weight-route kernels (`_rebuild_native`) and multiplied once. Vectors up to ACTIVATION_DENSE_MAX long hand
+        matmul; vectors within a row of up to 4 bits, others keep the table route up to TABLE_ONLY_TOKENS), above
+        that the weight rebuilt by the weight-route kernels (`_rebuild_native`) and multiplied once. Vectors up to ACTIVATION_DENSE_MAX long hand
         P's dense matrix to the kernels, longer ones apply P by FFT here first. Other forms and codebooks have no
         kernel."""
         out_f, in_f = header["shape"]
@@ -882,7 +882,7 @@ class Kashin(QuantConfig):
         # the kernel applies P's matrix itself when it is dense (the random P's QR factor is column-major)
         dense = P.dense or g <= ACTIVATION_DENSE_MAX
         fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device).contiguous() if dense else None, bias,
-                                out_f, in_f, g, bits, table_tokens)
+                                out_f, in_f, g, bits)
 
         def run(x: torch.Tensor) -> torch.Tensor:
             if x.shape[-1] != in_f:

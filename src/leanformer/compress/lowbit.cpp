@@ -407,21 +407,6 @@ struct KashinDecoded {
   bool any_b = false;   // some vector has a P-domain step
 };
 
-// table[q] for the 2·half nibble codes of `c`: the even positions' values to `even`, the odd ones' to `odd`
-inline void lookup_split(const uint8_t* c, int64_t half, const float* table, bool wide, float* even, float* odd) {
-  int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 t_lo = _mm256_loadu_ps(table), t_hi = wide ? _mm256_loadu_ps(table + 8) : t_lo;
-  const __m256i mask = _mm256_set1_epi32(15);
-  for (; j + 8 <= half; j += 8) {
-    const __m256i b = eight_bytes(c + j);
-    _mm256_storeu_ps(even + j, lookup(_mm256_and_si256(b, mask), t_lo, t_hi, wide));
-    _mm256_storeu_ps(odd + j, lookup(_mm256_srli_epi32(b, 4), t_lo, t_hi, wide));
-  }
-#endif
-  for (; j < half; ++j) even[j] = table[c[j] & 15], odd[j] = table[c[j] >> 4];
-}
-
 }  // namespace
 
 // The RTN / HQQ weight (out, in) in one pass over the codes: for many tokens one matmul against the rebuilt
@@ -719,25 +704,35 @@ inline void store_interleaved(float* out, __m256 even, __m256 odd, const float* 
 }
 #endif
 
+// out[j] = table[q_j] for the 2·half nibble codes at c (q_2m is the low nibble of c[m]), in their order
+inline void lookup_codes(const uint8_t* c, int64_t half, const float* table, bool wide, float* out) {
+  int64_t m = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 t_lo = _mm256_loadu_ps(table), t_hi = wide ? _mm256_loadu_ps(table + 8) : t_lo;
+  const __m256i mask = _mm256_set1_epi32(15);
+  for (; m + 8 <= half; m += 8) {
+    const __m256i b = eight_bytes(c + m);
+    store_interleaved(out + 2 * m, lookup(_mm256_and_si256(b, mask), t_lo, t_hi, wide),
+                      lookup(_mm256_srli_epi32(b, 4), t_lo, t_hi, wide), nullptr);
+  }
+#endif
+  for (; m < half; ++m) out[2 * m] = table[c[m] & 15], out[2 * m + 1] = table[c[m] >> 4];
+}
+
 // out = table[q] over vector v's codes, in the natural order or Makhoul's
 void kashin_values(const KashinVectors& vec, int64_t v, const float* table, bool makhoul, float* out) {
   const int64_t g = vec.group;
+  if (!makhoul && vec.paired(v)) return lookup_codes(vec.bytes(v), g / 2, table, vec.bits == 4, out);
   int64_t m = 0;  // codes 2m, 2m + 1 done
 #if defined(__AVX2__) && defined(__FMA__)
-  if (vec.paired(v)) {
+  if (vec.paired(v)) {  // Makhoul's order: the even codes forwards, the odd ones backwards from the end
     const __m256 t_lo = _mm256_loadu_ps(table), t_hi = _mm256_loadu_ps(table + 8);
     const __m256i mask = _mm256_set1_epi32(15);
     const uint8_t* c = vec.bytes(v);
     for (; 2 * m + 16 <= g; m += 8) {
       const __m256i b = eight_bytes(c + m);
-      const __m256 even = lookup(_mm256_and_si256(b, mask), t_lo, t_hi, vec.bits == 4);
-      const __m256 odd = lookup(_mm256_srli_epi32(b, 4), t_lo, t_hi, vec.bits == 4);
-      if (makhoul) {
-        _mm256_storeu_ps(out + m, even);
-        _mm256_storeu_ps(out + g - 8 - m, reversed(odd));
-      } else {
-        store_interleaved(out + 2 * m, even, odd, nullptr);
-      }
+      _mm256_storeu_ps(out + m, lookup(_mm256_and_si256(b, mask), t_lo, t_hi, vec.bits == 4));
+      _mm256_storeu_ps(out + g - 8 - m, reversed(lookup(_mm256_srli_epi32(b, 4), t_lo, t_hi, vec.bits == 4)));
     }
   }
 #endif
@@ -865,12 +860,13 @@ void spectral_map(torch::Tensor spectrum, const torch::Tensor& map) {
 // One layer's kernel with everything but x bound once: a call converts one argument instead of sixteen (on
 // stories260K's 64-wide layers the conversions cost about as much as the multiply). The step sizes and tables
 // are decoded on the first call that takes the activation route, so a layer that only ever rebuilds its
-// weight (long inputs) never holds them; the once-flag makes concurrent first calls safe. Returns None for more
-// than max_tokens tokens (× rows per vector): the caller rebuilds the weight instead.
+// weight (long inputs) never holds them; the once-flag makes concurrent first calls safe. Which route a call
+// takes is the caller's choice (kashin.py native_linear): layer(x, u) is the table route, layer.middle(x, u)
+// the middle one.
 struct KashinLayer {
   c10::optional<torch::Tensor> scale, log_values, col, transform, bias;
   torch::Tensor codes, steps, domains;
-  int64_t out_f, in_f, group, bits, max_tokens;
+  int64_t out_f, in_f, group, bits;
   struct Lazy {
     std::once_flag once;
     KashinDecoded decoded;
@@ -900,9 +896,8 @@ struct KashinLayer {
     return lazy->decoded;
   }
   // The middle route's weights, rows first … first + n − 1 into out (n, in_f), or (n, 2 in_f) for A and B side by
-  // side: row o's A_v[q_k] (and B_v[q_k]), each piece of g entries in split order (its even entries, then its
-  // odd ones), so the caller orders x_c and u = Pᵀ x_c the same way and multiplies once, y = [x_c | u] [A | B]ᵀ.
-  // A pass of table reads, no P: vectors within a row (g ≤ in_f, g even) of up to 4 bits.
+  // side: row o's A_v[q_k] (and B_v[q_k]), so that y = [x_c | u] [A | B]ᵀ in one matmul. A pass of table reads, no
+  // P: vectors within a row (g ≤ in_f, g even, so every piece starts on a byte) of up to 4 bits.
   void ab_rows(int64_t first, const torch::Tensor& out) const {
     const KashinDecoded& d = decoded();
     TORCH_CHECK(d.entries > 0 && group <= in_f && group % 2 == 0, "lowbit: ab_rows needs vectors within a row, "
@@ -911,7 +906,7 @@ struct KashinLayer {
                 (out.size(1) == in_f || out.size(1) == 2 * in_f) && first >= 0 && first + out.size(0) <= out_f,
                 "lowbit: ab_rows writes (rows, in) or (rows, 2 in) contiguous float32 rows of the layer");
     const bool with_b = out.size(1) == 2 * in_f, wide = d.entries == 16;
-    const int64_t pieces = in_f / group, half = group / 2, width = out.size(1);
+    const int64_t pieces = in_f / group, width = out.size(1);
     const uint8_t* c = codes.data_ptr<uint8_t>();
     float* o = out.data_ptr<float>();
     for (int64_t r = 0; r < out.size(0); ++r)
@@ -920,20 +915,19 @@ struct KashinLayer {
         const float* table_a = d.tables.data() + 2 * v * d.entries;
         const uint8_t* cv = c + (row * in_f + s * group) / 2;
         float* a = o + r * width + s * group;
-        lookup_split(cv, half, table_a, wide, a, a + half);
-        if (with_b) lookup_split(cv, half, table_a + d.entries, wide, a + in_f, a + in_f + half);
+        lookup_codes(cv, group / 2, table_a, wide, a);
+        if (with_b) lookup_codes(cv, group / 2, table_a + d.entries, wide, a + in_f);
       }
   }
   // The middle route, y = [x_c | u] [A | B]ᵀ (+ b): u = Pᵀ x_c by P's dense matrix (one matmul over every token's
-  // pieces) or given (P by FFT, the caller's), both put in the split order ab_rows writes, then ab_rows a block
-  // of rows at a time (A and B stay in cache) and torch's matmul. One call: on stories260K's 64-172 wide layers
+  // pieces) or given (P by FFT, the caller's), then ab_rows a block of rows at a time (A and B stay in cache) and
+  // torch's matmul. One call: on stories260K's 64-172 wide layers
   // the same steps as torch ops from Python cost more in per-op overhead than in arithmetic.
   torch::Tensor middle(const torch::Tensor& x_in, const c10::optional<torch::Tensor>& u_given) const {
     const float* colp;
     const torch::Tensor x = checked_input(x_in, in_f, col, &colp);
     const KashinDecoded& d = decoded();
-    const int64_t tokens = x.numel() / in_f, pieces = in_f / group, half = group / 2;
-    const int64_t width = d.any_b ? 2 * in_f : in_f;
+    const int64_t tokens = x.numel() / in_f, pieces = in_f / group;
     torch::Tensor xc = x.reshape({tokens, in_f});
     if (colp) xc = xc * *col;
     torch::Tensor u;
@@ -947,16 +941,8 @@ struct KashinLayer {
         u = at::mm(xc.reshape({tokens * pieces, group}), *transform).view({tokens, in_f});  // u_m = Σ_n M[n, m] e_n
       }
     }
-    torch::Tensor xu = torch::empty({tokens, width}, x.options());
-    const float* xcp = xc.data_ptr<float>();
-    const float* up = d.any_b ? u.data_ptr<float>() : nullptr;
-    float* xup = xu.data_ptr<float>();
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t k = 0; k < in_f; ++k) {  // entry k = s g + 2 j + odd goes to s g + odd · g / 2 + j
-        const int64_t s = k / group, j = (k % group) >> 1, at = s * group + (k & 1) * half + j;
-        xup[t * width + at] = xcp[t * in_f + k];
-        if (up) xup[t * width + in_f + at] = up[t * in_f + k];
-      }
+    const torch::Tensor xu = d.any_b ? at::cat({xc, u}, 1) : xc.contiguous();
+    const int64_t width = xu.size(1);
     torch::Tensor y = output(x_in, out_f, bias);
     torch::Tensor y2 = y.view({tokens, out_f});
     const int64_t block_rows = std::max<int64_t>(1, std::min<int64_t>(out_f, (int64_t(1) << 17) / width));
@@ -973,9 +959,7 @@ struct KashinLayer {
     add_bias(y.data_ptr<float>(), tokens, out_f, bias);
     return y;
   }
-  c10::optional<torch::Tensor> operator()(const torch::Tensor& x, const c10::optional<torch::Tensor>& u) const {
-    const int64_t rows = group > in_f ? group / in_f : 1;
-    if (x.numel() / in_f * rows > max_tokens) return c10::nullopt;  // the weight route: nothing to decode
+  torch::Tensor operator()(const torch::Tensor& x, const c10::optional<torch::Tensor>& u) const {
     return kashin_linear(u, codes, decoded(), domains, col, u.has_value() ? c10::nullopt : transform, bias, out_f,
                          in_f, group, bits, x);
   }
@@ -999,9 +983,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              c10::optional<torch::Tensor> log_values, torch::Tensor domains,
                              c10::optional<torch::Tensor> col, c10::optional<torch::Tensor> transform,
                              c10::optional<torch::Tensor> bias, int64_t out_f, int64_t in_f, int64_t group,
-                             int64_t bits, int64_t max_tokens) {
-        return KashinLayer{scale, log_values, col, transform, bias, codes, steps, domains,
-                           out_f, in_f, group, bits, max_tokens};
+                             int64_t bits) {
+        return KashinLayer{scale, log_values, col, transform, bias, codes, steps, domains, out_f, in_f, group, bits};
       }))
       .def("__call__", &KashinLayer::operator(), pybind11::arg("x"), pybind11::arg("u") = pybind11::none())
       .def("ab_rows", &KashinLayer::ab_rows, pybind11::arg("first"), pybind11::arg("out"))
