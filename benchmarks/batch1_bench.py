@@ -12,11 +12,11 @@ token = (t(40 new tokens) − t(8 new tokens)) / 32, which leaves out the prompt
 In each round the same process times fp32 and every config one after the other (the order reversed every other
 round), and the ratio to fp32 is taken per round (this machine's speed drifts by tens of per cent within minutes):
 median and interquartile range over the rounds, and how many rounds the config was at least as fast. A second
-copy of fp32 is timed the same way: that A/A control's spread is the noise floor of every ratio. Bytes per token: what one decode step reads of
-the linear layers, fp32 weights against the quantized layers' in-memory codes (3-bit codes sit in 4-bit nibbles
-at run time) and metadata; fp32's GB/s is those bytes over its decode time.
+copy of fp32 is timed the same way: that A/A control's spread is the noise floor of every ratio. Bytes per
+token: what one decode step reads of the linear layers, fp32 weights against the quantized layers' in-memory
+codes (3-bit codes sit in 4-bit nibbles at run time) and metadata; fp32's GB/s is those bytes over its decode time.
 
-  .venv/bin/python benchmarks/batch1_bench.py      # → results/batch1/, ≈ 20 min
+  .venv/bin/python benchmarks/batch1_bench.py      # → results/batch1/, ≈ 10-20 min
 """
 from __future__ import annotations
 

@@ -35,10 +35,10 @@ from leanformer.files import atomic_write_bytes, save_json  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = (1, 2, 4, 8, 12, 16, 24, 32, 64)
 CONFIGS = {"kashin-3": lambda: lf.Kashin(bits=3), "hqq-3-g64": lambda: lf.HQQ(bits=3, group_size=64)}
-THRESHOLDS = {"kashin.TABLE_KERNEL_TOKENS": kashin.TABLE_KERNEL_TOKENS,  # the library's, restored after
-              "kashin.TABLE_ONLY_TOKENS": kashin.TABLE_ONLY_TOKENS,
-              "kashin.ACTIVATION_ROUTE_TOKENS": kashin.ACTIVATION_ROUTE_TOKENS,
-              "quantization.NATIVE_MAX_TOKENS": quantization.NATIVE_MAX_TOKENS}
+MODULES = {"kashin": kashin, "quantization": quantization}
+THRESHOLDS = {f"{m}.{name}": getattr(MODULES[m], name)  # the library's, restored after
+              for m, name in (("kashin", "TABLE_KERNEL_TOKENS"), ("kashin", "TABLE_ONLY_TOKENS"),
+                              ("kashin", "ACTIVATION_ROUTE_TOKENS"), ("quantization", "NATIVE_MAX_TOKENS"))}
 ROUTES = {"kashin": ("table", "middle", "weight"), "affine": ("codes", "weight")}
 
 
@@ -62,10 +62,9 @@ def set_route(route: str) -> None:
 
 
 def restore_thresholds() -> None:
-    kashin.TABLE_KERNEL_TOKENS = THRESHOLDS["kashin.TABLE_KERNEL_TOKENS"]
-    kashin.TABLE_ONLY_TOKENS = THRESHOLDS["kashin.TABLE_ONLY_TOKENS"]
-    kashin.ACTIVATION_ROUTE_TOKENS = THRESHOLDS["kashin.ACTIVATION_ROUTE_TOKENS"]
-    quantization.NATIVE_MAX_TOKENS = THRESHOLDS["quantization.NATIVE_MAX_TOKENS"]
+    for key, value in THRESHOLDS.items():
+        module, name = key.split(".")
+        setattr(MODULES[module], name, value)
 
 
 @torch.inference_mode()
