@@ -921,8 +921,8 @@ struct KashinLayer {
   }
   // The middle route, y = [x_c | u] [A | B]ᵀ (+ b): u = Pᵀ x_c by P's dense matrix (one matmul over every token's
   // pieces) or given (P by FFT, the caller's), then ab_rows a block of rows at a time (A and B stay in cache) and
-  // torch's matmul. One call: on stories260K's 64-172 wide layers
-  // the same steps as torch ops from Python cost more in per-op overhead than in arithmetic.
+  // torch's matmul. One call: on stories260K's 64-172 wide layers the same steps as torch ops from Python cost
+  // more in per-op overhead than in arithmetic.
   torch::Tensor middle(const torch::Tensor& x_in, const c10::optional<torch::Tensor>& u_given) const {
     const float* colp;
     const torch::Tensor x = checked_input(x_in, in_f, col, &colp);
