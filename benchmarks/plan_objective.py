@@ -41,7 +41,8 @@ import quant_bench as qb  # noqa: E402
 from provenance import commit_label  # noqa: E402
 
 import leanformer as lf  # noqa: E402
-from leanformer.compress.plan import PlanConfig, QuantPlan, _calibration_batches, _FinalStates  # noqa: E402
+from leanformer.compress.calibration import calibration_batches  # noqa: E402
+from leanformer.compress.plan import PlanConfig, QuantPlan, _FinalStates  # noqa: E402
 from leanformer.files import atomic_write_bytes, save_json  # noqa: E402
 
 OBJECTIVES = {  # name → (use_profile, weight the errors by the layer's weight count)
@@ -90,7 +91,7 @@ def run_model(key: str, model, tok, calibration, data: dict, seed: int) -> list[
     t0 = time.perf_counter()
     measured = lf.plan(model, 3.0, calibration=calibration, tokenizer=tok, use_profile=True, progress=True)
     print(f"{key}: plan table in {time.perf_counter() - t0:.0f} s", flush=True)
-    reference = _FinalStates(model, _calibration_batches(calibration, tok, PlanConfig()))
+    reference = _FinalStates(model, calibration_batches(calibration, tok, PlanConfig(), "plan"))
     ref_emb = None if key == "stories260k" else qb.embeddings(qb.encoder_of(model), tok, data["sentences"],
                                                               data["max_length"])
     rows = []

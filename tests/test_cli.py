@@ -65,7 +65,8 @@ def test_every_field_is_a_flag_with_the_fields_help(command, parsers):
 
 def test_help_shows_each_methods_own_default_and_groups_method_only_flags(parsers):
     help_text = " ".join(parsers["compress"].format_help().split())
-    assert "(default: kashin none, rtn 128, hqq 64)" in help_text
+    assert "(default: kashin none, rtn 128, hqq 64, gptq 128)" in help_text
+    assert "gptq only:" in help_text and "--act-order" in help_text
     assert "kashin only:" in help_text
     assert "(default: 16384)" in " ".join(parsers["inspect"].format_help().split())
 

@@ -1,8 +1,10 @@
 """leanformer compress MODEL --method kashin|rtn|hqq [--bits B] [--group-size G] [--targets ...] --out DIR
+leanformer compress MODEL --method gptq [--bits B] [--task T | --text PATH... | --dataset NAME] --out DIR
 leanformer compress MODEL --target-bits B [--task T | --text PATH... | --dataset NAME] [--method M] --out DIR
 
-The flags are the union of the methods' config fields (Kashin, RTN, HQQ); a flag left out keeps
-the chosen method's own default. With --target-bits, a plan (lf.plan) picks each layer's method and
+The flags are the union of the methods' config fields (Kashin, RTN, HQQ, GPTQ); a flag left out keeps
+the chosen method's own default. GPTQ reads calibration text (the same sources and --tokens,
+--max-seq-length and --batch-size as a plan; default: the built-in corpus). With --target-bits, a plan (lf.plan) picks each layer's method and
 bits from measured sensitivity so the average honest bits/weight stays within B; --method then
 restricts the candidates to that method at 2, 3 and 4 bits (its other flags shape them), and the
 plan is printed and saved as plan.json next to the model."""
@@ -18,11 +20,12 @@ from ._common import add_device, add_out, add_text_source, check_device
 from ._config_args import add_config_arguments, cli_fields, config_from_args, flag_name, given
 
 COMMAND = "compress"
-HELP = "quantize a model's Linear layers (Kashin, RTN or HQQ) and save it with packed indices"
+HELP = "quantize a model's Linear layers (Kashin, RTN, HQQ or GPTQ) and save it with packed indices"
 
-ORDER = ("kashin", "rtn", "hqq")  # flag order and help order; every registered method is offered
+ORDER = ("kashin", "rtn", "hqq", "gptq")  # flag order and help order; every registered method is offered
 PLAN_BITS = (2, 3, 4)  # the widths a --target-bits plan offers each layer when --method names one method
 SHARED = ("targets", "cache")  # QuantConfig fields every method has: with --target-bits they apply to every candidate
+READING = ("tokens", "max_seq_length", "batch_size")  # PlanConfig's flags for reading calibration, which GPTQ shares
 
 
 def _methods() -> dict[str, type]:
@@ -40,9 +43,9 @@ def add_arguments(p) -> None:
     plan.add_argument("--target-bits", type=float, metavar="B",
                       help="choose method and bits per layer from measured sensitivity so the average honest "
                            "bits/weight (every stored byte counted) is at most B; the plan is saved as plan.json")
-    plan.add_argument("--task", help="with --target-bits: measure sensitivity on this task's training split (GLUE-format "
-                                     "dir, 'TRAIN,DEV' pair, or HF dataset name)")
-    add_text_source(plan, " to measure sensitivity on, with --target-bits")
+    plan.add_argument("--task", help="with --target-bits (or --method gptq): calibrate on this task's training split "
+                                     "(GLUE-format dir, 'TRAIN,DEV' pair, or HF dataset name)")
+    add_text_source(plan, " to calibrate on, with --target-bits (or --method gptq)")
     add_config_arguments(plan, PlanConfig)
     add_out(p)
     add_device(p)
@@ -69,10 +72,24 @@ def build_config(args):
     return config_from_args(cls, args)
 
 
-def _plan_flags(args) -> list[str]:
+def _plan_flags(args, calibrated: bool = False) -> list[str]:
+    """The plan flags given; with `calibrated` (a method that reads calibration text itself) less the ones
+    that say what text to read and how."""
     given_ = ["--target-bits"] if args.target_bits is not None else []
-    given_ += [f for f, v in (("--task", args.task), ("--text", args.text), ("--dataset", args.dataset)) if v]
-    return given_ + [flag_name(f) for f in cli_fields(PlanConfig) if hasattr(args, f.name)]
+    if not calibrated:
+        given_ += [f for f, v in (("--task", args.task), ("--text", args.text), ("--dataset", args.dataset)) if v]
+    return given_ + [flag_name(f) for f in cli_fields(PlanConfig)
+                     if hasattr(args, f.name) and not (calibrated and f.name in READING)]
+
+
+def _calibration(args):
+    """The calibration input the flags name (a missing file or task fails here, before the model loads)."""
+    from ..tasks import load_task
+    from ..text import get_texts
+
+    if args.task and (args.text or args.dataset):
+        raise LeanformerError("give one of --task (its training split calibrates) or --text/--dataset, not both")
+    return load_task(args.task) if args.task else get_texts(args.text, args.dataset)
 
 
 def build_candidates(args) -> tuple[list, PlanConfig]:
@@ -106,6 +123,8 @@ def build_candidates(args) -> tuple[list, PlanConfig]:
 
 
 def run(args) -> int:
+    from dataclasses import replace
+
     from ..compress import quantize, size_report
     from ..saving import load, save
 
@@ -114,9 +133,14 @@ def run(args) -> int:
         if args.method is None:
             raise LeanformerError("give --method (one of " + ", ".join(_methods()) + ") to quantize every layer "
                                   "alike, or --target-bits B to let a plan choose method and bits per layer")
-        if _plan_flags(args):
-            raise LeanformerError(f"{', '.join(_plan_flags(args))} only apply with --target-bits")
         config = build_config(args)  # bad flags fail before the model loads
+        wrong = _plan_flags(args, config.CALIBRATED)
+        if wrong:
+            raise LeanformerError(f"{', '.join(wrong)} only apply with --target-bits"
+                                  + ("" if config.CALIBRATED else " (or a calibrated --method: gptq)"))
+        if config.CALIBRATED:
+            config = replace(config, calibration=_calibration(args),
+                             **{k: getattr(args, k) for k in READING if hasattr(args, k)})
     else:
         candidates, plan_config = build_candidates(args)
     device = check_device(args.device)
@@ -128,14 +152,8 @@ def run(args) -> int:
     extra = None
     if plan_mode:
         from ..compress.plan import plan as make_plan
-        from ..tasks import load_task
-        from ..text import get_texts
 
-        if args.task and (args.text or args.dataset):
-            raise LeanformerError("give one of --task (its training split calibrates) or --text/--dataset, not both")
-        # the same sources as every command's --text/--dataset (and moefy's --task); a missing file or task fails
-        # before the model loads
-        calibration = load_task(args.task) if args.task else get_texts(args.text, args.dataset)
+        calibration = _calibration(args)
         model, tokenizer = load(args.model, device=device)
         plan = make_plan(model, args.target_bits, calibration=calibration, tokenizer=tokenizer, candidates=candidates,
                          config=plan_config)
@@ -145,6 +163,8 @@ def run(args) -> int:
         extra = {"plan.json": {"model": str(args.model), **plan.to_dict()}}
     else:
         model, tokenizer = load(args.model, device=device)
+        if config.CALIBRATED:
+            config = replace(config, tokenizer=tokenizer)
         print(quantize(model, config))
     print(size_report(model))
     save(model, tokenizer, args.out, overwrite=args.overwrite, extra_json=extra)

@@ -1,6 +1,7 @@
-"""Compression: weight quantization (Kashin, with RTN and HQQ as baselines) and layer pruning.
+"""Compression: weight quantization (Kashin, with RTN, HQQ and GPTQ as baselines) and layer pruning.
 
 Importing the package registers every quantization method (each config class registers itself)."""
+from .gptq import GPTQ
 from .hqq import HQQ
 from .kashin import Kashin
 from .plan import PlanConfig, QuantPlan

@@ -49,7 +49,6 @@ budget, so the result never exceeds it.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import heapq
@@ -66,29 +65,32 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..architectures import find_blocks
-from ..capture import _valid_tokens, residual_stream
+from ..capture import _valid_tokens
 from ..configs import check_positive, with_overrides
 from ..errors import LeanformerError
 from ..targets import Targets, dense_weight, select_linear
+from .calibration import calibration_batches, measure_inputs
+from .gptq import GPTQ
 from .hqq import HQQ
 from .kashin import Kashin
 from .quantization import PLAN_TYPES, NotConverged, QuantConfig, QuantizeReport, _linear_to_quantize, quantize
 
 
 def default_candidates() -> list[QuantConfig]:
-    """Kashin with 8-bit step sizes (scale_bits=8) at 2, 3, 4 bits and HQQ (group 64) at 2, 3, 4 bits.
+    """Kashin with 8-bit step sizes (scale_bits=8), HQQ (group 64) and GPTQ (group 64), each at 2, 3 and 4 bits.
 
     Kashin (vector form, closed codebook) stores b bits per weight plus its per-vector step sizes; with
     scale_bits=8 those take one byte each instead of two, for the same error within a few per cent (on
     stories260K's small layers Kashin-3 costs 3.57 bits instead of 3.88, perplexity 7.34 against 7.34
-    on held-out TinyStories text). HQQ with groups
-    of 64 stores b + 0.5: together a ladder of honest costs from about 2.1 to 4.5 bits, from two methods
-    whose errors differ by layer, and HQQ covers layers whose Kashin decomposition does not converge.
-    Measured on stories260K (plan at 3.0 bits, output sensitivity, held-out TinyStories perplexity)
-    this set gives 11.9 where the float16-step Kashin set gives 13.8. Neither needs calibration. RTN is
-    left out: it stores the same per-group metadata as HQQ without optimising it, and every candidate
-    costs one quantization of every layer."""
-    return [Kashin(bits=b, scale_bits=8) for b in (2, 3, 4)] + [HQQ(bits=b, group_size=64) for b in (2, 3, 4)]
+    on held-out TinyStories text). HQQ and GPTQ with groups of 64 store b + 0.5: together a ladder of
+    honest costs from about 2.1 to 4.5 bits, from methods whose errors differ by layer; HQQ and GPTQ
+    cover layers whose Kashin decomposition does not converge. GPTQ rounds with the Gram matrices the
+    plan measures anyway, so it costs no extra calibration pass; its error is measured on the same
+    tokens it was fitted to, an in-sample estimate that favours it slightly where a layer's inputs are
+    wide beside the calibration tokens. RTN is left out: it stores the same per-group metadata as HQQ
+    and GPTQ without optimising it, and every candidate costs one quantization of every layer."""
+    return ([Kashin(bits=b, scale_bits=8) for b in (2, 3, 4)] + [HQQ(bits=b, group_size=64) for b in (2, 3, 4)]
+            + [GPTQ(bits=b, group_size=64) for b in (2, 3, 4)])
 
 
 SENSITIVITIES = ("output", "layer")
@@ -129,8 +131,8 @@ def candidate_label(config: QuantConfig) -> str:
     defaults, a group size as /g ("kashin3", "hqq2", "rtn4/g16", "kashin3 step_sizes=shared")."""
     base = type(config)(bits=config.bits)
     skip = {"bits", "targets", "cache", "filter_fn"}
-    changed = [f.name for f in dataclasses.fields(config)
-               if f.name not in skip and getattr(config, f.name) != getattr(base, f.name)]
+    changed = [f.name for f in dataclasses.fields(config) if f.name not in skip and f.metadata.get("saved", True)
+               and getattr(config, f.name) != getattr(base, f.name)]
     group = f"/g{config.group_size}" if "group_size" in changed else ""
     return " ".join([f"{config.method}{config.bits}{group}",
                      *(f"{n}={getattr(config, n)}" for n in changed if n != "group_size")])
@@ -148,6 +150,9 @@ class QuantPlan:
     table: dict[str, dict]
     average_bits: float  # predicted honest bits/weight over the planned layers
     info: dict = field(default_factory=dict)
+    # XᵀX of each planned layer's calibration inputs, for calibrated candidates (GPTQ) when the plan is applied;
+    # kept in memory only (to_dict leaves it out: a plan read back from JSON re-plans to apply them)
+    grams: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def config_of(self, layer: str) -> QuantConfig | None:
         label = self.layers[layer]
@@ -161,13 +166,20 @@ class QuantPlan:
     def apply(self, model: nn.Module, progress: bool = True) -> list[QuantizeReport]:
         """One `quantize` per chosen config, its targets exactly that config's layers (so `lf.save`
         records, and `lf.load` replays, ordinary quantize transforms)."""
+        groups = self.groups()
+        calibrated = [label for label in groups if self.candidates[label].CALIBRATED]
+        if calibrated and self.grams is None:
+            raise LeanformerError(f"this plan chose {', '.join(calibrated)}, which rounds with the Gram matrices of the "
+                                  "layers' calibration inputs; a plan keeps them only in the process that measured "
+                                  "it (not in plan.json): run lf.plan again to apply it")
         reports = []
-        for label, names in self.groups().items():
+        for label, names in groups.items():
             targets: Targets = list(names)
             if set(select_linear(model, targets)) != set(names):  # a full name can also end another's name
                 targets = "|".join(map(re.escape, names))
             config = dataclasses.replace(self.candidates[label], targets=targets, filter_fn=None)
-            reports.append(quantize(model, config, progress=progress))  # it warns of any layer it could not store
+            # it warns of any layer it could not store
+            reports.append(quantize(model, config, progress=progress, grams=self.grams if config.CALIBRATED else None))
         return reports
 
     def with_target(self, target_bits: float, use_profile: bool | None = None,
@@ -198,7 +210,8 @@ class QuantPlan:
                 if ERROR_KEY[kind] in m:
                     m["sensitivity"] = row["importance"] * m[ERROR_KEY[kind]]
         layers, average, bounds = _choose(table, list(self.candidates), target_bits)
-        return QuantPlan(float(target_bits), dict(self.candidates), layers, table, average, {**info, **bounds})
+        return QuantPlan(float(target_bits), dict(self.candidates), layers, table, average, {**info, **bounds},
+                         self.grams)
 
     def to_dict(self) -> dict:
         return {"target_bits": self.target_bits, "average_bits": self.average_bits,
@@ -243,92 +256,6 @@ class QuantPlan:
 PLAN_TYPES.append(QuantPlan)
 
 
-# --------------------------------------------------------------------------------------------
-# Calibration: the Gram matrix XᵀX of each layer's inputs, and each block's block influence
-
-
-def _calibration_batches(calibration, tokenizer, config: PlanConfig) -> list[dict[str, torch.Tensor]]:
-    """Padded batches from a Task (its train split), texts, (text_a, text_b) pairs, or token batches
-    (dicts with input_ids and optionally attention_mask) used as given."""
-    from ..tasks import calibration_chunks
-    from ..tasks import Task
-    from ..text import batches
-
-    if isinstance(calibration, dict):
-        calibration = [calibration]
-    if isinstance(calibration, str):
-        calibration = [calibration]
-    if not isinstance(calibration, Task):
-        calibration = [c for c in (calibration or []) if not (isinstance(c, str) and not c.strip())]
-    if isinstance(calibration, Task) and len(calibration.train) == 0:
-        calibration = []
-    if not isinstance(calibration, Task) and not calibration:
-        raise LeanformerError("plan needs calibration input to measure each layer's output error: calibration= a "
-                              "list of texts, a Task (leanformer.tasks.load_task; its train split), or token batches "
-                              "(dicts with input_ids and attention_mask); the one given is empty")
-    if not isinstance(calibration, Task) and isinstance(calibration[0], dict):
-        out = []
-        for b in calibration:
-            if "input_ids" not in b:
-                raise LeanformerError(f"a calibration token batch needs input_ids; got keys {sorted(b)}")
-            ids = torch.as_tensor(b["input_ids"])
-            ids = ids[None] if ids.dim() == 1 else ids
-            mask = torch.as_tensor(b.get("attention_mask", torch.ones_like(ids))).reshape(ids.shape)
-            out.append({"input_ids": ids, "attention_mask": mask})
-        return out
-    if tokenizer is None:
-        raise LeanformerError("plan needs the model's tokenizer (tokenizer=) to read calibration text; or pass "
-                              "token batches (dicts with input_ids and attention_mask)")
-    chunks = calibration_chunks(tokenizer, calibration, config.max_seq_length, config.tokens, "plan")
-    return list(batches(tokenizer, chunks, config.batch_size))
-
-
-@torch.no_grad()
-def _measure_inputs(model: nn.Module, modules: dict[str, nn.Module], batches_: list[dict], want_influence: bool,
-                    progress: bool) -> tuple[dict[str, torch.Tensor], list[float] | None, int]:
-    """(XᵀX per layer in float64 on the CPU, block influence per block or None, calibration tokens)."""
-    grams: dict[str, torch.Tensor] = {}
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # this batch: id(input) → (input, its Gram)
-    mask_now: list[torch.Tensor] = []
-
-    def hook(name):
-        def grab(_module, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            if id(x) not in seen:  # q, k, v (gate, up) read one tensor: one Gram for all of them
-                v = _valid_tokens(x, mask_now[0], name).detach().to("cpu", torch.float64)
-                seen[id(x)] = (x, v.T @ v)
-            g = seen[id(x)][1]
-            grams[name] = grams[name] + g if name in grams else g.clone()
-        return grab
-
-    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in modules.items()]
-    device = next(model.parameters()).device
-    cos_sums, n_tokens = None, 0
-    try:
-        with (residual_stream(model) if want_influence else contextlib.nullcontext([])) as states:
-            for batch in tqdm(batches_, desc="plan: calibrate", disable=not progress, leave=False):
-                mask = batch["attention_mask"].to(device).bool()
-                mask_now[:] = [mask]
-                model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
-                seen.clear()
-                n_tokens += int(mask.sum())
-                if want_influence:
-                    h = [_valid_tokens(s, mask, f"hidden state {i}").double() for i, s in enumerate(states)]
-                    cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=1).sum()) for a, b in zip(h, h[1:])]
-                    cos_sums = cos if cos_sums is None else [x + y for x, y in zip(cos_sums, cos)]
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in modules if n not in grams]
-    if missing:
-        raise LeanformerError(f"layers {missing[:5]} saw no input in the calibration forward passes (they do not run "
-                              "on input_ids alone); leave them out with targets=")
-    if n_tokens == 0:
-        raise LeanformerError("the calibration batches hold no tokens (every attention_mask entry is 0)")
-    influence = None if cos_sums is None else [1.0 - c / n_tokens for c in cos_sums]  # = Profile block_influence
-    return grams, influence, n_tokens
-
-
 def _measure_candidates(name: str, module: nn.Module, gram: torch.Tensor, importance: float,
                         candidates: dict[str, QuantConfig], bar, final: "_FinalStates | None" = None) -> dict:
     """One layer's row of the table: per candidate its honest bits, relative output error
@@ -342,7 +269,7 @@ def _measure_candidates(name: str, module: nn.Module, gram: torch.Tensor, import
     for label, c in candidates.items():
         bar.update()
         try:
-            tensors, header = c.stored_form(w, name)
+            tensors, header = c.stored_form(w, name, gram)
         except (NotConverged, LeanformerError) as e:  # not eligible here (no convergence, a group size that does not fit)
             row["candidates"][label] = {"ineligible": str(e)}
             continue
@@ -509,6 +436,10 @@ def plan(model: nn.Module, target_bits: float = 3.0, *, calibration=None, tokeni
     for c in candidates:
         if not isinstance(c, QuantConfig):
             raise LeanformerError(f"candidates must be quantization configs (Kashin, RTN, HQQ), got {type(c).__name__}")
+        if c.CALIBRATED and c.calibration is not None:
+            raise LeanformerError(f"candidate {candidate_label(c)} carries its own calibration; the plan hands every "
+                                  "calibrated candidate the Gram matrices it measures on plan(calibration=…): leave "
+                                  "the candidate's out")
         if c.targets is not None or c.filter_fn is not None:
             raise LeanformerError(f"candidate {candidate_label(c)} sets targets/filter_fn; candidates choose how to "
                                   "store a layer, not which layers: give the layers with plan(…, targets=…)")
@@ -520,7 +451,7 @@ def plan(model: nn.Module, target_bits: float = 3.0, *, calibration=None, tokeni
     names = select_linear(model, config.targets)  # no target layers: a clear error naming the model's layers
     modules = dict(_linear_to_quantize(model, n) for n in names)  # already-quantized layers fail here
     by_target = dict(zip(names, modules.values()))
-    batches_ = _calibration_batches(calibration, tokenizer, config)
+    batches_ = calibration_batches(calibration, tokenizer, config, "plan")
 
     # blocks are needed only to weigh layers by their block (a model without a block list can still be
     # planned with use_profile=False)
@@ -533,8 +464,8 @@ def plan(model: nn.Module, target_bits: float = 3.0, *, calibration=None, tokeni
         if len(influence) != len(blocks):
             raise LeanformerError(f"the profile describes {len(influence)} blocks but the model has {len(blocks)}; "
                                   "pass the lf.inspect profile of this model (or profile=None to measure it)")
-    grams, measured, n_tokens = _measure_inputs(model, by_target, batches_, config.use_profile and profile is None,
-                                                progress)
+    grams, measured, n_tokens = measure_inputs(model, by_target, batches_, config.use_profile and profile is None,
+                                               progress, "plan")
     if n_tokens < config.tokens / 4:  # each layer's error is an estimate from these tokens; the allocation follows it
         warnings.warn(f"plan: the calibration gave {n_tokens} tokens, under a quarter of the {config.tokens} it reads "
                       "(tokens=); per-layer errors measured on so few tokens are noisy estimates, and the allocation "
@@ -563,7 +494,8 @@ def plan(model: nn.Module, target_bits: float = 3.0, *, calibration=None, tokeni
             "block_influence": influence if config.use_profile else None,
             "config": dataclasses.asdict(config), **bounds}
     return QuantPlan(target_bits=float(target_bits), candidates=labelled, layers=layers, table=table,
-                     average_bits=average, info=info)
+                     average_bits=average, info=info,
+                     grams=grams if any(c.CALIBRATED for c in labelled.values()) else None)
 
 
 def _measure_table(names: list[str], modules: dict[str, nn.Module], grams: dict[str, torch.Tensor],

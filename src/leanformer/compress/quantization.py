@@ -12,10 +12,11 @@ else rebuilds the weight on each call (or once, with cache=True).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
@@ -61,10 +62,13 @@ class QuantConfig:
                 "same decode: a C++ compiler on CPU, Triton on CUDA; where that fails or disagrees with decode, a "
                 "warning and decode)", "choices": KERNELS})
     filter_fn: FilterFn | None = field(default=None, repr=False, compare=False, metadata={
-        "help": "filter_fn(module, name) -> bool keeps only the layers it accepts", "cli": False})
+        "help": "filter_fn(module, name) -> bool keeps only the layers it accepts", "cli": False, "saved": False})
 
     method: ClassVar[str] = ""
     SUPPORTED_BITS: ClassVar[tuple[int, ...]] = ()
+    # a calibrated method's quantize_weight also takes the Gram matrix XᵀX of the layer's inputs (GPTQ); quantize()
+    # measures it on the config's calibration input, lf.plan hands over its own
+    CALIBRATED: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -81,8 +85,10 @@ class QuantConfig:
             raise LeanformerError(f"{type(self).__name__}: unknown kernel {self.kernel!r}; choose from {', '.join(KERNELS)}")
 
     def to_dict(self) -> dict:
-        """JSON form (filter_fn is code, not data: it is not saved; the chosen layers are)."""
-        d = {k: v for k, v in asdict(self).items() if k != "filter_fn"}
+        """JSON form, without the fields marked saved=False (filter_fn is code, a calibration set is input:
+        neither is saved; the chosen layers and the stored tensors are)."""
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
+             if f.metadata.get("saved", True)}
         return {"method": self.method, **d}
 
     @staticmethod
@@ -93,12 +99,21 @@ class QuantConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def quantize_weight(self, weight: torch.Tensor, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """(stored tensors, the method's header keys) for this (out, in) float32 weight; a CALIBRATED method
+        takes a third argument, the (in, in) Gram matrix of the layer's calibration inputs."""
         raise NotImplementedError
 
-    def stored_form(self, weight: torch.Tensor, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    def stored_form(self, weight: torch.Tensor, name: str,
+                    gram: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
         """What a layer stores for this (out, in) float32 weight: the method's tensors and the full header
-        (method, bits, shape, then the method's own keys), as saved and as `dequantize` reads it."""
-        tensors, header = self.quantize_weight(weight, name)
+        (method, bits, shape, then the method's own keys), as saved and as `dequantize` reads it. `gram`
+        (XᵀX of the layer's inputs) is read by calibrated methods only."""
+        if self.CALIBRATED:
+            if gram is None:
+                raise LeanformerError(f"{type(self).__name__} needs the Gram matrix of layer {name}'s inputs")
+            tensors, header = self.quantize_weight(weight, name, gram)
+        else:
+            tensors, header = self.quantize_weight(weight, name)
         return tensors, {"method": self.method, "bits": self.bits, "shape": list(weight.shape), **header}
 
     @staticmethod
@@ -433,13 +448,16 @@ def _linear_to_quantize(model: nn.Module, name: str) -> tuple[str, nn.Module]:
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, config: QuantConfig, progress: bool = True) -> QuantizeReport:
+def quantize(model: nn.Module, config: QuantConfig, progress: bool = True, *,
+             grams: dict[str, torch.Tensor] | None = None) -> QuantizeReport:
     """Replace the target Linear layers of `model` (in place) by QuantizedLinear layers.
 
     Layers a method cannot represent (NotConverged) stay in full precision and are listed in the
     report's `skipped`; bad input (NaN/Inf weights, group sizes that do not divide a width) raises
     LeanformerError before the model is modified. A QuantPlan (lf.plan) applies as one quantize per
-    config on exactly its layers, and returns their reports as a list.
+    config on exactly its layers, and returns their reports as a list. A calibrated method (GPTQ)
+    reads the Gram matrix of each layer's inputs from `grams` (layer name → XᵀX) where given, else
+    measures them in one pass over its config's calibration input before any layer changes.
     """
     if isinstance(config, tuple(PLAN_TYPES)):
         return config.apply(model, progress=progress)
@@ -454,6 +472,10 @@ def quantize(model: nn.Module, config: QuantConfig, progress: bool = True) -> Qu
             bad = (~torch.isfinite(weight)).sum().item()
             raise LeanformerError(f"layer {n} has {bad} NaN/Inf weight entries; quantization needs finite weights")
         check_group_size(getattr(config, "group_size", None), linear_shape(m)[0], n)
+    if config.CALIBRATED:
+        missing = [n for n in modules if grams is None or n not in grams]
+        if missing:
+            grams = {**(grams or {}), **config.input_grams(model, {n: modules[n] for n in missing}, progress)}
     record_base(model)
     report = QuantizeReport(config=config.to_dict())
     t0 = time.perf_counter()
@@ -462,7 +484,7 @@ def quantize(model: nn.Module, config: QuantConfig, progress: bool = True) -> Qu
                      leave=False):
         w = dense_weight(m).detach().float().cpu().contiguous()  # (out, in), also for a Conv1D
         try:
-            tensors, header = config.stored_form(w, n)
+            tensors, header = config.stored_form(w, n, grams[n] if config.CALIBRATED else None)
         except NotConverged as e:
             report.skipped[n] = str(e)
             continue

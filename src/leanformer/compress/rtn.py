@@ -31,11 +31,14 @@ class RTN(AffineQuantConfig):
             tensors["col_scale"] = column_rms(weight)
             weight = weight / tensors["col_scale"].float()
         w = weight.reshape(-1, g)
-        lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
-        qmax = 2 ** self.bits - 1
-        # round the metadata first, then quantize against the rounded values (what dequantize sees)
-        scale = fp16(((hi - lo) / qmax).clamp_min(1e-8))
-        zero = fp16(lo)
-        codes = ((w - zero.float()) / scale.float()).round().clamp(0, qmax)
+        scale, zero = minmax_grid(w, self.bits)
+        codes = ((w - zero.float()) / scale.float()).round().clamp(0, 2 ** self.bits - 1)
         tensors.update(packed=pack_bits(codes, self.bits), scale=scale.reshape(-1), zero=zero.reshape(-1))
         return tensors, {"group_size": g, "col_scale": self.col_scale}
+
+
+def minmax_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float16 scale and minimum of an asymmetric b-bit grid spanning each row of `w` (…, g), shaped
+    (…, 1). Rounded to float16 before any code is chosen: codes are fitted to what dequantize will read."""
+    lo, hi = w.min(-1, keepdim=True).values, w.max(-1, keepdim=True).values
+    return fp16(((hi - lo) / (2 ** bits - 1)).clamp_min(1e-8)), fp16(lo)

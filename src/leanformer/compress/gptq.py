@@ -1,0 +1,136 @@
+"""GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", ICLR 2023): round a layer's weights one input column at a time and fold each column's
+rounding error into the columns not yet rounded, through the inverse Hessian of the layer's output
+error ‖X Wᵀ − X Ŵᵀ‖², H = XᵀX on calibration inputs X (Algorithm 1: the upper Cholesky factor of H⁻¹,
+with lazy batch updates of 128 columns).
+
+Stored per layer: exactly RTN's form (b-bit codes, per group of `group_size` inputs a float16 scale
+and float16 minimum, Ŵ = s q + zero), so decoding, the fused kernels, save/load and the size
+accounting are RTN's; only the choice of codes differs. Honest size: bits + 32 / group_size.
+
+- act_order (the authors' `--act-order` with `--static-groups`, IST-DASLab/gptq): columns are rounded
+  in order of decreasing H_jj (the inputs with the most energy first, while the most columns are left
+  to absorb their error); each group's scale and minimum are fixed from the original weight before
+  any column moves, so the groups stay the consecutive runs of inputs the stored form reads. Without
+  it, columns go left to right and each group's grid is set from the columns as updated so far (the
+  paper's default).
+- damp: λ = damp · mean(diag H) is added to H's diagonal (the paper's 1 %); where H + λI is still not
+  positive definite the damping grows tenfold, twice, before the layer is left in full precision.
+- Hessians come from the full-precision model's inputs, one calibration pass for all layers (what
+  lf.plan measures too); the reference instead runs block by block through already-quantized
+  blocks. Inputs the calibration never reached (H_jj = 0) keep their weights and simply take no part
+  in the compensation (the reference zeroes them, which would change the model on other inputs).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..errors import LeanformerError
+from .calibration import calibration_batches, measure_inputs
+from .packing import pack_bits
+from .quantization import AffineQuantConfig, NotConverged, check_group_size, group_size_field
+from .rtn import minmax_grid
+
+BLOCK = 128  # columns per lazy batch update (Algorithm 1)
+
+
+@dataclass
+class GPTQ(AffineQuantConfig):
+    group_size: int | None = group_size_field(128)  # the paper's and transformers' GPTQConfig's usual choice
+    act_order: bool = field(default=True, metadata={
+        "help": "round the input columns in order of decreasing Hessian diagonal, with each group's grid fixed "
+                "before any column moves (static groups: the stored form is unchanged); off = left to right"})
+    damp: float = field(default=0.01, metadata={
+        "help": "damping added to the Hessian's diagonal, as a fraction of its mean"})
+    calibration: object = field(default=None, repr=False, compare=False, metadata={
+        "help": "calibration input the layers' Hessians are measured on: texts, (text_a, text_b) pairs, a Task "
+                "(its train split) or token batches (on the command line: --text, --dataset or --task)",
+        "cli": False, "saved": False})
+    tokenizer: object = field(default=None, repr=False, compare=False, metadata={
+        "help": "the model's tokenizer, to read calibration text", "cli": False, "saved": False})
+    tokens: int = field(default=4096, metadata={
+        "help": "calibration tokens (on the command line: --tokens)", "cli": False})
+    max_seq_length: int = field(default=128, metadata={
+        "help": "tokens per calibration window (on the command line: --max-seq-length)", "cli": False})
+    batch_size: int = field(default=16, metadata={
+        "help": "calibration windows per forward pass (on the command line: --batch-size)", "cli": False})
+
+    method: ClassVar[str] = "gptq"
+    SUPPORTED_BITS: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8)
+    CALIBRATED: ClassVar[bool] = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.damp < 1:
+            raise LeanformerError(f"damp must be in [0, 1), got {self.damp!r}")
+        for name in ("tokens", "max_seq_length", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise LeanformerError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+    def input_grams(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module],
+                    progress: bool) -> dict[str, torch.Tensor]:
+        """XᵀX of each layer's inputs on `calibration`, one forward pass over it."""
+        batches = calibration_batches(self.calibration, self.tokenizer, self, "GPTQ")
+        grams, _, n_tokens = measure_inputs(model, modules, batches, False, progress, "GPTQ")
+        if n_tokens < self.tokens / 4:
+            warnings.warn(f"GPTQ: the calibration gave {n_tokens} tokens, under a quarter of the {self.tokens} it "
+                          "reads (tokens=); a Hessian from so few tokens fits the rounding to them. Give more "
+                          "calibration text", stacklevel=3)
+        return grams
+
+    def quantize_weight(self, weight: torch.Tensor, name: str, gram: torch.Tensor):
+        out_f, in_f = weight.shape
+        g = check_group_size(self.group_size, in_f, name)
+        if tuple(gram.shape) != (in_f, in_f):
+            raise LeanformerError(f"layer {name}: the Gram matrix is {tuple(gram.shape)}, its inputs are {in_f} wide")
+        h = gram.detach().to("cpu", torch.float64).clone()
+        h.diagonal()[h.diagonal() == 0] = 1.0  # an input calibration never reached: no coupling to compensate through
+        order = (torch.argsort(h.diagonal(), descending=True, stable=True) if self.act_order
+                 else torch.arange(in_f))
+        hinv = _inverse_cholesky(h[order][:, order], self.damp, name)
+        work = weight.float()[:, order].clone()  # columns in the order they are rounded
+        qmax = 2 ** self.bits - 1
+        scale = torch.empty(out_f, in_f // g, dtype=torch.float16)
+        zero = torch.empty_like(scale)
+        if self.act_order:  # static groups: every grid fixed from the original weight
+            s, z = minmax_grid(weight.float().reshape(out_f, -1, g), self.bits)
+            scale[:], zero[:] = s[..., 0], z[..., 0]
+        codes = torch.empty(out_f, in_f)
+        # a lazy batch holds whole groups, so a grid set at a group's first column sees all earlier updates
+        block = BLOCK if self.act_order else max(1, BLOCK // g) * g
+        for i1 in range(0, in_f, block):
+            i2 = min(i1 + block, in_f)
+            errors = torch.empty(out_f, i2 - i1)
+            for j in range(i1, i2):
+                col = int(order[j])
+                if not self.act_order and col % g == 0:
+                    s, z = minmax_grid(work[:, j:j + g], self.bits)
+                    scale[:, col // g], zero[:, col // g] = s[:, 0], z[:, 0]
+                s, z = scale[:, col // g].float(), zero[:, col // g].float()
+                w = work[:, j]
+                q = ((w - z) / s).round_().clamp_(0, qmax)
+                codes[:, col] = q
+                err = (w - (q * s + z)) / hinv[j, j]
+                work[:, j:i2] -= err[:, None] * hinv[j, j:i2]
+                errors[:, j - i1] = err
+            work[:, i2:] -= errors @ hinv[i1:i2, i2:]
+        return ({"packed": pack_bits(codes, self.bits), "scale": scale.reshape(-1), "zero": zero.reshape(-1)},
+                {"group_size": g, "col_scale": False})
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ in float32 (float64 while inverting)."""
+    mean = float(h.diagonal().mean())
+    for factor in (1.0, 10.0, 100.0):
+        damped = h + (damp * factor * mean) * torch.eye(len(h), dtype=h.dtype)
+        try:
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
+            return torch.linalg.cholesky(inverse, upper=True).float()
+        except torch.linalg.LinAlgError:
+            continue
+    raise NotConverged(f"layer {name}: the Hessian of its inputs is not positive definite even with {100 * damp:g}x "
+                       "its mean diagonal added")
