@@ -10,11 +10,11 @@ Models and quality (each with a 95 % bootstrap interval, and one for the paired 
                sentence-transformers minilm, quantized separately: about twice the quantization time).
   stories260K  perplexity on --windows fixed, non-overlapping windows of --window tokens of held-out
                TinyStories validation text (each window scored on its own; the interval resamples windows).
-  Calibration (lf.plan only) never overlaps an evaluation set: SST-2 training sentences after the
+  Calibration (lf.plan and GPTQ) never overlaps an evaluation set: SST-2 training sentences after the
   embedding sentences; TinyStories validation stories from the end of the file, the windows from its start.
 x = honest bits per weight: lf.size_report's total over the quantized Linear layers (every stored byte).
 
-Configurations: RTN and HQQ at 2/3/4 bits × group 32/64/128/192/per row (a group that divides no layer
+Configurations: RTN, HQQ and GPTQ at 2/3/4 bits × group 32/64/128/192/per row (a group that divides no layer
 of a model is skipped there; layers it does not divide are quantized per row, listed in the row);
 column scaling (col_scale=True) on RTN/HQQ at groups 64 and per row; Kashin at 2/3/4 bits with and
 without column scaling, vectors spanning two rows, the per-layer layout choice; lf.plan at 2.5/3.0/3.5
@@ -90,12 +90,12 @@ GROUPS = (32, 64, 128, 192, None)  # None = one group per row
 PROMPT = "Once upon a time, there was a little girl named Lily."
 LATENCY_MODES = ("default", "decode", "cache")  # latency_child: the quantized forwards timed
 CACHE = Path(tempfile.gettempdir()) / "leanformer-quant-bench"  # --cache's default
-LATENCY_SUBSET = ("kashin-3", "rtn-3-g64", "hqq-3-g64", "plan-3.0", "kashin-4", "rtn-4-g64", "hqq-4-g64")
-SMOKE_SUBSET = ("rtn-3-g64", "hqq-3-g192", "rtn-3-row-col", "kashin-3", "kashin-3-span2", "plan-3.0")
+LATENCY_SUBSET = ("kashin-3", "rtn-3-g64", "hqq-3-g64", "gptq-3-g64", "plan-3.0", "kashin-4", "rtn-4-g64", "hqq-4-g64")
+SMOKE_SUBSET = ("rtn-3-g64", "hqq-3-g192", "gptq-3-g64", "rtn-3-row-col", "kashin-3", "kashin-3-span2", "plan-3.0")
 SMOKE_LATENCY = ("kashin-3",)
 FAMILY_STYLE = {  # plot colour and marker per family
     "rtn": ("tab:blue", "o"), "rtn+col": ("tab:cyan", "o"), "hqq": ("tab:green", "s"),
-    "hqq+col": ("tab:olive", "s"), "kashin": ("tab:red", "D"), "kashin-nocol": ("tab:pink", "D"),
+    "hqq+col": ("tab:olive", "s"), "gptq": ("darkgoldenrod", "P"), "kashin": ("tab:red", "D"), "kashin-nocol": ("tab:pink", "D"),
     "kashin-span": ("tab:purple", "^"), "kashin-auto": ("tab:brown", "v"), "plan": ("black", "*"),
     "plan-profile": ("tab:gray", "*"), "plan-matched": ("tab:orange", "*"),
 }
@@ -124,8 +124,10 @@ def _has_field(cls, name: str) -> bool:
 
 
 def _grouped(cls, bits: int, group: int | None, col_scale: bool | None = None):
-    def make(_ctx):
+    def make(ctx):
         kwargs = {"bits": bits, "group_size": group, "cache": True}
+        if cls.CALIBRATED:  # GPTQ: the calibration lf.plan reads
+            kwargs.update(calibration=ctx["calibration"], tokenizer=ctx["tokenizer"])
         if col_scale is not None:
             if not _has_field(cls, "col_scale"):
                 raise Unavailable(f"{cls.__name__} has no col_scale field in this version of leanformer")
@@ -179,11 +181,13 @@ def _plan_at_bits_of(label: str):
 
 def specs() -> list[Spec]:
     out = []
-    for name, cls, prior in (("rtn", lf.RTN, 0.5), ("hqq", lf.HQQ, 3.0)):
+    for name, cls, prior in (("rtn", lf.RTN, 0.5), ("hqq", lf.HQQ, 3.0), ("gptq", lf.GPTQ, 5.0)):
         for bits in (2, 3, 4):
             for g in GROUPS:
                 out.append(Spec(f"{name}-{bits}-{'row' if g is None else f'g{g}'}", name, bits,
                                 _grouped(cls, bits, g), prior))
+        if name == "gptq":  # column scaling is offered to RTN and HQQ; GPTQ runs as its reference does, without
+            continue
         for bits in (2, 3, 4):
             for g in (64, None):
                 out.append(Spec(f"{name}-{bits}-{'row' if g is None else f'g{g}'}-col", f"{name}+col", bits,
@@ -711,11 +715,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sst2-dev", type=int, default=436, help="SST-2 dev examples (fixed random sample; 872 = all)")
     ap.add_argument("--sentences", type=int, default=128, help="held-out SST-2 train sentences for the cosine")
     ap.add_argument("--calibration", type=int, default=512,
-                    help="SST-2 train sentences for lf.plan's calibration (512: about 6,900 tokens, of which the plan "
+                    help="SST-2 train sentences for lf.plan's and GPTQ's calibration (512: about 6,900 tokens, of which the plan "
                          "reads its default 4,096; 64 gave 939, under a quarter of them)")
     ap.add_argument("--windows", type=int, default=64, help="TinyStories windows for perplexity")
     ap.add_argument("--window", type=int, default=256, help="tokens per window")
-    ap.add_argument("--story-calibration", type=int, default=32, help="TinyStories stories for lf.plan's calibration")
+    ap.add_argument("--story-calibration", type=int, default=32, help="TinyStories stories for lf.plan's and GPTQ's calibration")
     ap.add_argument("--finetune-steps", type=int, default=200)
     # many short rounds rather than a few long ones: on a shared machine whose speed swings by tens of per cent
     # within minutes, the paired ratio needs rounds more than it needs length
@@ -989,7 +993,7 @@ def _lat(rows: Rows, model: str, label: str) -> dict | None:
 def targets(summary: dict, rows: Rows) -> list[dict]:
     """Each target with the numbers that decide it: met, missed, or not measured."""
     out = []
-    low = ("kashin-3", "rtn-3-g64", "hqq-3-g64", "plan-3.0")
+    low = ("kashin-3", "rtn-3-g64", "hqq-3-g64", "gptq-3-g64", "plan-3.0")
     # each reads the same-process alternating timing against fp32 (latency_child's paired keys), which cancels the
     # machine's drift; a row without it counts as not measured
     for name, model, paired, ok in (
