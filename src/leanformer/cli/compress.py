@@ -4,10 +4,10 @@ leanformer compress MODEL --target-bits B [--task T | --text PATH... | --dataset
 
 The flags are the union of the methods' config fields (Kashin, RTN, HQQ, GPTQ); a flag left out keeps
 the chosen method's own default. GPTQ reads calibration text (the same sources and --tokens,
---max-seq-length and --batch-size as a plan; default: the built-in corpus). With --target-bits, a plan (lf.plan) picks each layer's method and
-bits from measured sensitivity so the average honest bits/weight stays within B; --method then
-restricts the candidates to that method at 2, 3 and 4 bits (its other flags shape them), and the
-plan is printed and saved as plan.json next to the model."""
+--max-seq-length and --batch-size as a plan; default: the built-in corpus). With --target-bits, a
+plan (lf.plan) picks each layer's method and bits from measured sensitivity so the average honest
+bits/weight stays within B; --method then restricts the candidates to that method at 2, 3 and 4 bits
+(its other flags shape them), and the plan is printed and saved as plan.json next to the model."""
 from __future__ import annotations
 
 from pathlib import Path

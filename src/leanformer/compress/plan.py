@@ -6,7 +6,8 @@ For every target Linear layer i and candidate config c the plan measures
   scales, zeros, step sizes, seeds: the accounting of compress/size.py), over the layer's weights;
   a candidate that cannot store the layer (Kashin NotConverged, a group size that does not divide
   the width) is not eligible there;
-- its error e_i(c), with Ŵ = dequantize(quantize_weight(W)) — exactly what would be stored — one of
+- its error e_i(c), with Ŵ = dequantize(quantize_weight(W)) — exactly what would be stored; a calibrated
+  candidate (GPTQ) rounds with the Gram matrix XᵀX of the layer's calibration inputs below — one of
   sensitivity="output" (the default): the relative squared change of the model's final hidden states
   on the calibration tokens, ‖H(Ŵ_i) − H‖² / ‖H‖² (padding excluded), with Ŵ put into layer i alone
   and every other layer left in full precision: one whole forward per layer and candidate (on
