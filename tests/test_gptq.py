@@ -92,10 +92,15 @@ def test_without_input_correlation_it_rounds_as_rtn():
                            rtn["packed"])
 
 
+def grams_on(model, names, config) -> dict[str, torch.Tensor]:
+    modules = {n: model.get_submodule(n) for n in names}
+    return measure_inputs(model, modules, calibration_batches(TEXTS, config.tokenizer, config, "t"), False, False, "t")[0]
+
+
 def test_quantize_reads_its_calibration_and_the_model_round_trips(make_tiny_llama, tokenizer, tmp_path):
     model = make_tiny_llama(layers=2, vocab_size=tokenizer.vocab_size)
     model.train()  # the Hessians are measured in eval mode whatever mode the model is in
-    config = GPTQ(bits=4, group_size=16, calibration=TEXTS, tokenizer=tokenizer, tokens=512)
+    config = GPTQ(bits=4, group_size=16, calibration=TEXTS, tokenizer=tokenizer, tokens=512, sequential=False)
     quantized = copy.deepcopy(model)
     with pytest.warns(UserWarning, match="GPTQ: the calibration gave"):  # 600 tokens is under a quarter of 4096
         lf.quantize(copy.deepcopy(model), GPTQ(bits=4, group_size=16, calibration=TEXTS, tokenizer=tokenizer),
@@ -103,12 +108,10 @@ def test_quantize_reads_its_calibration_and_the_model_round_trips(make_tiny_llam
     report = lf.quantize(quantized, config, progress=False)
     assert quantized.training and len(report.quantized) == 14 and not report.skipped
     layers = quantized_layers(quantized)
-    modules = {n: model.get_submodule(n) for n in layers}
-    grams, _, _ = measure_inputs(model.eval(), modules, calibration_batches(TEXTS, tokenizer, config, "t"), False,
-                                 False, "t")
-    name = "model.layers.1.mlp.down_proj"
-    expected, _ = config.stored_form(modules[name].weight.detach(), name, grams[name])
-    assert torch.equal(layers[name].stored_tensors()["packed"], expected["packed"])
+    grams = grams_on(model.eval(), list(layers), config)  # sequential=False: all from the full-precision model
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        expected, _ = config.stored_form(model.get_submodule(name).weight.detach(), name, grams[name])
+        assert torch.equal(layers[name].stored_tensors()["packed"], expected["packed"])
     ids = torch.randint(0, tokenizer.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     quantized.eval()
     logits = quantized(ids).logits
@@ -117,6 +120,24 @@ def test_quantize_reads_its_calibration_and_the_model_round_trips(make_tiny_llam
     assert torch.equal(loaded(ids).logits, logits)
     assert "calibration" not in config.to_dict() and "tokenizer" not in config.to_dict()
     assert lf.size_report(loaded).total["bits_per_weight"] == pytest.approx(4 + 32 / 16)
+
+
+def test_sequential_measures_each_stage_on_the_model_quantized_so_far(make_tiny_llama, tokenizer):
+    model = make_tiny_llama(layers=2, vocab_size=tokenizer.vocab_size).eval()
+    config = GPTQ(bits=3, group_size=16, calibration=TEXTS, tokenizer=tokenizer, tokens=512)
+    assert config.sequential  # the reference's order is the default
+    quantized = copy.deepcopy(model)
+    lf.quantize(quantized, config, progress=False)
+    layers = quantized_layers(quantized)
+    first, last = "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"
+    full = grams_on(model, [first, last], config)
+    # the last stage's input passes only through layers quantized before it: the finished model gives it exactly
+    after = grams_on(quantized, [last], config)
+    for name, gram in ((first, full[first]), (last, after[last])):
+        expected, _ = config.stored_form(model.get_submodule(name).weight.detach(), name, gram)
+        assert torch.equal(layers[name].stored_tensors()["packed"], expected["packed"]), name
+    stale, _ = config.stored_form(model.get_submodule(last).weight.detach(), last, full[last])
+    assert not torch.equal(layers[last].stored_tensors()["packed"], stale["packed"])
 
 
 def test_missing_calibration_is_named_and_leaves_the_model_alone(make_tiny_llama, tokenizer):
@@ -177,3 +198,24 @@ def test_cli_gptq_reads_calibration_text(tiny_llama_dir, tmp_path, capsys):
     assert "--sensitivity only apply with --target-bits" in err("--method", "gptq", "--sensitivity", "layer")
     assert "--damp must be in" in err("--method", "gptq", "--damp", "2")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_failure_midway_puts_every_replaced_layer_back(make_tiny_llama, tokenizer, monkeypatch):
+    model = make_tiny_llama(layers=2, vocab_size=tokenizer.vocab_size).eval()
+    ids = torch.randint(0, tokenizer.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
+    before = model(ids).logits
+    calls = []
+    real = GPTQ.quantize_weight
+
+    def fail_on_the_ninth(self, weight, name, gram):
+        calls.append(name)
+        if len(calls) == 9:
+            raise RuntimeError("out of memory")
+        return real(self, weight, name, gram)
+
+    monkeypatch.setattr(GPTQ, "quantize_weight", fail_on_the_ninth)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lf.quantize(model, GPTQ(bits=3, group_size=16, calibration=TEXTS, tokenizer=tokenizer, tokens=512),
+                    progress=False)
+    assert len(calls) == 9 and not quantized_layers(model)
+    assert torch.equal(model(ids).logits, before)

@@ -16,16 +16,20 @@ accounting are RTN's; only the choice of codes differs. Honest size: bits + 32 /
   paper's default).
 - damp: λ = damp · mean(diag H) is added to H's diagonal (the paper's 1 %); where H + λI is still not
   positive definite the damping grows tenfold, twice, before the layer is left in full precision.
-- Hessians come from the full-precision model's inputs, one calibration pass for all layers (what
-  lf.plan measures too); the reference instead runs block by block through already-quantized
-  blocks. Inputs the calibration never reached (H_jj = 0) keep their weights and simply take no part
-  in the compensation (the reference zeroes them, which would change the model on other inputs).
+- sequential (the reference's order, transformers' GPTQConfig true_sequential): each layer's
+  Hessian is measured on the inputs it receives once every layer before it is quantized, so later
+  layers also absorb the earlier ones' errors. Layers that read one tensor (q, k, v; gate, up) form
+  one stage: one forward pass over the calibration tokens per stage. Off: one pass, every Hessian
+  from the full-precision model. Gram matrices handed over (lf.plan's, from the full-precision
+  model) are used as they are.
+- Inputs the calibration never reached (H_jj = 0) keep their weights and take no part in the
+  compensation (the reference zeroes them, which would change the model on other inputs).
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
 
@@ -46,6 +50,9 @@ class GPTQ(AffineQuantConfig):
                 "before any column moves (static groups: the stored form is unchanged); off = left to right"})
     damp: float = field(default=0.01, metadata={
         "help": "damping added to the Hessian's diagonal, as a fraction of its mean"})
+    sequential: bool = field(default=True, metadata={
+        "help": "measure each layer's Hessian with the layers before it already quantized (one calibration pass "
+                "per group of layers that read one input); off = one pass on the full-precision model"})
     calibration: object = field(default=None, repr=False, compare=False, metadata={
         "help": "calibration input the layers' Hessians are measured on: texts, (text_a, text_b) pairs, a Task "
                 "(its train split) or token batches (on the command line: --text, --dataset or --task)",
@@ -71,15 +78,33 @@ class GPTQ(AffineQuantConfig):
             if getattr(self, name) <= 0:
                 raise LeanformerError(f"{name} must be positive, got {getattr(self, name)!r}")
 
-    def input_grams(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module],
-                    progress: bool) -> dict[str, torch.Tensor]:
-        """XᵀX of each layer's inputs on `calibration`, one forward pass over it."""
+    def stages(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], grams: dict[str, torch.Tensor],
+               progress: bool) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+        """(layer names, their Gram matrices) in the order quantize() should round them: one stage of every
+        layer if `grams` covers them all or sequential is off, else one per group of layers reading one input,
+        in forward order, each measured when the iterator reaches it (after the stages before it are in
+        the model). The calibration input is read here, before any layer changes."""
+        missing = {n: m for n, m in modules.items() if n not in grams}
+        if not missing:
+            return iter([(list(modules), grams)])
         batches = calibration_batches(self.calibration, self.tokenizer, self, "GPTQ")
+        if not self.sequential:
+            return iter([(list(modules), {**grams, **self._measure(model, missing, batches, progress)})])
+        return self._sequential_stages(model, modules, grams, batches, progress)
+
+    def _sequential_stages(self, model, modules, grams, batches, progress):
+        given = [n for n in modules if n in grams]
+        if given:
+            yield given, grams
+        for stage in _input_order(model, {n: m for n, m in modules.items() if n not in grams}, batches[0]):
+            yield stage, self._measure(model, {n: modules[n] for n in stage}, batches, progress)
+
+    def _measure(self, model, modules, batches, progress) -> dict[str, torch.Tensor]:
         grams, _, n_tokens = measure_inputs(model, modules, batches, False, progress, "GPTQ")
         if n_tokens < self.tokens / 4:
             warnings.warn(f"GPTQ: the calibration gave {n_tokens} tokens, under a quarter of the {self.tokens} it "
                           "reads (tokens=); a Hessian from so few tokens fits the rounding to them. Give more "
-                          "calibration text", stacklevel=3)
+                          "calibration text", stacklevel=4)
         return grams
 
     def quantize_weight(self, weight: torch.Tensor, name: str, gram: torch.Tensor):
@@ -120,6 +145,38 @@ class GPTQ(AffineQuantConfig):
             work[:, i2:] -= errors @ hinv[i1:i2, i2:]
         return ({"packed": pack_bits(codes, self.bits), "scale": scale.reshape(-1), "zero": zero.reshape(-1)},
                 {"group_size": g, "col_scale": False})
+
+
+@torch.no_grad()
+def _input_order(model: torch.nn.Module, modules: dict[str, torch.nn.Module], batch: dict) -> list[list[str]]:
+    """The layers grouped by the input tensor they read, groups in the order the forward pass reaches them."""
+    groups: dict[int, list[str]] = {}
+    inputs = []  # keeps each input alive, so no later tensor reuses its id during the pass
+
+    def hook(name):
+        def record(_module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if not any(name in g for g in groups.values()):
+                groups.setdefault(id(x), []).append(name)
+                inputs.append(x)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    order = list(groups.values())
+    unseen = [n for n in modules if not any(n in g for g in order)]
+    if unseen:
+        raise LeanformerError(f"layers {unseen[:5]} saw no input in the calibration forward pass (they do not run on "
+                              "input_ids alone); leave them out with targets=")
+    return order
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:

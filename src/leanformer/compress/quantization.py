@@ -457,7 +457,8 @@ def quantize(model: nn.Module, config: QuantConfig, progress: bool = True, *,
     LeanformerError before the model is modified. A QuantPlan (lf.plan) applies as one quantize per
     config on exactly its layers, and returns their reports as a list. A calibrated method (GPTQ)
     reads the Gram matrix of each layer's inputs from `grams` (layer name → XᵀX) where given, else
-    measures them in one pass over its config's calibration input before any layer changes.
+    measures them on its config's calibration input (its `stages`); if anything fails midway, every
+    layer already replaced is put back.
     """
     if isinstance(config, tuple(PLAN_TYPES)):
         return config.apply(model, progress=progress)
@@ -472,28 +473,38 @@ def quantize(model: nn.Module, config: QuantConfig, progress: bool = True, *,
             bad = (~torch.isfinite(weight)).sum().item()
             raise LeanformerError(f"layer {n} has {bad} NaN/Inf weight entries; quantization needs finite weights")
         check_group_size(getattr(config, "group_size", None), linear_shape(m)[0], n)
-    if config.CALIBRATED:
-        missing = [n for n in modules if grams is None or n not in grams]
-        if missing:
-            grams = {**(grams or {}), **config.input_grams(model, {n: modules[n] for n in missing}, progress)}
+    t0 = time.perf_counter()
+    # stages of layers with the Gram matrices of their inputs: a calibrated method measures each stage on the model
+    # as quantized so far (its iterator resumes after the previous stage is swapped in)
+    stages = config.stages(model, modules, grams or {}, progress) if config.CALIBRATED else [(list(modules), {})]
     record_base(model)
     report = QuantizeReport(config=config.to_dict())
-    t0 = time.perf_counter()
-    replacements = {}
-    for n, m in tqdm(modules.items(), desc=f"quantize {config.method} {config.bits}-bit", disable=not progress,
-                     leave=False):
-        w = dense_weight(m).detach().float().cpu().contiguous()  # (out, in), also for a Conv1D
-        try:
-            tensors, header = config.stored_form(w, n, grams[n] if config.CALIBRATED else None)
-        except NotConverged as e:
-            report.skipped[n] = str(e)
-            continue
-        in_f, out_f = linear_shape(m)
-        q = QuantizedLinear(in_f, out_f, header, tensors, m.bias, cache=config.cache, kernel=config.kernel)
-        replacements[n] = q.to(m.weight.device)
-        report.quantized.append(n)
-    for n, q in replacements.items():
-        set_module(model, n, q)
+    replacements, originals = {}, {}
+    bar = tqdm(total=len(modules), desc=f"quantize {config.method} {config.bits}-bit", disable=not progress,
+               leave=False)
+    try:
+        for stage, stage_grams in stages:
+            for n in stage:
+                m = modules[n]
+                w = dense_weight(m).detach().float().cpu().contiguous()  # (out, in), also for a Conv1D
+                bar.update()
+                try:
+                    tensors, header = config.stored_form(w, n, stage_grams.get(n))
+                except NotConverged as e:
+                    report.skipped[n] = str(e)
+                    continue
+                in_f, out_f = linear_shape(m)
+                q = QuantizedLinear(in_f, out_f, header, tensors, m.bias, cache=config.cache, kernel=config.kernel)
+                replacements[n] = q.to(m.weight.device)
+                originals[n] = m
+                set_module(model, n, replacements[n])
+                report.quantized.append(n)
+    except BaseException:  # nothing half-done: every layer swapped so far goes back
+        for n, m in originals.items():
+            set_module(model, n, m)
+        raise
+    finally:
+        bar.close()
     report.seconds = time.perf_counter() - t0
     push(model, Applied("quantize", config, {
         "layers": {n: {**q.header, "tensors": q.tensor_specs()} for n, q in replacements.items()},
