@@ -1072,7 +1072,11 @@ def markdown(res: dict) -> str:
     if st.get("smoke"):
         lines += ["**Smoke run: tiny random models and toy data; the numbers mean nothing.**", ""]
     lines += ["Bits/w: every stored byte of the quantized Linear layers (codes, scales, zeros, step sizes, column "
-              "scales, codebooks, seeds) per weight (lf.size_report). Embeddings, norms, biases and heads stay fp32.", ""]
+              "scales, codebooks, seeds) per weight (lf.size_report). Embeddings, norms, biases and heads stay fp32.", "",
+              f"Calibration (GPTQ and lf.plan; no other method reads data): {st['calibration']} SST-2 training "
+              f"sentences after the embedding sentences; the last {st['story_calibration']} TinyStories validation "
+              "stories (the perplexity windows come from the file's start). GPTQ runs with its defaults: act order "
+              "with static groups, sequential, 1 % damping, up to 4,096 calibration tokens.", ""]
     lines += ["## Targets", "", "| target | status | numbers |", "|---|---|---|"]
     for t in res["targets"]:
         lines.append(f"| {t['target']} | **{t['status']}** | {_target_numbers(t)} |")
