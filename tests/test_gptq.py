@@ -189,6 +189,14 @@ def test_cli_gptq_reads_calibration_text(tiny_llama_dir, tmp_path, capsys):
     saved = [json.dumps(load_json(f)) for f in out.glob("*.json")]
     assert any('"gptq"' in s for s in saved) and not any("calibration" in s or "Story 1" in s for s in saved)
 
+    planned = tmp_path / "planned"  # a plan restricted to GPTQ gets the plan's own Gram matrices
+    assert main(["compress", str(tiny_llama_dir), "--target-bits", "4.6", "--method", "gptq", "--group-size", "16",
+                 "--text", str(text), "--tokens", "512", "--out", str(planned)]) == 0
+    plan = load_json(planned / "plan.json")
+    assert list(plan["candidates"]) == ["gptq2/g16", "gptq3/g16", "gptq4/g16"] and plan["average_bits"] <= 4.6
+    model, _ = lf.load(planned)
+    assert lf.size_report(model).total["bits_per_weight"] == pytest.approx(plan["average_bits"])
+
     def err(*argv):
         assert main(["compress", str(tiny_llama_dir), *argv, "--out", str(tmp_path / "x")]) == 2
         return capsys.readouterr().err
