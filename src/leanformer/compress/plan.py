@@ -439,7 +439,7 @@ def plan(model: nn.Module, target_bits: float = 3.0, *, calibration=None, tokeni
     labelled: dict[str, QuantConfig] = {}
     for c in candidates:
         if not isinstance(c, QuantConfig):
-            raise LeanformerError(f"candidates must be quantization configs (Kashin, RTN, HQQ), got {type(c).__name__}")
+            raise LeanformerError(f"candidates must be quantization configs (Kashin, RTN, HQQ, GPTQ), got {type(c).__name__}")
         if c.CALIBRATED and c.calibration is not None:
             raise LeanformerError(f"candidate {candidate_label(c)} carries its own calibration; the plan hands every "
                                   "calibrated candidate the Gram matrices it measures on plan(calibration=…): leave "

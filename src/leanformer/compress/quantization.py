@@ -1,8 +1,9 @@
 """`quantize(model, config)`: the one verb for weight quantization, and what its methods share.
 
-A method is a config dataclass (kashin.py, rtn.py, hqq.py) subclassing `QuantConfig`, with
-`quantize_weight(W, name)` returning the tensors it stores (b-bit codes packed with `pack_bits`,
-plus codebooks / scales / zeros / norms) and a JSON-able header, and `dequantize(tensors, header)`
+A method is a config dataclass (kashin.py, rtn.py, hqq.py, gptq.py) subclassing `QuantConfig`, with
+`quantize_weight(W, name)` (a CALIBRATED one: `quantize_weight(W, name, XᵀX)`) returning the tensors
+it stores (b-bit codes packed with `pack_bits`, plus codebooks / scales / zeros / norms) and a
+JSON-able header, and `dequantize(tensors, header)`
 rebuilding the weight. Subclassing registers the method by its name, so a saved header can only
 reach these classes. `QuantizedLinear` keeps only the stored tensors: the model runs unchanged, and the
 stored bytes are exactly what `size_report` counts and what `lf.save` writes. Its forward (`kernel`)
@@ -463,7 +464,7 @@ def quantize(model: nn.Module, config: QuantConfig, progress: bool = True, *,
     if isinstance(config, tuple(PLAN_TYPES)):
         return config.apply(model, progress=progress)
     if not isinstance(config, QuantConfig):
-        raise LeanformerError(f"quantize() takes a quantization config (Kashin, RTN, HQQ) or a QuantPlan (lf.plan), "
+        raise LeanformerError(f"quantize() takes a quantization config (Kashin, RTN, HQQ, GPTQ) or a QuantPlan (lf.plan), "
                               f"not {type(config).__name__}")
     names = select_linear(model, config.targets, config.filter_fn)
     modules = dict(_linear_to_quantize(model, n) for n in names)
