@@ -155,26 +155,46 @@ def test_missing_calibration_is_named_and_leaves_the_model_alone(make_tiny_llama
 
 def test_plan_hands_gptq_its_gram_matrices(make_tiny_llama, tokenizer):
     model = make_tiny_llama(layers=2, vocab_size=tokenizer.vocab_size)
-    candidates = [GPTQ(bits=2, group_size=16), GPTQ(bits=4, group_size=16), lf.RTN(bits=4, group_size=16)]
+    candidates = [GPTQ(bits=2, group_size=16, sequential=False), GPTQ(bits=4, group_size=16, sequential=False),
+                  lf.RTN(bits=4, group_size=16)]
     plan = lf.plan(model, 5.0, calibration=TEXTS, tokenizer=tokenizer, candidates=candidates, progress=False,
                    tokens=512)
     rows = plan.table["model.layers.0.mlp.up_proj"]["candidates"]
-    assert rows["gptq4/g16"]["output_error"] < rows["rtn4/g16"]["output_error"]  # same bits, compensated
+    assert rows["gptq4/g16 sequential=False"]["output_error"] < rows["rtn4/g16"]["output_error"]  # compensated
     quantized = copy.deepcopy(model)
     lf.quantize(quantized, plan, progress=False)
     layers = quantized_layers(quantized)
-    assert {n: f"{m.method}{m.header['bits']}/g16" for n, m in layers.items()} == plan.layers
+    assert {n: f"{m.method}{m.header['bits']}/g16" for n, m in layers.items()} == \
+        {n: label.split()[0] for n, label in plan.layers.items()}
     assert lf.size_report(quantized).total["bits_per_weight"] == pytest.approx(plan.average_bits)
     name = next(n for n, label in plan.layers.items() if label.startswith("gptq"))
     expected, _ = plan.candidates[plan.layers[name]].stored_form(model.get_submodule(name).weight.detach(), name,
                                                                   plan.grams[name])
-    assert torch.equal(layers[name].stored_tensors()["packed"], expected["packed"])
+    assert torch.equal(layers[name].stored_tensors()["packed"], expected["packed"])  # not sequential: the plan's grams
     again = QuantPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
     with pytest.raises(LeanformerError, match="run lf.plan again"):
         lf.quantize(copy.deepcopy(model), again, progress=False)
     with pytest.raises(LeanformerError, match="carries its own calibration"):
         lf.plan(model, 5.0, calibration=TEXTS, tokenizer=tokenizer, progress=False,
                 candidates=[GPTQ(bits=4, group_size=16, calibration=TEXTS)])
+
+
+def test_plan_rounds_sequential_gptq_layers_last_on_the_model_quantized_so_far(make_tiny_llama, tokenizer):
+    model = make_tiny_llama(layers=2, vocab_size=tokenizer.vocab_size).eval()
+    # 6 and 4 bits per weight: a budget of 5 must mix them
+    plan = lf.plan(model, 5.0, calibration=TEXTS, tokenizer=tokenizer, progress=False, tokens=512,
+                   candidates=[GPTQ(bits=4, group_size=16), lf.RTN(bits=2, group_size=16)])
+    chosen = {label.split("/")[0] for label in plan.layers.values()}
+    assert {"gptq4", "rtn2"} <= chosen, plan.layers  # both kinds, so the order matters
+    quantized = copy.deepcopy(model)
+    lf.quantize(quantized, plan, progress=False)
+    layers = quantized_layers(quantized)
+    gptq_layers = [n for n in layers if layers[n].method == "gptq"]
+    last = gptq_layers[-1]  # the last GPTQ stage in forward order: nothing after it is still full precision upstream
+    config = GPTQ(bits=layers[last].header["bits"], group_size=16, tokenizer=tokenizer, tokens=512)
+    expected, _ = config.stored_form(model.get_submodule(last).weight.detach(), last,
+                                     grams_on(quantized, [last], config)[last])
+    assert torch.equal(layers[last].stored_tensors()["packed"], expected["packed"])
 
 
 def test_cli_gptq_reads_calibration_text(tiny_llama_dir, tmp_path, capsys):

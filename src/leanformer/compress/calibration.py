@@ -28,8 +28,9 @@ def calibration_batches(calibration, tokenizer, config, purpose: str) -> list[di
     if isinstance(calibration, Task) and len(calibration.train) == 0:
         calibration = []
     if not isinstance(calibration, Task) and not calibration:
-        raise LeanformerError(f"{purpose} needs calibration input (the inputs each layer sees): calibration= a list of texts, a Task (leanformer.tasks.load_task; its train split), or token batches "
-                              "(dicts with input_ids and attention_mask); the one given is empty")
+        raise LeanformerError(f"{purpose} needs calibration input (the inputs each layer sees): calibration= a list "
+                              "of texts, a Task (leanformer.tasks.load_task; its train split), or token batches (dicts "
+                              "with input_ids and attention_mask); the one given is empty")
     if not isinstance(calibration, Task) and isinstance(calibration[0], dict):
         out = []
         for b in calibration:

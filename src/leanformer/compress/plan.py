@@ -7,7 +7,9 @@ For every target Linear layer i and candidate config c the plan measures
   a candidate that cannot store the layer (Kashin NotConverged, a group size that does not divide
   the width) is not eligible there;
 - its error e_i(c), with Ŵ = dequantize(quantize_weight(W)) — exactly what would be stored; a calibrated
-  candidate (GPTQ) rounds with the Gram matrix XᵀX of the layer's calibration inputs below — one of
+  candidate (GPTQ) rounds with the Gram matrix XᵀX of the layer's calibration inputs below (applied, a
+  sequential GPTQ rounds again after the other chosen layers, on the inputs they then give: QuantPlan.apply)
+  — one of
   sensitivity="output" (the default): the relative squared change of the model's final hidden states
   on the calibration tokens, ‖H(Ŵ_i) − H‖² / ‖H‖² (padding excluded), with Ŵ put into layer i alone
   and every other layer left in full precision: one whole forward per layer and candidate (on
@@ -154,9 +156,11 @@ class QuantPlan:
     table: dict[str, dict]
     average_bits: float  # predicted honest bits/weight over the planned layers
     info: dict = field(default_factory=dict)
-    # XᵀX of each planned layer's calibration inputs, for calibrated candidates (GPTQ) when the plan is applied;
-    # kept in memory only (to_dict leaves it out: a plan read back from JSON re-plans to apply them)
+    # for calibrated candidates (GPTQ) when the plan is applied: XᵀX of each planned layer's calibration inputs on
+    # the full-precision model, and the calibration token batches (a sequential candidate measures its layers again
+    # on the model quantized so far). In memory only: to_dict leaves them out, a plan read back from JSON re-plans
     grams: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    calibration: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False, compare=False)
 
     def config_of(self, layer: str) -> QuantConfig | None:
         label = self.layers[layer]
@@ -169,21 +173,30 @@ class QuantPlan:
 
     def apply(self, model: nn.Module, progress: bool = True) -> list[QuantizeReport]:
         """One `quantize` per chosen config, its targets exactly that config's layers (so `lf.save`
-        records, and `lf.load` replays, ordinary quantize transforms)."""
+        records, and `lf.load` replays, ordinary quantize transforms). Calibrated configs go last: a
+        sequential one (GPTQ's default) measures its layers' inputs stage by stage on the model with every
+        other chosen layer already quantized, as GPTQ on its own would; a non-sequential one rounds with
+        the plan's full-precision Gram matrices."""
         groups = self.groups()
         calibrated = [label for label in groups if self.candidates[label].CALIBRATED]
-        if calibrated and self.grams is None:
-            raise LeanformerError(f"this plan chose {', '.join(calibrated)}, which rounds with the Gram matrices of the "
-                                  "layers' calibration inputs; a plan keeps them only in the process that measured "
-                                  "it (not in plan.json): run lf.plan again to apply it")
+        if calibrated and (self.grams is None or self.calibration is None):
+            raise LeanformerError(f"this plan chose {', '.join(calibrated)}, which rounds with the layers' "
+                                  "calibration inputs; a plan keeps them only in the process that measured it (not "
+                                  "in plan.json): run lf.plan again to apply it")
         reports = []
-        for label, names in groups.items():
+        for label in sorted(groups, key=lambda lb: lb in calibrated):  # stable: candidate order within each kind
+            names = groups[label]
             targets: Targets = list(names)
             if set(select_linear(model, targets)) != set(names):  # a full name can also end another's name
                 targets = "|".join(map(re.escape, names))
             config = dataclasses.replace(self.candidates[label], targets=targets, filter_fn=None)
+            grams = None
+            if config.CALIBRATED and getattr(config, "sequential", False):
+                config = dataclasses.replace(config, calibration=self.calibration)
+            elif config.CALIBRATED:
+                grams = self.grams
             # it warns of any layer it could not store
-            reports.append(quantize(model, config, progress=progress, grams=self.grams if config.CALIBRATED else None))
+            reports.append(quantize(model, config, progress=progress, grams=grams))
         return reports
 
     def with_target(self, target_bits: float, use_profile: bool | None = None,
@@ -215,7 +228,7 @@ class QuantPlan:
                     m["sensitivity"] = row["importance"] * m[ERROR_KEY[kind]]
         layers, average, bounds = _choose(table, list(self.candidates), target_bits)
         return QuantPlan(float(target_bits), dict(self.candidates), layers, table, average, {**info, **bounds},
-                         self.grams)
+                         self.grams, self.calibration)
 
     def to_dict(self) -> dict:
         return {"target_bits": self.target_bits, "average_bits": self.average_bits,
@@ -499,7 +512,8 @@ def plan(model: nn.Module, target_bits: float = 3.0, *, calibration=None, tokeni
             "config": dataclasses.asdict(config), **bounds}
     return QuantPlan(target_bits=float(target_bits), candidates=labelled, layers=layers, table=table,
                      average_bits=average, info=info,
-                     grams=grams if any(c.CALIBRATED for c in labelled.values()) else None)
+                     **({"grams": grams, "calibration": batches_} if any(c.CALIBRATED for c in labelled.values())
+                        else {}))
 
 
 def _measure_table(names: list[str], modules: dict[str, nn.Module], grams: dict[str, torch.Tensor],
