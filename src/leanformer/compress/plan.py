@@ -91,8 +91,8 @@ def default_candidates() -> list[QuantConfig]:
     plan measures anyway, so it costs no extra calibration pass; its error is measured on the same
     tokens it was fitted to, an in-sample estimate that favours it slightly where a layer's inputs are
     wide beside the calibration tokens. Measured with the held-out sets of benchmarks/quant_bench.py, the
-    plan at 3.0 bits with GPTQ among the candidates against without: MiniLM embedding cosine 0.932 against
-    0.910, stories260K perplexity 10.6 against 11.9. RTN is left out: it stores the same per-group
+    plan at 3.0 bits with GPTQ among the candidates against without: MiniLM embedding cosine 0.931 against
+    0.910, stories260K perplexity 10.1 against 11.9. RTN is left out: it stores the same per-group
     metadata as HQQ and GPTQ without optimising it, and every candidate costs one quantization of every
     layer."""
     return ([Kashin(bits=b, scale_bits=8) for b in (2, 3, 4)] + [HQQ(bits=b, group_size=64) for b in (2, 3, 4)]
