@@ -50,12 +50,15 @@ def calibration_batches(calibration, tokenizer, config, purpose: str) -> list[di
 
 @torch.no_grad()
 def measure_inputs(model: nn.Module, modules: dict[str, nn.Module], batches_: list[dict], want_influence: bool,
-                   progress: bool, purpose: str) -> tuple[dict[str, torch.Tensor], list[float] | None, int]:
-    """(XᵀX per layer in float64 on the CPU, block influence per block or None, calibration tokens), in
-    eval mode (dropout would add noise to every Gram matrix)."""
+                   progress: bool, purpose: str
+                   ) -> tuple[dict[str, torch.Tensor], list[float] | None, int, list[list[str]]]:
+    """(XᵀX per layer in float64 on the CPU, block influence per block or None, calibration tokens, the
+    layers grouped by the input tensor they read in the order the forward pass reaches them), in eval
+    mode (dropout would add noise to every Gram matrix)."""
     grams: dict[str, torch.Tensor] = {}
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # this batch: id(input) → (input, its Gram)
     mask_now: list[torch.Tensor] = []
+    stages: dict[int, list[str]] = {}  # the first batch's id(input) → its layers (seen keeps every id unique)
 
     def hook(name):
         def grab(_module, args, kwargs):
@@ -64,6 +67,8 @@ def measure_inputs(model: nn.Module, modules: dict[str, nn.Module], batches_: li
                 v = _valid_tokens(x, mask_now[0], name).detach().to("cpu", torch.float64)
                 seen[id(x)] = (x, v.T @ v)
             g = seen[id(x)][1]
+            if name not in grams:  # first call of this layer: the first batch
+                stages.setdefault(id(x), []).append(name)
             grams[name] = grams[name] + g if name in grams else g.clone()
         return grab
 
@@ -95,4 +100,4 @@ def measure_inputs(model: nn.Module, modules: dict[str, nn.Module], batches_: li
     if n_tokens == 0:
         raise LeanformerError("the calibration batches hold no tokens (every attention_mask entry is 0)")
     influence = None if cos_sums is None else [1.0 - c / n_tokens for c in cos_sums]  # = Profile block_influence
-    return grams, influence, n_tokens
+    return grams, influence, n_tokens, list(stages.values())

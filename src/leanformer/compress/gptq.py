@@ -96,11 +96,12 @@ class GPTQ(AffineQuantConfig):
         given = [n for n in modules if n in grams]
         if given:
             yield given, grams
-        for stage in _input_order(model, {n: m for n, m in modules.items() if n not in grams}, batches[0]):
+        rest = {n: m for n, m in modules.items() if n not in grams}
+        for stage in measure_inputs(model, rest, batches[:1], False, False, "GPTQ")[3]:  # the forward's order
             yield stage, self._measure(model, {n: modules[n] for n in stage}, batches, progress)
 
     def _measure(self, model, modules, batches, progress) -> dict[str, torch.Tensor]:
-        grams, _, n_tokens = measure_inputs(model, modules, batches, False, progress, "GPTQ")
+        grams, _, n_tokens, _ = measure_inputs(model, modules, batches, False, progress, "GPTQ")
         if n_tokens < self.tokens / 4:
             warnings.warn(f"GPTQ: the calibration gave {n_tokens} tokens, under a quarter of the {self.tokens} it "
                           "reads (tokens=); a Hessian from so few tokens fits the rounding to them. Give more "
@@ -117,7 +118,7 @@ class GPTQ(AffineQuantConfig):
         order = (torch.argsort(h.diagonal(), descending=True, stable=True) if self.act_order
                  else torch.arange(in_f))
         hinv = _inverse_cholesky(h[order][:, order], self.damp, name)
-        work = weight.float()[:, order].clone()  # columns in the order they are rounded
+        work = weight.float()[:, order]  # a copy, its columns in the order they are rounded
         qmax = 2 ** self.bits - 1
         scale = torch.empty(out_f, in_f // g, dtype=torch.float16)
         zero = torch.empty_like(scale)
@@ -145,38 +146,6 @@ class GPTQ(AffineQuantConfig):
             work[:, i2:] -= errors @ hinv[i1:i2, i2:]
         return ({"packed": pack_bits(codes, self.bits), "scale": scale.reshape(-1), "zero": zero.reshape(-1)},
                 {"group_size": g, "col_scale": False})
-
-
-@torch.no_grad()
-def _input_order(model: torch.nn.Module, modules: dict[str, torch.nn.Module], batch: dict) -> list[list[str]]:
-    """The layers grouped by the input tensor they read, groups in the order the forward pass reaches them."""
-    groups: dict[int, list[str]] = {}
-    inputs = []  # keeps each input alive, so no later tensor reuses its id during the pass
-
-    def hook(name):
-        def record(_module, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            if not any(name in g for g in groups.values()):
-                groups.setdefault(id(x), []).append(name)
-                inputs.append(x)
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in modules.items()]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    order = list(groups.values())
-    unseen = [n for n in modules if not any(n in g for g in order)]
-    if unseen:
-        raise LeanformerError(f"layers {unseen[:5]} saw no input in the calibration forward pass (they do not run on "
-                              "input_ids alone); leave them out with targets=")
-    return order
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:

@@ -481,7 +481,7 @@ def plan(model: nn.Module, target_bits: float = 3.0, *, calibration=None, tokeni
         if len(influence) != len(blocks):
             raise LeanformerError(f"the profile describes {len(influence)} blocks but the model has {len(blocks)}; "
                                   "pass the lf.inspect profile of this model (or profile=None to measure it)")
-    grams, measured, n_tokens = measure_inputs(model, by_target, batches_, config.use_profile and profile is None,
+    grams, measured, n_tokens, _ = measure_inputs(model, by_target, batches_, config.use_profile and profile is None,
                                                progress, "plan")
     if n_tokens < config.tokens / 4:  # each layer's error is an estimate from these tokens; the allocation follows it
         warnings.warn(f"plan: the calibration gave {n_tokens} tokens, under a quarter of the {config.tokens} it reads "
