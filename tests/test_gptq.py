@@ -186,6 +186,7 @@ def test_plan_rounds_sequential_gptq_layers_last_on_the_model_quantized_so_far(m
                    candidates=[GPTQ(bits=4, group_size=16), lf.RTN(bits=2, group_size=16)])
     chosen = {label.split("/")[0] for label in plan.layers.values()}
     assert {"gptq4", "rtn2"} <= chosen, plan.layers  # both kinds, so the order matters
+    assert plan.grams is None and plan.calibration  # a sequential candidate needs the batches, not the plan's grams
     quantized = copy.deepcopy(model)
     lf.quantize(quantized, plan, progress=False)
     layers = quantized_layers(quantized)

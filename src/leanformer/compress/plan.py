@@ -156,11 +156,12 @@ class QuantPlan:
     table: dict[str, dict]
     average_bits: float  # predicted honest bits/weight over the planned layers
     info: dict = field(default_factory=dict)
-    # for calibrated candidates (GPTQ) when the plan is applied: XᵀX of each planned layer's calibration inputs on
-    # the full-precision model, and the calibration token batches (a sequential candidate measures its layers again
-    # on the model quantized so far). In memory only: to_dict leaves them out, a plan read back from JSON re-plans
-    grams: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    # what calibrated candidates (GPTQ) round with when the plan is applied, kept only where one needs it: the
+    # calibration token batches (a sequential candidate measures its layers again on the model quantized so far),
+    # XᵀX of each layer's inputs on the full-precision model (a non-sequential one). In memory only: to_dict leaves
+    # them out, a plan read back from JSON re-plans
     calibration: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False, compare=False)
+    grams: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def config_of(self, layer: str) -> QuantConfig | None:
         label = self.layers[layer]
@@ -178,25 +179,25 @@ class QuantPlan:
         other chosen layer already quantized, as GPTQ on its own would; a non-sequential one rounds with
         the plan's full-precision Gram matrices."""
         groups = self.groups()
-        calibrated = [label for label in groups if self.candidates[label].CALIBRATED]
-        if calibrated and (self.grams is None or self.calibration is None):
-            raise LeanformerError(f"this plan chose {', '.join(calibrated)}, which rounds with the layers' "
-                                  "calibration inputs; a plan keeps them only in the process that measured it (not "
-                                  "in plan.json): run lf.plan again to apply it")
+        inputs = {label: _calibration_kept(self.candidates[label]) for label in groups}
+        lacking = [label for label, kept in inputs.items() if kept and getattr(self, kept) is None]
+        if lacking:
+            raise LeanformerError(f"this plan chose {', '.join(lacking)}, which rounds with the layers' calibration "
+                                  "inputs; a plan keeps them only in the process that measured it (not in "
+                                  "plan.json): run lf.plan again to apply it")
         reports = []
-        for label in sorted(groups, key=lambda lb: lb in calibrated):  # stable: candidate order within each kind
+        # calibrated configs last; the sort is stable, so candidate order within each kind
+        for label in sorted(groups, key=lambda lb: inputs[lb] is not None):
             names = groups[label]
             targets: Targets = list(names)
             if set(select_linear(model, targets)) != set(names):  # a full name can also end another's name
                 targets = "|".join(map(re.escape, names))
             config = dataclasses.replace(self.candidates[label], targets=targets, filter_fn=None)
-            grams = None
-            if config.CALIBRATED and getattr(config, "sequential", False):
+            if inputs[label] == "calibration":
                 config = dataclasses.replace(config, calibration=self.calibration)
-            elif config.CALIBRATED:
-                grams = self.grams
             # it warns of any layer it could not store
-            reports.append(quantize(model, config, progress=progress, grams=grams))
+            reports.append(quantize(model, config, progress=progress,
+                                    grams=self.grams if inputs[label] == "grams" else None))
         return reports
 
     def with_target(self, target_bits: float, use_profile: bool | None = None,
@@ -228,7 +229,7 @@ class QuantPlan:
                     m["sensitivity"] = row["importance"] * m[ERROR_KEY[kind]]
         layers, average, bounds = _choose(table, list(self.candidates), target_bits)
         return QuantPlan(float(target_bits), dict(self.candidates), layers, table, average, {**info, **bounds},
-                         self.grams, self.calibration)
+                         self.calibration, self.grams)
 
     def to_dict(self) -> dict:
         return {"target_bits": self.target_bits, "average_bits": self.average_bits,
@@ -271,6 +272,15 @@ class QuantPlan:
 
 
 PLAN_TYPES.append(QuantPlan)
+
+
+def _calibration_kept(config: QuantConfig) -> str | None:
+    """Which of a QuantPlan's in-memory calibration fields `config` rounds with when applied: "calibration"
+    (a sequential calibrated method, measured again on the model quantized so far), "grams" (the plan's own
+    Gram matrices), or None (no calibration)."""
+    if not config.CALIBRATED:
+        return None
+    return "calibration" if getattr(config, "sequential", False) else "grams"
 
 
 def _measure_candidates(name: str, module: nn.Module, gram: torch.Tensor, importance: float,
@@ -510,10 +520,10 @@ def plan(model: nn.Module, target_bits: float = 3.0, *, calibration=None, tokeni
                            if config.use_profile else "none (every layer 1)"),
             "block_influence": influence if config.use_profile else None,
             "config": dataclasses.asdict(config), **bounds}
+    kept = {_calibration_kept(c) for c in labelled.values()}
     return QuantPlan(target_bits=float(target_bits), candidates=labelled, layers=layers, table=table,
-                     average_bits=average, info=info,
-                     **({"grams": grams, "calibration": batches_} if any(c.CALIBRATED for c in labelled.values())
-                        else {}))
+                     average_bits=average, info=info, calibration=batches_ if "calibration" in kept else None,
+                     grams=grams if "grams" in kept else None)
 
 
 def _measure_table(names: list[str], modules: dict[str, nn.Module], grams: dict[str, torch.Tensor],
