@@ -852,9 +852,9 @@ class Kashin(QuantConfig):
         the table route (kashin_linear: the codes read through per-vector tables, against x_c and u = Pᵀ x_c), up to
         ACTIVATION_ROUTE_TOKENS the middle route (KashinLayer.middle: A and B decoded a block of rows at a time, one
         matmul; vectors within a row of up to 4 bits, others keep the table route up to TABLE_ONLY_TOKENS), above
-        that the weight rebuilt by the weight-route kernels (`_rebuild_native`) and multiplied once. Vectors up to ACTIVATION_DENSE_MAX long hand
-        P's dense matrix to the kernels, longer ones apply P by FFT here first. Other forms and codebooks have no
-        kernel."""
+        that the weight rebuilt by the weight-route kernels (`_rebuild_native`) and multiplied once. Vectors up to
+        ACTIVATION_DENSE_MAX long hand P's dense matrix to the kernels, longer ones apply P by FFT here first. Other
+        forms and codebooks have no kernel."""
         out_f, in_f = header["shape"]
         g, bits = header["group_size"], header["bits"]
         if header["form"] != "vector" or header["codebook"] != "closed":
