@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import leanformer as lf
-from leanformer.compress.kashin import log8_decode, log8_encode
+from leanformer.compress.packing import log8_decode, log8_encode
 from leanformer.compress.quantization import QuantizedLinear, relative_weight_errors
 from leanformer.errors import LeanformerError
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import leanformer as lf
 from leanformer.compress import kashin
-from leanformer.compress.kashin import DENSE_TRANSFORM_MAX, Kashin, Transform, _random_orthogonal, _signs, log8_decode
+from leanformer.compress.kashin import DENSE_TRANSFORM_MAX, Kashin, Transform, _random_orthogonal, _signs
+from leanformer.compress.packing import log8_decode
 from leanformer.compress.packing import unpack_bits, unpack_codes
 from leanformer.compress.quantization import quantized_layers
 from leanformer.errors import LeanformerError

@@ -37,7 +37,9 @@ from ..errors import LeanformerError
 from .calibration import calibration_batches, measure_inputs
 from .packing import pack_bits
 from .quantization import AffineQuantConfig, NotConverged, check_group_size, group_size_field
-from .rtn import minmax_grid
+from .rtn import (check_grid_fields, clip_field, grid_codes, grid_header, grid_log_range, grid_scale, grid_tensors, grid_values,
+                  minmax_grid,
+                  scale_bits_field, zero_point_field)
 
 BLOCK = 128  # columns per lazy batch update (Algorithm 1)
 
@@ -53,6 +55,9 @@ class GPTQ(AffineQuantConfig):
     sequential: bool = field(default=True, metadata={
         "help": "measure each layer's Hessian with the layers before it already quantized (one calibration pass "
                 "per group of layers that read one input); off = one pass on the full-precision model"})
+    scale_bits: int = scale_bits_field()
+    zero_point: str = zero_point_field()
+    clip: bool = clip_field()
     calibration: object = field(default=None, repr=False, compare=False, metadata={
         "help": "calibration input the layers' Hessians are measured on: texts, (text_a, text_b) pairs, a Task "
                 "(its train split) or token batches (on the command line: --text, --dataset or --task)",
@@ -72,6 +77,7 @@ class GPTQ(AffineQuantConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_grid_fields(self)
         if not 0 <= self.damp < 1:
             raise LeanformerError(f"damp must be in [0, 1), got {self.damp!r}")
         for name in ("tokens", "max_seq_length", "batch_size"):
@@ -119,11 +125,14 @@ class GPTQ(AffineQuantConfig):
                  else torch.arange(in_f))
         hinv = _inverse_cholesky(h[order][:, order], self.damp, name)
         work = weight.float()[:, order]  # a copy, its columns in the order they are rounded
-        qmax = 2 ** self.bits - 1
-        scale = torch.empty(out_f, in_f // g, dtype=torch.float16)
-        zero = torch.empty_like(scale)
+        groups = weight.float().reshape(out_f, -1, g)
+        # 8-bit scales: their log range is fixed from the original weight's groups (a grid set later, from
+        # updated columns, takes the nearest code in it)
+        log_range = grid_log_range(groups, self.bits, self.zero_point) if self.scale_bits == 8 else None
+        scale = torch.empty(out_f, in_f // g, dtype=torch.float16 if log_range is None else torch.uint8)
+        zero = torch.empty(out_f, in_f // g, dtype=torch.float16)
         if self.act_order:  # static groups: every grid fixed from the original weight
-            s, z = minmax_grid(weight.float().reshape(out_f, -1, g), self.bits)
+            s, z = minmax_grid(groups, self.bits, self.zero_point, log_range, self.clip)
             scale[:], zero[:] = s[..., 0], z[..., 0]
         codes = torch.empty(out_f, in_f)
         # a lazy batch holds whole groups, so a grid set at a group's first column sees all earlier updates
@@ -134,18 +143,19 @@ class GPTQ(AffineQuantConfig):
             for j in range(i1, i2):
                 col = int(order[j])
                 if not self.act_order and col % g == 0:
-                    s, z = minmax_grid(work[:, j:j + g], self.bits)
+                    s, z = minmax_grid(work[:, j:j + g], self.bits, self.zero_point, log_range, self.clip)
                     scale[:, col // g], zero[:, col // g] = s[:, 0], z[:, 0]
-                s, z = scale[:, col // g].float(), zero[:, col // g].float()
+                s, z = grid_scale(scale[:, col // g], log_range).float(), zero[:, col // g].float()
                 w = work[:, j]
-                q = ((w - z) / s).round_().clamp_(0, qmax)
+                q = grid_codes(w, s, z, self.bits, self.zero_point)
                 codes[:, col] = q
-                err = (w - (q * s + z)) / hinv[j, j]
+                err = (w - grid_values(q, s, z, self.zero_point)) / hinv[j, j]
                 work[:, j:i2] -= err[:, None] * hinv[j, j:i2]
                 errors[:, j - i1] = err
             work[:, i2:] -= errors @ hinv[i1:i2, i2:]
-        return ({"packed": pack_bits(codes, self.bits), "scale": scale.reshape(-1), "zero": zero.reshape(-1)},
-                {"group_size": g, "col_scale": False})
+        return ({"packed": pack_bits(codes, self.bits),
+                 **grid_tensors(scale, zero, self.bits, self.zero_point, log_range)},
+                {"group_size": g, "col_scale": False, **grid_header(self)})
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:

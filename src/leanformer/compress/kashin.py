@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from ..errors import LeanformerError
 from .kmeans import kmeans
-from .packing import fp16, pack_bits, unpack_bits
+from .packing import SCALE_BITS, fp16, log8_decode, log8_encode, pack_bits, unpack_bits
 from .quantization import (NotConverged, QuantConfig, check_group_size, col_scale_field, column_rms,
                            group_size_field, nearest_divisors)
 
@@ -371,29 +371,6 @@ def _fits(length: int, out_f: int, in_f: int) -> bool:
     """Whether vectors of this length tile an (out_f, in_f) weight without crossing a row boundary
     mid-row: a divisor of the width, or whole rows whose count divides out_f."""
     return in_f % length == 0 or (length % in_f == 0 and out_f % (length // in_f) == 0)
-
-
-SCALE_BITS = (16, 8)
-LOG8_OCTAVES = 16  # log8 codes span at most this many octaves below the largest value; smaller ones store 0
-
-
-def log8_encode(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-negative values → uint8 codes: 0 is exactly zero, 1…255 are evenly spaced in log2 between
-    the smallest and the largest value (floored at LOG8_OCTAVES below the largest), plus that range
-    [lo, hi] of log2 as float32. Relative precision: half a code step, (hi − lo)/508 octaves."""
-    hi = values.max().clamp_min(1e-30).log2()
-    keep = values >= torch.exp2(hi - LOG8_OCTAVES)
-    lo = values[keep].log2().min() if keep.any() else hi
-    log_range = torch.stack([lo, hi]).float()
-    step = (hi - lo) / 254
-    q = 1 + ((values.clamp_min(1e-30).log2() - lo) / step.clamp_min(1e-12)).round().clamp(0, 254)
-    return torch.where(keep, q, 0).to(torch.uint8), log_range
-
-
-def log8_decode(codes: torch.Tensor, log_range: torch.Tensor) -> torch.Tensor:
-    lo, hi = log_range.float()
-    values = torch.exp2(lo + (codes.float() - 1) * ((hi - lo) / 254))
-    return torch.where(codes > 0, values, 0.0)
 
 
 @dataclass(frozen=True)

@@ -317,7 +317,7 @@ void add_bias(float* y, int64_t tokens, int64_t out_f, const c10::optional<torch
 
 // Kashin's closed-codebook step sizes of vectors first … first + n − 1 (k each, times the vector's scale when
 // the step sizes are shared): stored float16, or uint8 log codes read through log_values, the 256 values the
-// codes stand for (kashin.log8_decode of every code, computed once when a layer binds its kernel).
+// codes stand for (packing.log8_decode of every code, computed once when a layer binds its kernel).
 std::vector<float> kashin_steps(const torch::Tensor& steps, const c10::optional<torch::Tensor>& scale,
                                 const c10::optional<torch::Tensor>& log_values, int64_t n_vec, int64_t bits,
                                 int64_t first, int64_t n) {

@@ -85,3 +85,32 @@ def codes_from_runtime(runtime: torch.Tensor, bits: int, n: int) -> torch.Tensor
 def fp16(t: torch.Tensor) -> torch.Tensor:
     """Metadata is stored in float16; methods compute with the rounded value so reload is exact."""
     return t.to(torch.float16)
+
+
+SCALE_BITS = (16, 8)  # how per-group (or per-vector) scales are stored: float16, or 8-bit log codes (log8_encode)
+LOG8_OCTAVES = 16  # log8 codes span at most this many octaves below the largest value; smaller ones store 0
+
+
+def log8_encode(values: torch.Tensor, log_range: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-negative values → uint8 codes: 0 is exactly zero, 1…255 are evenly spaced in log2 between
+    the smallest and the largest value (floored at LOG8_OCTAVES below the largest), plus that range
+    [lo, hi] of log2 as float32. Relative precision: half a code step, (hi − lo)/508 octaves. With a
+    `log_range` given (one fixed before all the values are known), values outside it take its end codes
+    and only exact zeros store 0."""
+    if log_range is None:
+        hi = values.max().clamp_min(1e-30).log2()
+        keep = values >= torch.exp2(hi - LOG8_OCTAVES)
+        lo = values[keep].log2().min() if keep.any() else hi
+        log_range = torch.stack([lo, hi]).float()
+    else:
+        keep = values > 0
+    lo, hi = log_range
+    step = (hi - lo) / 254
+    q = 1 + ((values.clamp_min(1e-30).log2() - lo) / step.clamp_min(1e-12)).round().clamp(0, 254)
+    return torch.where(keep, q, 0).to(torch.uint8), log_range
+
+
+def log8_decode(codes: torch.Tensor, log_range: torch.Tensor) -> torch.Tensor:
+    lo, hi = log_range.float()
+    values = torch.exp2(lo + (codes.float() - 1) * ((hi - lo) / 254))
+    return torch.where(codes > 0, values, 0.0)

@@ -74,29 +74,31 @@ from ..errors import LeanformerError
 from ..targets import Targets, dense_weight, select_linear
 from .calibration import calibration_batches, measure_inputs
 from .gptq import GPTQ
-from .hqq import HQQ
 from .kashin import Kashin
 from .quantization import PLAN_TYPES, NotConverged, QuantConfig, QuantizeReport, _linear_to_quantize, quantize
 
 
 def default_candidates() -> list[QuantConfig]:
-    """Kashin with 8-bit step sizes (scale_bits=8), HQQ (group 64) and GPTQ (group 64), each at 2, 3 and 4 bits.
+    """Kashin with 8-bit step sizes (scale_bits=8), and GPTQ in groups of 64 and per row with compact,
+    searched grids (scale_bits=8, zero_point="integer", clip=True), each at 2, 3 and 4 bits.
 
-    Kashin (vector form, closed codebook) stores b bits per weight plus its per-vector step sizes; with
-    scale_bits=8 those take one byte each instead of two, for the same error within a few per cent (on
-    stories260K's small layers Kashin-3 costs 3.57 bits instead of 3.88, perplexity 7.34 against 7.34
-    on held-out TinyStories text). HQQ and GPTQ with groups of 64 store b + 0.5: together a ladder of
-    honest costs from about 2.1 to 4.5 bits, from methods whose errors differ by layer; HQQ and GPTQ
-    cover layers whose Kashin decomposition does not converge. GPTQ rounds with the Gram matrices the
-    plan measures anyway, so it costs no extra calibration pass; its error is measured on the same
-    tokens it was fitted to, an in-sample estimate that favours it slightly where a layer's inputs are
-    wide beside the calibration tokens. Measured with the held-out sets of benchmarks/quant_bench.py, the
-    plan at 3.0 bits with GPTQ among the candidates against without: MiniLM embedding cosine 0.931 against
-    0.910, stories260K perplexity 10.1 against 11.9. RTN is left out: it stores the same per-group
-    metadata as HQQ and GPTQ without optimising it, and every candidate costs one quantization of every
-    layer."""
-    return ([Kashin(bits=b, scale_bits=8) for b in (2, 3, 4)] + [HQQ(bits=b, group_size=64) for b in (2, 3, 4)]
-            + [GPTQ(bits=b, group_size=64) for b in (2, 3, 4)])
+    Kashin (vector form, closed codebook) stores b bits per weight plus its per-vector step sizes, one byte
+    each with scale_bits=8. GPTQ's grids cost 8 + b bits per group (an 8-bit log-coded scale and a b-bit
+    integer zero point, as the GPTQ reference stores its zeros), with each group's range shrunk to the one
+    that rounds it best (the reference quantizer's mse option): b + 0.17 bits/weight in groups of 64 and
+    b + (8 + b) / width per row, a ladder of honest costs from just over 2 to 4.2 bits that reaches every
+    layer whatever its width (per row where 64 does not divide it: stories260K's 172-wide down_proj).
+    float16 scales and minima would cost b + 0.5 on a 64-wide row, so at a 3-bit budget most layers could
+    not afford 3 bits. GPTQ rounds with the Gram matrices the plan measures anyway, so it costs no extra
+    calibration pass; its error is measured on the same tokens it was fitted to, an in-sample estimate that
+    favours it slightly where a layer's inputs are wide beside the calibration tokens. HQQ and RTN are left
+    out: they store the same per-group grids without compensating the rounding, and every candidate costs
+    one quantization of every layer. benchmarks/plan_candidates.py compares this set with the earlier ones
+    on a selection split held out from quant_bench.py's sets."""
+    compact = {"scale_bits": 8, "zero_point": "integer", "clip": True}
+    return ([Kashin(bits=b, scale_bits=8) for b in (2, 3, 4)]
+            + [GPTQ(bits=b, group_size=64, **compact) for b in (2, 3, 4)]
+            + [GPTQ(bits=b, group_size=None, **compact) for b in (2, 3, 4)])
 
 
 SENSITIVITIES = ("output", "layer")
@@ -134,12 +136,12 @@ class PlanConfig:
 
 def candidate_label(config: QuantConfig) -> str:
     """Short name of a candidate: method and bits, plus the fields that differ from the method's
-    defaults, a group size as /g ("kashin3", "hqq2", "rtn4/g16", "kashin3 step_sizes=shared")."""
+    defaults, a group size as /g ("kashin3", "hqq2", "rtn4/g16", "gptq3/row", "kashin3 step_sizes=shared")."""
     base = type(config)(bits=config.bits)
     skip = {"bits", "targets", "cache", "filter_fn"}
     changed = [f.name for f in dataclasses.fields(config) if f.name not in skip and f.metadata.get("saved", True)
                and getattr(config, f.name) != getattr(base, f.name)]
-    group = f"/g{config.group_size}" if "group_size" in changed else ""
+    group = ("/row" if config.group_size is None else f"/g{config.group_size}") if "group_size" in changed else ""
     return " ".join([f"{config.method}{config.bits}{group}",
                      *(f"{n}={getattr(config, n)}" for n in changed if n != "group_size")])
 

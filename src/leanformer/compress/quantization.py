@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from ..errors import LeanformerError
 from . import native
-from .packing import codes_from_runtime, fp16, pack_bits, packed_nbytes, runtime_codes, runtime_nbytes, unpack_codes
+from .packing import (codes_from_runtime, fp16, log8_decode, pack_bits, packed_nbytes, runtime_codes, runtime_nbytes,
+                      unpack_codes)
 from ..stack import Applied, push, record_base
 from ..targets import (WRAPPER_TYPES, FilterFn, Targets, dense_weight, linear_shape, register_linear_type,
                        select_linear, set_module)
@@ -149,18 +150,32 @@ class QuantConfig:
 
 @dataclass
 class AffineQuantConfig(QuantConfig):
-    """What RTN and HQQ share: b-bit codes with a float16 scale s and zero per group of `group_size` inputs of
-    a row (and optional column scales). They store the zero differently: RTN's is the group's minimum,
-    Ŵ = s q + zero; HQQ's is a point in code units, Ŵ = s (q − zero) (ZERO_IN_CODES)."""
+    """What RTN, HQQ and GPTQ share: b-bit codes with a scale s and a zero per group of `group_size` inputs
+    of a row (and optional column scales). The zero is either an offset m, Ŵ = s q + m (RTN's and GPTQ's
+    float16 minimum), or a point z in code units, Ŵ = s (q − z) (HQQ's float16 zero, ZERO_IN_CODES; RTN's
+    and GPTQ's integer zero point, header zero_point="integer", packed at `bits` bits). A scale is float16,
+    or an 8-bit log code in the layer's `log_range` (scale_bits=8)."""
 
     ZERO_IN_CODES: ClassVar[bool] = False
 
     @classmethod
+    def grid(cls, tensors: dict[str, torch.Tensor], header: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(scale, zero, zero in code units) per group, as decode and the fused kernels read them: float16
+        values whatever the stored form (cast by the caller elsewhere: e.g. a model moved to float32)."""
+        scale, zero = tensors["scale"], tensors["zero"]
+        if "log_range" in tensors:
+            scale = fp16(log8_decode(scale, tensors["log_range"]))
+        if header.get("zero_point") == "integer":
+            return scale, unpack_codes(zero, header["bits"], scale.numel()).to(torch.float16), True
+        return scale, zero, cls.ZERO_IN_CODES
+
+    @classmethod
     def decode(cls, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
         out_f, in_f = header["shape"]
+        scale, zero, in_codes = cls.grid(tensors, header)
         w = codes.view(-1, header["group_size"]).float()  # in place from here: this runs on every forward
-        scale, zero = tensors["scale"].float()[:, None], tensors["zero"].float()[:, None]
-        w = w.sub_(zero).mul_(scale) if cls.ZERO_IN_CODES else w.mul_(scale).add_(zero)
+        scale, zero = scale.float()[:, None], zero.float()[:, None]
+        w = w.sub_(zero).mul_(scale) if in_codes else w.mul_(scale).add_(zero)
         w = w.view(out_f, in_f)
         return w.mul_(tensors["col_scale"].float()) if "col_scale" in tensors else w
 
@@ -168,13 +183,13 @@ class AffineQuantConfig(QuantConfig):
     def native_linear(cls, ops, codes, tensors, header, bias):
         """Up to NATIVE_MAX_TOKENS tokens the kernel multiplies with the codes (per group s Σ q x + m Σ x, with
         m = zero, or −zero·s for a zero in code units); above, it rebuilds the weight in one pass and multiplies."""
-        scale, zero = tensors["scale"], tensors["zero"]
+        scale, zero, in_codes = cls.grid(tensors, header)
         if scale.dtype != torch.float16 or zero.dtype != torch.float16:  # metadata cast away from how it is stored
             return None
         col = tensors["col_scale"].float() if "col_scale" in tensors else None
         out_f, in_f = header["shape"]
-        return ops.AffineLayer(codes, scale, zero, col, bias, out_f, in_f, header["group_size"], header["bits"],
-                               cls.ZERO_IN_CODES, NATIVE_MAX_TOKENS)
+        return ops.AffineLayer(codes, scale.contiguous(), zero.contiguous(), col, bias, out_f, in_f,
+                               header["group_size"], header["bits"], in_codes, NATIVE_MAX_TOKENS)
 
 
 def method_class(method: str) -> type[QuantConfig]:
