@@ -15,7 +15,8 @@ Models and quality (each with a 95 % bootstrap interval, and one for the paired 
 x = honest bits per weight: lf.size_report's total over the quantized Linear layers (every stored byte).
 
 Configurations: RTN, HQQ and GPTQ at 2/3/4 bits × group 32/64/128/192/per row (a group that divides no layer
-of a model is skipped there; layers it does not divide are quantized per row, listed in the row);
+of a model is skipped there; layers it does not divide are quantized per row, listed in the row); RTN and
+GPTQ at group 64 and per row with compact, searched grids (-compact: lf.plan's GPTQ candidates);
 column scaling (col_scale=True) on RTN/HQQ at groups 64 and per row; Kashin at 2/3/4 bits with and
 without column scaling, vectors spanning two rows, the per-layer layout choice; lf.plan at 2.5/3.0/3.5
 bits (its defaults) and with the block-influence profile (use_profile=True, the ablation), and lf.plan at
@@ -90,12 +91,14 @@ GROUPS = (32, 64, 128, 192, None)  # None = one group per row
 PROMPT = "Once upon a time, there was a little girl named Lily."
 LATENCY_MODES = ("default", "decode", "cache")  # latency_child: the quantized forwards timed
 CACHE = Path(tempfile.gettempdir()) / "leanformer-quant-bench"  # --cache's default
-LATENCY_SUBSET = ("kashin-3", "rtn-3-g64", "hqq-3-g64", "gptq-3-g64", "plan-3.0", "kashin-4", "rtn-4-g64", "hqq-4-g64")
+LATENCY_SUBSET = ("kashin-3", "rtn-3-g64", "hqq-3-g64", "gptq-3-g64", "gptq-3-row-compact", "plan-3.0", "kashin-4",
+                  "rtn-4-g64", "hqq-4-g64")
 SMOKE_SUBSET = ("rtn-3-g64", "hqq-3-g192", "gptq-3-g64", "rtn-3-row-col", "kashin-3", "kashin-3-span2", "plan-3.0")
 SMOKE_LATENCY = ("kashin-3",)
 FAMILY_STYLE = {  # plot colour and marker per family
     "rtn": ("tab:blue", "o"), "rtn+col": ("tab:cyan", "o"), "hqq": ("tab:green", "s"),
-    "hqq+col": ("tab:olive", "s"), "gptq": ("darkgoldenrod", "P"), "kashin": ("tab:red", "D"), "kashin-nocol": ("tab:pink", "D"),
+    "hqq+col": ("tab:olive", "s"), "gptq": ("darkgoldenrod", "P"),
+    "gptq-compact": ("saddlebrown", "X"), "rtn-compact": ("navy", "o"), "kashin": ("tab:red", "D"), "kashin-nocol": ("tab:pink", "D"),
     "kashin-span": ("tab:purple", "^"), "kashin-auto": ("tab:brown", "v"), "plan": ("black", "*"),
     "plan-profile": ("tab:gray", "*"), "plan-matched": ("tab:orange", "*"),
 }
@@ -123,9 +126,15 @@ def _has_field(cls, name: str) -> bool:
     return name in {f.name for f in dataclasses.fields(cls)}
 
 
-def _grouped(cls, bits: int, group: int | None, col_scale: bool | None = None):
+COMPACT = {"scale_bits": 8, "zero_point": "integer", "clip": True}  # the grids of lf.plan's GPTQ candidates
+
+
+def _grouped(cls, bits: int, group: int | None, col_scale: bool | None = None, **grid):
     def make(ctx):
-        kwargs = {"bits": bits, "group_size": group, "cache": True}
+        for name in grid:
+            if not _has_field(cls, name):
+                raise Unavailable(f"{cls.__name__} has no {name} field in this version of leanformer")
+        kwargs = {"bits": bits, "group_size": group, "cache": True, **grid}
         if cls.CALIBRATED:  # GPTQ: the calibration lf.plan reads
             kwargs.update(calibration=ctx["calibration"], tokenizer=ctx["tokenizer"])
         if col_scale is not None:
@@ -186,6 +195,11 @@ def specs() -> list[Spec]:
             for g in GROUPS:
                 out.append(Spec(f"{name}-{bits}-{'row' if g is None else f'g{g}'}", name, bits,
                                 _grouped(cls, bits, g), prior))
+        if name != "hqq":  # compact, searched grids (8-bit scales, integer zeros, clip): lf.plan's GPTQ candidates
+            for bits in (2, 3, 4):
+                for g in (64, None):
+                    out.append(Spec(f"{name}-{bits}-{'row' if g is None else f'g{g}'}-compact", f"{name}-compact",
+                                    bits, _grouped(cls, bits, g, **COMPACT), prior))
         if name == "gptq":  # column scaling is offered to RTN and HQQ; GPTQ runs as its reference does, without
             continue
         for bits in (2, 3, 4):
@@ -993,7 +1007,7 @@ def _lat(rows: Rows, model: str, label: str) -> dict | None:
 def targets(summary: dict, rows: Rows) -> list[dict]:
     """Each target with the numbers that decide it: met, missed, or not measured."""
     out = []
-    low = ("kashin-3", "rtn-3-g64", "hqq-3-g64", "gptq-3-g64", "plan-3.0")
+    low = ("kashin-3", "rtn-3-g64", "hqq-3-g64", "gptq-3-g64", "gptq-3-row-compact", "plan-3.0")
     # each reads the same-process alternating timing against fp32 (latency_child's paired keys), which cancels the
     # machine's drift; a row without it counts as not measured
     for name, model, paired, ok in (
@@ -1076,7 +1090,10 @@ def markdown(res: dict) -> str:
               f"Calibration (GPTQ and lf.plan; no other method reads data): {st['calibration']} SST-2 training "
               f"sentences after the embedding sentences; the last {st['story_calibration']} TinyStories validation "
               "stories (the perplexity windows come from the file's start). GPTQ runs with its defaults: act order "
-              "with static groups, sequential, 1 % damping, up to 4,096 calibration tokens.", ""]
+              "with static groups, sequential, 1 % damping, up to 4,096 calibration tokens, float16 scales and minima. "
+              "The -compact rows (RTN and GPTQ) store each group's grid as lf.plan's GPTQ candidates do: an 8-bit "
+              "log-coded scale, an integer zero point in b bits, the range searched (scale_bits=8, "
+              "zero_point='integer', clip=True).", ""]
     lines += ["## Targets", "", "| target | status | numbers |", "|---|---|---|"]
     for t in res["targets"]:
         lines.append(f"| {t['target']} | **{t['status']}** | {_target_numbers(t)} |")

@@ -58,6 +58,8 @@ AFFINE = [
     pytest.param(lambda: lf.RTN(bits=3, group_size=None, col_scale=True), 17, 45, id="rtn3-odd-col"),
     pytest.param(lambda: lf.RTN(bits=5, group_size=16), 12, 48, id="rtn5-bytes"),
     pytest.param(lambda: lf.RTN(bits=8, group_size=None), 5, 33, id="rtn8-bytes-odd"),
+    pytest.param(lambda: lf.RTN(bits=3, group_size=16, scale_bits=8, zero_point="integer"), 24, 64, id="rtn3-compact"),
+    pytest.param(lambda: lf.RTN(bits=2, group_size=None, zero_point="integer", clip=True), 9, 45, id="rtn2-int-odd"),
     pytest.param(lambda: lf.HQQ(bits=3, group_size=32), 40, 96, id="hqq3-g32"),
     pytest.param(lambda: lf.HQQ(bits=4, group_size=16, col_scale=True), 24, 48, id="hqq4-g16-col"),
     pytest.param(lambda: lf.HQQ(bits=1, group_size=None), 8, 24, id="hqq1-row"),

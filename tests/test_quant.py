@@ -35,7 +35,8 @@ IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))  
 CONFIGS = [lambda b: lf.Kashin(bits=b), lambda b: lf.Kashin(bits=b, step_sizes="shared"),
            lambda b: lf.Kashin(bits=b, codebook="kmeans"),
            lambda b: lf.Kashin(bits=b, codebook="kmeans", form="matrix", transform="random"),
-           lambda b: lf.RTN(bits=b, group_size=16), lambda b: lf.HQQ(bits=b, group_size=16)]
+           lambda b: lf.RTN(bits=b, group_size=16), lambda b: lf.HQQ(bits=b, group_size=16),
+           lambda b: lf.RTN(bits=b, group_size=16, scale_bits=8, zero_point="integer", clip=True)]
 
 
 # ---------------------------------------------------------------------------------- packing
@@ -114,7 +115,8 @@ def test_default_targets_skip_embeddings_and_heads(make_tiny_bert, tied_llama):
     assert select_linear(llama, ["q_proj"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
 
 
-@pytest.mark.parametrize("make", CONFIGS, ids=["kashin", "kashin-shared", "kashin-kmeans", "kashin-matrix", "rtn", "hqq"])
+@pytest.mark.parametrize("make", CONFIGS, ids=["kashin", "kashin-shared", "kashin-kmeans", "kashin-matrix", "rtn", "hqq",
+                                          "rtn-compact"])
 def test_quantize_replaces_targets_and_error_shrinks_with_bits(make, make_tiny_bert):
     base = make_tiny_bert()
     errs = {}
@@ -221,7 +223,8 @@ def test_size_report_counts_every_stored_byte(make_tiny_bert):
 # ---------------------------------------------------------------------------------- save / load
 
 
-@pytest.mark.parametrize("make", CONFIGS, ids=["kashin", "kashin-shared", "kashin-kmeans", "kashin-matrix", "rtn", "hqq"])
+@pytest.mark.parametrize("make", CONFIGS, ids=["kashin", "kashin-shared", "kashin-kmeans", "kashin-matrix", "rtn", "hqq",
+                                          "rtn-compact"])
 def test_save_load_is_bit_identical(make, tmp_path, tied_llama):
     model = tied_llama()
     name = lf.quantize(model, make(3), progress=False).quantized[0]

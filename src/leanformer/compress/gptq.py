@@ -36,10 +36,9 @@ import torch
 from ..errors import LeanformerError
 from .calibration import calibration_batches, measure_inputs
 from .packing import pack_bits
-from .quantization import AffineQuantConfig, NotConverged, check_group_size, group_size_field
-from .rtn import (check_grid_fields, clip_field, grid_codes, grid_header, grid_log_range, grid_scale, grid_tensors, grid_values,
-                  minmax_grid,
-                  scale_bits_field, zero_point_field)
+from .quantization import AffineQuantConfig, NotConverged, check_group_size, group_size_field, scale_bits_field
+from .rtn import (check_grid_fields, clip_field, grid_codes, grid_header, grid_log_range, grid_scale, grid_tensors,
+                  grid_values, minmax_grid, zero_point_field)
 
 BLOCK = 128  # columns per lazy batch update (Algorithm 1)
 

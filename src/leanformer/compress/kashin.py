@@ -53,7 +53,7 @@ from ..errors import LeanformerError
 from .kmeans import kmeans
 from .packing import SCALE_BITS, fp16, log8_decode, log8_encode, pack_bits, unpack_bits
 from .quantization import (NotConverged, QuantConfig, check_group_size, col_scale_field, column_rms,
-                           group_size_field, nearest_divisors)
+                           group_size_field, nearest_divisors, scale_bits_field)
 
 TRANSFORMS = ("dct", "random")
 FORMS = ("vector", "matrix")
@@ -428,11 +428,7 @@ class Kashin(QuantConfig):
     step_sizes: str = field(default="vector", metadata={
         "help": "closed codebook: vector (bits fp16 step sizes per vector) or shared (one set per layer + one "
                 "fp16 scale per vector: less metadata, for narrow layers)", "choices": STEP_SIZES})
-    scale_bits: int = field(default=16, metadata={
-        "help": "closed codebook: bits of each stored per-vector number (the step sizes, or with shared "
-                "step_sizes the scale): 16 (float16) or 8 (log-coded between the layer's smallest and largest, "
-                "8 bytes per layer; halves that metadata, for 2–4-bit weights on short rows)",
-        "choices": SCALE_BITS})
+    scale_bits: int = scale_bits_field()
     col_scale: bool = col_scale_field(True)
     layout: str = field(default="fixed", metadata={
         "help": "vector form: fixed (the vector length, step_sizes, scale_bits and col_scale given) or auto (per "

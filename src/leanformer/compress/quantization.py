@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LeanformerError
 from . import native
-from .packing import (codes_from_runtime, fp16, log8_decode, pack_bits, packed_nbytes, runtime_codes, runtime_nbytes,
+from .packing import (SCALE_BITS, codes_from_runtime, fp16, log8_decode, pack_bits, packed_nbytes, runtime_codes, runtime_nbytes,
                       unpack_codes)
 from ..stack import Applied, push, record_base
 from ..targets import (WRAPPER_TYPES, FilterFn, Targets, dense_weight, linear_shape, register_linear_type,
@@ -203,6 +203,15 @@ def group_size_field(default: int | None):
     return field(default=default, metadata={
         "help": "weights per group (Kashin: per vector); must divide each layer's input width "
                 "(none = one group per row)"})
+
+
+def scale_bits_field():
+    """The `scale_bits` field (Kashin's, RTN's, GPTQ's): one help text."""
+    return field(default=16, metadata={
+        "help": "bits of each stored scale (RTN, GPTQ: per group; Kashin's closed codebook: the per-vector step "
+                "sizes, or with shared step_sizes the scale): 16 (float16) or 8 (log-coded between the layer's "
+                "smallest and largest, 8 bytes per layer; halves that metadata, for 2-4-bit weights on short rows)",
+        "choices": SCALE_BITS})
 
 
 def check_group_size(group_size: int | None, width: int, name: str) -> int:

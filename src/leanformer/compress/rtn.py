@@ -21,16 +21,10 @@ import torch
 
 from ..errors import LeanformerError
 from .packing import SCALE_BITS, fp16, log8_decode, log8_encode, pack_bits
-from .quantization import AffineQuantConfig, check_group_size, col_scale_field, column_rms, group_size_field
+from .quantization import (AffineQuantConfig, check_group_size, col_scale_field, column_rms, group_size_field,
+                           scale_bits_field)
 
 ZERO_POINTS = ("float16", "integer")
-
-
-def scale_bits_field():
-    """RTN's and GPTQ's `scale_bits` field (one help text)."""
-    return field(default=16, metadata={
-        "help": "bits of each group's stored scale: 16 (float16) or 8 (log-coded between the layer's smallest "
-                "and largest, 8 bytes per layer)", "choices": SCALE_BITS})
 
 
 def zero_point_field():
@@ -44,7 +38,7 @@ def zero_point_field():
 def clip_field():
     """RTN's and GPTQ's `clip` field (one help text)."""
     return field(default=False, metadata={
-        "help": "search each group's range: shrink it towards 0 by 0-79 % in steps of 1 %, keeping the one that "
+        "help": "search each group's range: scale it towards 0 by 1, 0.99, ..., 0.21, keeping the one that "
                 "rounds the group best (least sum of |error|^2.4; the GPTQ reference quantizer's mse option); "
                 "off = the full min-max range"})
 
