@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from ..errors import LeanformerError
 from . import native
-from .packing import (SCALE_BITS, codes_from_runtime, fp16, log8_decode, pack_bits, packed_nbytes, runtime_codes, runtime_nbytes,
-                      unpack_codes)
+from .packing import (SCALE_BITS, codes_from_runtime, fp16, log8_decode, pack_bits, packed_nbytes, runtime_codes,
+                      runtime_nbytes, unpack_codes)
 from ..stack import Applied, push, record_base
 from ..targets import (WRAPPER_TYPES, FilterFn, Targets, dense_weight, linear_shape, register_linear_type,
                        select_linear, set_module)
@@ -160,8 +160,8 @@ class AffineQuantConfig(QuantConfig):
 
     @classmethod
     def grid(cls, tensors: dict[str, torch.Tensor], header: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(scale, zero, zero in code units) per group, as decode and the fused kernels read them: float16
-        values whatever the stored form (cast by the caller elsewhere: e.g. a model moved to float32)."""
+        """(scale, zero, whether the zero is in code units) per group, as decode and the fused kernels read
+        them: float16 whatever the stored form (unless a stored float16 tensor was cast, e.g. by model.float())."""
         scale, zero = tensors["scale"], tensors["zero"]
         if "log_range" in tensors:
             scale = fp16(log8_decode(scale, tensors["log_range"]))
