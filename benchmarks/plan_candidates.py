@@ -35,16 +35,13 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quant_bench as qb  # noqa: E402
-from plan_objective import held_out  # noqa: E402
-from provenance import commit_label  # noqa: E402
+from plan_objective import held_out, run  # noqa: E402
 
 import leanformer as lf  # noqa: E402
 from leanformer.compress.plan import default_candidates  # noqa: E402
-from leanformer.files import atomic_write_bytes, save_json  # noqa: E402
 
 TARGETS = (2.5, 3.0, 3.5)
 BITS = (2, 3, 4)
@@ -120,11 +117,10 @@ def markdown(rows: list[dict], commit: str) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         s = r["selection"]
+        chosen = ", ".join(r.get("chosen", [])) or "—"
+        seconds = f"{r['plan_seconds']:.0f}" if "plan_seconds" in r else "—"
         lines.append(f"| {r['model']} | {r['config']} | {r['bits_per_weight']:.3f} | {s['metric']} {s['value']:.4f} "
-                     f"[{s['ci'][0]:.4f}, {s['ci'][1]:.4f}] | {', '.join(r.get('chosen', [])) or '—'} | "
-                     f"{r['plan_seconds']:.0f} |" if "plan_seconds" in r else
-                     f"| {r['model']} | {r['config']} | {r['bits_per_weight']:.3f} | {s['metric']} {s['value']:.4f} "
-                     f"[{s['ci'][0]:.4f}, {s['ci'][1]:.4f}] | — | — |")
+                     f"[{s['ci'][0]:.4f}, {s['ci'][1]:.4f}] | {chosen} | {seconds} |")
     return "\n".join(lines) + "\n"
 
 
@@ -134,27 +130,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(qb.ROOT / "results" / "plan_candidates"))
     ap.add_argument("--cache", default=None, help="quant_bench's cache (the fine-tuned minilm classifier)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
-    setup = qb.parser().parse_args(["--seed", str(args.seed), "--cache", args.cache or str(qb.CACHE)])
-    Path(setup.cache).mkdir(parents=True, exist_ok=True)
-    data = selection_data(qb.full_setup(setup), setup)
-    commit = commit_label()
-    rows = []
-    for key in args.models.split(","):
-        if key == "stories260k":
-            rows += run_model(key, data["llama"], data["ltok"], data["story_calibration"], data, args.seed)
-        elif key == "minilm":
-            rows += run_model(key, data["clf"], data["tok"], data["calibration"], data, args.seed)
-        else:
-            raise SystemExit(f"unknown model {key!r}: choose stories260k, minilm")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(out / "results.json", {"commit": commit, "rows": rows, "settings": vars(setup)})
-    atomic_write_bytes(out / "results.md", markdown(rows, commit).encode())
-    print(f"results in {out}")
-
+    run(ap.parse_args(argv), run_model, markdown, selection_data)
 
 if __name__ == "__main__":
     main()

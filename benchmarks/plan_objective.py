@@ -147,13 +147,18 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(qb.ROOT / "results" / "plan_objective"))
     ap.add_argument("--cache", default=None, help="quant_bench's cache (the fine-tuned minilm classifier)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    run(ap.parse_args(argv), run_model, markdown)
+
+
+def run(args, run_model, markdown, prepare=lambda data, setup: data) -> None:
+    """Each of args.models through run_model(key, model, tokenizer, calibration, data, seed) on quant_bench's data
+    and models with its defaults (the same held-out sets and calibration texts; `prepare` may swap the sets),
+    then results.json and markdown(rows, commit) as results.md in args.out."""
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    # quant_bench's data and models, with its defaults (the same held-out sets and calibration texts)
     setup = qb.parser().parse_args(["--seed", str(args.seed), "--cache", args.cache or str(qb.CACHE)])
     Path(setup.cache).mkdir(parents=True, exist_ok=True)
-    data = qb.full_setup(setup)
+    data = prepare(qb.full_setup(setup), setup)
     commit = commit_label()
     rows = []
     for key in args.models.split(","):
@@ -168,7 +173,6 @@ def main(argv=None) -> None:
     save_json(out / "results.json", {"commit": commit, "rows": rows, "settings": vars(setup)})
     atomic_write_bytes(out / "results.md", markdown(rows, commit).encode())
     print(f"results in {out}")
-
 
 if __name__ == "__main__":
     main()
