@@ -97,8 +97,8 @@ SMOKE_SUBSET = ("rtn-3-g64", "hqq-3-g192", "gptq-3-g64", "rtn-3-row-col", "kashi
 SMOKE_LATENCY = ("kashin-3",)
 FAMILY_STYLE = {  # plot colour and marker per family
     "rtn": ("tab:blue", "o"), "rtn+col": ("tab:cyan", "o"), "hqq": ("tab:green", "s"),
-    "hqq+col": ("tab:olive", "s"), "gptq": ("darkgoldenrod", "P"),
-    "gptq-compact": ("saddlebrown", "X"), "rtn-compact": ("navy", "o"), "kashin": ("tab:red", "D"), "kashin-nocol": ("tab:pink", "D"),
+    "hqq+col": ("tab:olive", "s"), "gptq": ("darkgoldenrod", "P"), "gptq-compact": ("saddlebrown", "X"),
+    "rtn-compact": ("navy", "o"), "kashin": ("tab:red", "D"), "kashin-nocol": ("tab:pink", "D"),
     "kashin-span": ("tab:purple", "^"), "kashin-auto": ("tab:brown", "v"), "plan": ("black", "*"),
     "plan-profile": ("tab:gray", "*"), "plan-matched": ("tab:orange", "*"),
 }
