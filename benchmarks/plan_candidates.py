@@ -27,14 +27,12 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
-import argparse  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quant_bench as qb  # noqa: E402
@@ -64,17 +62,12 @@ def candidate_sets() -> dict[str, list]:
 def selection_data(data: dict, args) -> dict:
     """quant_bench's data with its held-out sets swapped for the selection split (module docstring)."""
     from leanformer.paths import data_root
-    from leanformer.tasks import load_task
     from leanformer.text import read_text_files
 
-    root = data_root(required=True)
-    stories = read_text_files([root / "text" / "tinystories.valid.txt"])
+    stories = read_text_files([data_root(required=True) / "text" / "tinystories.valid.txt"])
     middle = stories[len(stories) // 2:len(stories) - args.story_calibration]
-    sst2 = load_task(str(root / "glue" / "SST-2"))
-    train = np.random.default_rng(args.seed).permutation(len(sst2.train))  # quant_bench's permutation
-    start = args.sentences + args.calibration
     return {**data, "windows": qb.story_windows(data["ltok"], middle, 32, args.window),
-            "sentences": [sst2.train.text_a[i] for i in train[start:start + 128]]}
+            "sentences": data["spare_sentences"][:128]}
 
 
 def run_model(key: str, model, tok, calibration, data: dict, seed: int) -> list[dict]:
@@ -125,12 +118,8 @@ def markdown(rows: list[dict], commit: str) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="stories260k,minilm", help="comma-separated: stories260k, minilm")
-    ap.add_argument("--out", default=str(qb.ROOT / "results" / "plan_candidates"))
-    ap.add_argument("--cache", default=None, help="quant_bench's cache (the fine-tuned minilm classifier)")
-    ap.add_argument("--seed", type=int, default=0)
-    run(ap.parse_args(argv), run_model, markdown, selection_data)
+    run(argv, __doc__.splitlines()[0], "plan_candidates", run_model, markdown, selection_data)
+
 
 if __name__ == "__main__":
     main()

@@ -142,18 +142,20 @@ def markdown(rows: list[dict], commit: str) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    run(argv, __doc__.splitlines()[0], "plan_objective", run_model, markdown)
+
+
+def run(argv, description: str, name: str, run_model, markdown, prepare=lambda data, setup: data) -> None:
+    """The command line shared with plan_candidates.py: each of --models through run_model(key, model, tokenizer,
+    calibration, data, seed) on quant_bench's data and models with its defaults (the same held-out sets and
+    calibration texts; `prepare` may swap the sets), then results.json and markdown(rows, commit) as results.md
+    in --out (default results/<name>)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--models", default="stories260k,minilm", help="comma-separated: stories260k, minilm")
-    ap.add_argument("--out", default=str(qb.ROOT / "results" / "plan_objective"))
+    ap.add_argument("--out", default=str(qb.ROOT / "results" / name))
     ap.add_argument("--cache", default=None, help="quant_bench's cache (the fine-tuned minilm classifier)")
     ap.add_argument("--seed", type=int, default=0)
-    run(ap.parse_args(argv), run_model, markdown)
-
-
-def run(args, run_model, markdown, prepare=lambda data, setup: data) -> None:
-    """Each of args.models through run_model(key, model, tokenizer, calibration, data, seed) on quant_bench's data
-    and models with its defaults (the same held-out sets and calibration texts; `prepare` may swap the sets),
-    then results.json and markdown(rows, commit) as results.md in args.out."""
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     setup = qb.parser().parse_args(["--seed", str(args.seed), "--cache", args.cache or str(qb.CACHE)])
@@ -173,6 +175,7 @@ def run(args, run_model, markdown, prepare=lambda data, setup: data) -> None:
     save_json(out / "results.json", {"commit": commit, "rows": rows, "settings": vars(setup)})
     atomic_write_bytes(out / "results.md", markdown(rows, commit).encode())
     print(f"results in {out}")
+
 
 if __name__ == "__main__":
     main()

@@ -378,6 +378,7 @@ def full_setup(args) -> dict:
     train = rng.permutation(len(sst2.train))
     sentences = [sst2.train.text_a[i] for i in train[:args.sentences]]
     calibration = [sst2.train.text_a[i] for i in train[args.sentences:args.sentences + args.calibration]]
+    spare = [sst2.train.text_a[i] for i in train[args.sentences + args.calibration:]]  # read by neither
     clf, tok, _ = finetuned_minilm(Path(args.cache), sst2, args.finetune_steps, args.seed)
     base = lf.load("minilm")[0] if args.embeddings == "base" else None
     llama, ltok = lf.load("stories260k")
@@ -385,7 +386,7 @@ def full_setup(args) -> dict:
     return {"clf": clf, "base": base, "tok": tok, "llama": llama, "ltok": ltok, "max_length": 64,
             "dev_texts": [sst2.dev.text_a[i] for i in dev_idx], "dev_labels": np.asarray(sst2.dev.labels)[dev_idx],
             "dev_all": len(sst2.dev), "sentences": sentences, "calibration": calibration,
-            "windows": story_windows(ltok, stories, args.windows, args.window),
+            "spare_sentences": spare, "windows": story_windows(ltok, stories, args.windows, args.window),
             "story_calibration": stories[-args.story_calibration:]}
 
 
