@@ -90,18 +90,21 @@ def grid_header(config) -> dict:
     return {"scale_bits": config.scale_bits, "zero_point": config.zero_point, "clip": config.clip}
 
 
-def _span(w: torch.Tensor, bits: int, zero_point: str, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's lowest grid point and step before rounding them for storage (the range scaled by
-    `shrink` towards 0)."""
+def _range(w: torch.Tensor, zero_point: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's lowest and highest value: the range a min-max grid spans."""
     lo, hi = w.min(-1, keepdim=True).values, w.max(-1, keepdim=True).values
     if zero_point == "integer":  # the grid holds 0, so the zero point is a code (the reference's quantizer)
         lo, hi = lo.clamp_max(0), hi.clamp_min(0)
-    return lo * shrink, ((hi - lo) * shrink / (2 ** bits - 1)).clamp_min(1e-8)
+    return lo, hi
+
+
+def _step(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    return ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-8)
 
 
 def grid_log_range(w: torch.Tensor, bits: int, zero_point: str) -> torch.Tensor:
     """The log2 range of 8-bit scale codes for the groups of `w` (…, g): spanning their min-max steps."""
-    return log8_encode(_span(w, bits, zero_point)[1])[1]
+    return log8_encode(_step(*_range(w, zero_point), bits))[1]
 
 
 # clip search (the GPTQ reference's Quantizer with mse=True, IST-DASLab/gptq quant.py): ranges shrunk by
@@ -116,15 +119,15 @@ def minmax_grid(w: torch.Tensor, bits: int, zero_point: str = "float16", log_ran
     float16, or with a `log_range` its uint8 log code (`grid_scale` gives the float16 value either way);
     the zero is the float16 minimum, or with zero_point="integer" the integer zero point (as float16).
     Rounded for storage before any code is chosen: codes are fitted to what dequantize reads."""
+    lo, hi = _range(w, zero_point)
     best = None
     for i in range(CLIP_STEPS if clip else 1):
-        lo, step = _span(w, bits, zero_point, 1 - i / 100)
+        low, step = lo * (1 - i / 100), _step(lo * (1 - i / 100), hi * (1 - i / 100), bits)
         scale = fp16(step) if log_range is None else log8_encode(step, log_range)[0]
-        zero = fp16(lo) if zero_point == "float16" else \
-            fp16((-lo / grid_scale(scale, log_range).float()).round().clamp(0, 2 ** bits - 1))
+        s = grid_scale(scale, log_range)
+        zero = fp16(low) if zero_point == "float16" else fp16((-low / s.float()).round().clamp(0, 2 ** bits - 1))
         if not clip:
             return scale, zero
-        s = grid_scale(scale, log_range)
         error = (grid_values(grid_codes(w, s, zero, bits, zero_point), s, zero, zero_point) - w).abs_() \
             .pow_(CLIP_NORM).sum(-1, keepdim=True)
         if best is None:
