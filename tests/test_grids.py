@@ -128,3 +128,23 @@ def test_cli_stores_compact_grids_and_refuses_them_for_methods_without(tiny_llam
     assert main(["compress", str(tiny_llama_dir), "--method", "hqq", "--zero-point", "integer",
                  "--out", str(tmp_path / "x")]) == 2
     assert "--zero-point applies to rtn, gptq, not to --method hqq" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale_bits,zero_point", [(16, "float16"), (16, "integer"), (8, "integer")])
+def test_an_all_zero_group_stores_finite_codes_and_decodes_to_zero(scale_bits, zero_point):
+    """A group whose range is 0 (a pruned neuron) must not divide by a float16 scale rounded to 0: NaN codes
+    would be packed as garbage, into the bytes of the groups beside them too."""
+    w = weight(8, 64)
+    w[5] = 0.0
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    gram = x.double().T @ x.double()
+    for config, args in ((lf.RTN(bits=3, group_size=16, scale_bits=scale_bits, zero_point=zero_point), ()),
+                         (GPTQ(bits=3, group_size=16, act_order=False, scale_bits=scale_bits, zero_point=zero_point),
+                          (gram,))):
+        tensors, header = config.stored_form(w, "l", *args)
+        again, _ = config.stored_form(w, "l", *args)
+        assert all(torch.equal(tensors[k], again[k]) for k in tensors)  # no NaN left to chance
+        w_hat = type(config).dequantize(tensors, header)
+        assert torch.isfinite(w_hat).all() and torch.equal(w_hat[5], torch.zeros(64))
+        assert float((w_hat - w).norm() / w.norm()) < 0.3

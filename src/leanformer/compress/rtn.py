@@ -98,8 +98,13 @@ def _range(w: torch.Tensor, zero_point: str) -> tuple[torch.Tensor, torch.Tensor
     return lo, hi
 
 
+FP16_TINIEST = 2.0 ** -24  # the smallest positive float16: a step below it would be stored as 0
+
+
 def _step(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
-    return ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-8)
+    """The grid step over [lo, hi], at least FP16_TINIEST: a group of equal weights (a pruned neuron's zeros)
+    keeps a positive stored scale, so its codes are finite (a float16 step of 0 would make them NaN)."""
+    return ((hi - lo) / (2 ** bits - 1)).clamp_min(FP16_TINIEST)
 
 
 def grid_log_range(w: torch.Tensor, bits: int, zero_point: str) -> torch.Tensor:
