@@ -148,3 +148,23 @@ def test_an_all_zero_group_stores_finite_codes_and_decodes_to_zero(scale_bits, z
         w_hat = type(config).dequantize(tensors, header)
         assert torch.isfinite(w_hat).all() and torch.equal(w_hat[5], torch.zeros(64))
         assert float((w_hat - w).norm() / w.norm()) < 0.3
+
+
+def test_a_layer_expands_its_coded_grid_once_and_again_after_a_load(monkeypatch):
+    from leanformer.compress.quantization import AffineQuantConfig
+
+    compact = lf.RTN(bits=3, group_size=16, scale_bits=8, zero_point="integer", targets="all-linear",
+                     kernel="decode")
+    first, second = torch.nn.Sequential(torch.nn.Linear(64, 8)), torch.nn.Sequential(torch.nn.Linear(64, 8))
+    for model in (first, second):
+        lf.quantize(model, compact, progress=False)
+    calls = []
+    real = AffineQuantConfig.runtime_tensors.__func__
+    monkeypatch.setattr(AffineQuantConfig, "runtime_tensors",
+                        classmethod(lambda cls, t, h: calls.append(1) or real(cls, t, h)))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        first(x), first(x)
+        assert len(calls) == 1  # the decode path reads the expanded grid it kept, not the codes again
+        first.load_state_dict(second.state_dict())
+        assert torch.equal(first(x), second(x)) and len(calls) == 3  # both expanded the loaded grid

@@ -262,6 +262,6 @@ def test_portable_build_matches_the_vector_one(ops):
             with torch.no_grad():
                 layer._native_fn = None
                 vector = layer(x)
-                layer._native_fn = layer._method.native_linear(portable, layer.codes, layer.metadata_tensors(),
+                layer._native_fn = layer._method.native_linear(portable, layer.codes, layer.runtime_tensors(),
                                                                layer.header, layer.bias)
                 assert_close(layer(x), vector)

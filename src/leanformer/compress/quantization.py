@@ -118,10 +118,17 @@ class QuantConfig:
             tensors, header = self.quantize_weight(weight, name)
         return tensors, {"method": self.method, "bits": self.bits, "shape": list(weight.shape), **header}
 
+    @classmethod
+    def runtime_tensors(cls, tensors: dict[str, torch.Tensor], header: dict) -> dict[str, torch.Tensor]:
+        """What decode, linear and native_linear read, from the stored tensors besides the codes: those tensors
+        themselves, unless the method stores some in a coded form that a forward would otherwise expand on every
+        call (a layer computes this once). Its own tensors: sharing storage with them is fine."""
+        return tensors
+
     @staticmethod
     def decode(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
-        """The (out, in) float32 weight from the n uint8 codes (row-major) and the other stored tensors;
-        it runs on every forward, so it is vectorised over the whole layer."""
+        """The (out, in) float32 weight from the n uint8 codes (row-major) and the other tensors (as
+        `runtime_tensors` gives them); it runs on every forward, so it is vectorised over the whole layer."""
         raise NotImplementedError
 
     @classmethod
@@ -145,7 +152,8 @@ class QuantConfig:
         """The weight from exactly what is stored (the packed code stream included)."""
         out_f, in_f = header["shape"]
         codes = unpack_codes(tensors["packed"], header["bits"], out_f * in_f)
-        return cls.decode(codes, {k: v for k, v in tensors.items() if k != "packed"}, header)
+        return cls.decode(codes, cls.runtime_tensors({k: v for k, v in tensors.items() if k != "packed"}, header),
+                          header)
 
 
 @dataclass
@@ -159,23 +167,28 @@ class AffineQuantConfig(QuantConfig):
     ZERO_IN_CODES: ClassVar[bool] = False
 
     @classmethod
-    def grid(cls, tensors: dict[str, torch.Tensor], header: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(scale, zero, whether the zero is in code units) per group, as decode and the fused kernels read
-        them: float16 whatever the stored form (unless a stored float16 tensor was cast, e.g. by model.float())."""
-        scale, zero = tensors["scale"], tensors["zero"]
+    def runtime_tensors(cls, tensors: dict[str, torch.Tensor], header: dict) -> dict[str, torch.Tensor]:
+        """The stored grid as float16 scale and zero per group (8-bit log-coded scales decoded, integer zero
+        points unpacked), as decode and the fused kernels read it."""
+        if "log_range" not in tensors and header.get("zero_point") != "integer":
+            return tensors
+        out = {k: v for k, v in tensors.items() if k != "log_range"}
         if "log_range" in tensors:
-            scale = fp16(log8_decode(scale, tensors["log_range"]))
+            out["scale"] = fp16(log8_decode(tensors["scale"], tensors["log_range"]))
         if header.get("zero_point") == "integer":
-            return scale, unpack_codes(zero, header["bits"], scale.numel()).to(torch.float16), True
-        return scale, zero, cls.ZERO_IN_CODES
+            out["zero"] = unpack_codes(tensors["zero"], header["bits"], out["scale"].numel()).to(torch.float16)
+        return out
+
+    @classmethod
+    def zero_in_codes(cls, header: dict) -> bool:
+        return cls.ZERO_IN_CODES or header.get("zero_point") == "integer"
 
     @classmethod
     def decode(cls, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
         out_f, in_f = header["shape"]
-        scale, zero, in_codes = cls.grid(tensors, header)
         w = codes.view(-1, header["group_size"]).float()  # in place from here: this runs on every forward
-        scale, zero = scale.float()[:, None], zero.float()[:, None]
-        w = w.sub_(zero).mul_(scale) if in_codes else w.mul_(scale).add_(zero)
+        scale, zero = tensors["scale"].float()[:, None], tensors["zero"].float()[:, None]
+        w = w.sub_(zero).mul_(scale) if cls.zero_in_codes(header) else w.mul_(scale).add_(zero)
         w = w.view(out_f, in_f)
         return w.mul_(tensors["col_scale"].float()) if "col_scale" in tensors else w
 
@@ -183,13 +196,13 @@ class AffineQuantConfig(QuantConfig):
     def native_linear(cls, ops, codes, tensors, header, bias):
         """Up to NATIVE_MAX_TOKENS tokens the kernel multiplies with the codes (per group s Σ q x + m Σ x, with
         m = zero, or −zero·s for a zero in code units); above, it rebuilds the weight in one pass and multiplies."""
-        scale, zero, in_codes = cls.grid(tensors, header)
+        scale, zero = tensors["scale"], tensors["zero"]
         if scale.dtype != torch.float16 or zero.dtype != torch.float16:  # metadata cast away from how it is stored
             return None
         col = tensors["col_scale"].float() if "col_scale" in tensors else None
         out_f, in_f = header["shape"]
-        return ops.AffineLayer(codes, scale.contiguous(), zero.contiguous(), col, bias, out_f, in_f,
-                               header["group_size"], header["bits"], in_codes, NATIVE_MAX_TOKENS)
+        return ops.AffineLayer(codes, scale, zero, col, bias, out_f, in_f, header["group_size"], header["bits"],
+                               cls.zero_in_codes(header), NATIVE_MAX_TOKENS)
 
 
 def method_class(method: str) -> type[QuantConfig]:
@@ -289,6 +302,7 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self._cached: torch.Tensor | None = None
         self._native_fn = None  # kernel="native": the method's kernels bound to this layer (False: none here)
+        self._runtime: dict[str, torch.Tensor] | None = None  # runtime_tensors(), computed on first use
         self.cache, self.kernel = cache, kernel
         self._kernel_checked = False
 
@@ -306,6 +320,12 @@ class QuantizedLinear(nn.Module):
 
     def metadata_tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self.tensor_names}
+
+    def runtime_tensors(self) -> dict[str, torch.Tensor]:
+        """The method's runtime_tensors of this layer, computed once (again after a load or a move)."""
+        if self._runtime is None:
+            self._runtime = self._method.runtime_tensors(self.metadata_tensors(), self.header)
+        return self._runtime
 
     def tensor_specs(self) -> dict[str, list]:
         """{name: [dtype, shape]} of every stored tensor: what a saved header promises."""
@@ -325,6 +345,7 @@ class QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        self._runtime = self._native_fn = None  # both read the stored tensors this load overwrites
         key = prefix + "packed"
         if key in state_dict:
             packed = state_dict.pop(key)
@@ -336,7 +357,7 @@ class QuantizedLinear(nn.Module):
             else:
                 self.codes = runtime_codes(unpack_codes(packed, self.bits, self.n_weights),
                                            self.bits).to(self.codes.device)
-                self._cached = self._native_fn = None
+                self._cached = None
         elif strict:
             missing_keys.append(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -371,7 +392,7 @@ class QuantizedLinear(nn.Module):
         self._kernel, self._native_fn = name, None
 
     def _weight(self) -> torch.Tensor:
-        args = (self.index_codes(), self.metadata_tensors(), self.header)
+        args = (self.index_codes(), self.runtime_tensors(), self.header)
         if self.kernel == "compiled":
             w = _compiled_weight(self, args)
             if w is not None:
@@ -384,8 +405,8 @@ class QuantizedLinear(nn.Module):
         every forward); not a parameter, and rebuilt on each read unless cache=True."""
         return self.dequantize()
 
-    def _apply(self, fn, *args, **kwargs):  # .to(device) must not leave a stale cached weight (or kernel binding) behind
-        self._cached = self._native_fn = None
+    def _apply(self, fn, *args, **kwargs):  # .to(device) must not leave a stale weight, kernel binding or grid behind
+        self._cached = self._native_fn = self._runtime = None
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -399,14 +420,14 @@ class QuantizedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.cache or self._cached is not None or self.kernel == "compiled":
             return F.linear(x, self.dequantize().to(x.dtype), bias)
-        return self._method.linear(x, self.index_codes(), self.metadata_tensors(), self.header, bias)
+        return self._method.linear(x, self.index_codes(), self.runtime_tensors(), self.header, bias)
 
     def _bind_native(self):
         """kernel="native" without the weight cache: the method's fused kernels bound to this layer (a function
         of x returning y, or None for an input it leaves to the other paths); else, or where there are none
         (no kernel for this method or layout, kernels that cannot be built here: native.ops warns once), False."""
         ops = native.ops() if self._kernel == "native" and not self._cache and self.codes.is_cpu else None
-        run = ops is not None and self._method.native_linear(ops, self.codes, self.metadata_tensors(), self.header,
+        run = ops is not None and self._method.native_linear(ops, self.codes, self.runtime_tensors(), self.header,
                                                              self.bias)
         self._native_fn = run or False
         return self._native_fn
