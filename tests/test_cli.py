@@ -159,7 +159,7 @@ def test_bad_values_name_the_flag(tiny_llama_dir, tmp_path, capsys):
     assert "--start is only for by='index'" in capsys.readouterr().err
     assert main(["compress", str(tiny_llama_dir), "--method", "rtn", "--transform", "random", "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
-    assert "--transform applies to kashin, not to --method rtn; rtn takes --bits, --targets, --cache, --kernel, --group-size, --col-scale" in err
+    assert "--transform applies to kashin, kashin-gptq, not to --method rtn; rtn takes --bits, --targets, --cache, --kernel, --group-size, --col-scale" in err
     assert main(["eval", str(tiny_llama_dir), "--text", "x.txt", "--max-eval-samples", "0"]) == 2
     assert "--max-eval-samples must be positive" in capsys.readouterr().err
     assert {p.name for p in tmp_path.iterdir()} == {"tiny-llama"}  # nothing written

@@ -222,7 +222,7 @@ def test_cli_gptq_reads_calibration_text(tiny_llama_dir, tmp_path, capsys):
         assert main(["compress", str(tiny_llama_dir), *argv, "--out", str(tmp_path / "x")]) == 2
         return capsys.readouterr().err
 
-    assert "--text only apply with --target-bits (or a calibrated --method: gptq)" in err("--method", "rtn", "--text",
+    assert "--text only apply with --target-bits (or a calibrated --method: gptq, kashin-gptq)" in err("--method", "rtn", "--text",
                                                                                         str(text))
     assert "--sensitivity only apply with --target-bits" in err("--method", "gptq", "--sensitivity", "layer")
     assert "--damp must be in" in err("--method", "gptq", "--damp", "2")

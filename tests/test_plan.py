@@ -319,7 +319,7 @@ def test_cli_plan_flag_errors(tiny_llama_dir, tmp_path, capsys):
         assert main(["compress", str(tiny_llama_dir), *argv, "--out", str(tmp_path / "x")]) == 2
         return capsys.readouterr().err
 
-    assert "give --method (one of kashin, rtn, hqq, gptq)" in err()
+    assert "give --method (one of kashin, rtn, hqq, gptq, kashin-gptq)" in err()
     assert "--tokens only apply with --target-bits" in err("--method", "rtn", "--tokens", "64")
     assert "--bits fixes one width" in err("--target-bits", "3", "--method", "rtn", "--bits", "3")
     assert "--group-size shape one method's candidates" in err("--target-bits", "3", "--group-size", "16")

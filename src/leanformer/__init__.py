@@ -1,7 +1,7 @@
 """leanformer: make pretrained transformers cheaper to adapt, store and run, and see where their capacity goes."""
 from .adapters import (DyLoRA, KronA, LoRA, LoRAXS, MeProp, SparseGrad, active_adapter, adapt, export_peft, merge,
                        print_trainable_parameters, set_adapter, set_rank, trainable_parameters, unmerge)
-from .compress import GPTQ, HQQ, RTN, Kashin, QuantizedLinear, quantize, size_report
+from .compress import GPTQ, HQQ, RTN, Kashin, KashinGPTQ, QuantizedLinear, quantize, size_report
 from .compress.plan import PlanConfig, QuantPlan, plan
 from .compress.prune import LinearReplacement, PruneConfig, prune_layers
 from .convert import convert_llama2c

@@ -1,9 +1,9 @@
 """leanformer compress MODEL --method kashin|rtn|hqq [--bits B] [--group-size G] [--targets ...] --out DIR
-leanformer compress MODEL --method gptq [--bits B] [--task T | --text PATH... | --dataset NAME] --out DIR
+leanformer compress MODEL --method gptq|kashin-gptq [--bits B] [--task T | --text PATH... | --dataset NAME] --out DIR
 leanformer compress MODEL --target-bits B [--task T | --text PATH... | --dataset NAME] [--method M] --out DIR
 
-The flags are the union of the methods' config fields (Kashin, RTN, HQQ, GPTQ); a flag left out keeps
-the chosen method's own default. GPTQ reads calibration text (the same sources and --tokens,
+The flags are the union of the methods' config fields (Kashin, RTN, HQQ, GPTQ, KashinGPTQ); a flag left out keeps
+the chosen method's own default. GPTQ and KashinGPTQ read calibration text (the same sources and --tokens,
 --max-seq-length and --batch-size as a plan; default: the built-in corpus). With --target-bits, a
 plan (lf.plan) picks each layer's method and bits from measured sensitivity so the average honest
 bits/weight stays within B; --method then restricts the candidates to that method at 2, 3 and 4 bits
@@ -20,12 +20,12 @@ from ._common import add_device, add_out, add_text_source, check_device
 from ._config_args import add_config_arguments, cli_fields, config_from_args, flag_name, given
 
 COMMAND = "compress"
-HELP = "quantize a model's Linear layers (Kashin, RTN, HQQ or GPTQ) and save it with packed indices"
+HELP = "quantize a model's Linear layers (Kashin, RTN, HQQ, GPTQ or KashinGPTQ) and save it with packed indices"
 
-ORDER = ("kashin", "rtn", "hqq", "gptq")  # flag order and help order; every registered method is offered
+ORDER = ("kashin", "rtn", "hqq", "gptq", "kashin-gptq")  # flag order and help order; every registered method is offered
 PLAN_BITS = (2, 3, 4)  # the widths a --target-bits plan offers each layer when --method names one method
 SHARED = ("targets", "cache")  # QuantConfig fields every method has: with --target-bits they apply to every candidate
-READING = ("tokens", "max_seq_length", "batch_size")  # PlanConfig's flags for reading calibration, which GPTQ shares
+READING = ("tokens", "max_seq_length", "batch_size")  # PlanConfig's flags for reading calibration, which the calibrated methods share
 
 
 def _methods() -> dict[str, type]:
@@ -43,9 +43,10 @@ def add_arguments(p) -> None:
     plan.add_argument("--target-bits", type=float, metavar="B",
                       help="choose method and bits per layer from measured sensitivity so the average honest "
                            "bits/weight (every stored byte counted) is at most B; the plan is saved as plan.json")
-    plan.add_argument("--task", help="with --target-bits (or --method gptq): calibrate on this task's training split "
+    plan.add_argument("--task", help="with --target-bits (or a calibrated --method: gptq, kashin-gptq): calibrate on "
+                                     "this task's training split "
                                      "(GLUE-format dir, 'TRAIN,DEV' pair, or HF dataset name)")
-    add_text_source(plan, " to calibrate on, with --target-bits (or --method gptq)")
+    add_text_source(plan, " to calibrate on, with --target-bits (or --method gptq, kashin-gptq)")
     add_config_arguments(plan, PlanConfig)
     add_out(p)
     add_device(p)
@@ -137,7 +138,7 @@ def run(args) -> int:
         wrong = _plan_flags(args, config.CALIBRATED)
         if wrong:
             raise LeanformerError(f"{', '.join(wrong)} only apply with --target-bits"
-                                  + ("" if config.CALIBRATED else " (or a calibrated --method: gptq)"))
+                                  + ("" if config.CALIBRATED else " (or a calibrated --method: gptq, kashin-gptq)"))
         if config.CALIBRATED:
             config = replace(config, calibration=_calibration(args),
                              **{k: getattr(args, k) for k in READING if hasattr(args, k)})

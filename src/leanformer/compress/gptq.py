@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 
@@ -44,19 +44,18 @@ BLOCK = 128  # columns per lazy batch update (Algorithm 1)
 
 
 @dataclass
-class GPTQ(AffineQuantConfig):
-    group_size: int | None = group_size_field(128)  # the paper's and transformers' GPTQConfig's usual choice
+class HessianCalibration:
+    """What a method that rounds against the Hessian of a layer's output error reads (GPTQ, KashinGPTQ): the
+    calibration input and how to read it, the damping, the column order and whether stages are sequential. Its
+    `compensated_rounding` is Algorithm 1's loop; the method supplies the rounding of one column."""
     act_order: bool = field(default=True, metadata={
-        "help": "round the input columns in order of decreasing Hessian diagonal, with each group's grid fixed "
-                "before any column moves (static groups: the stored form is unchanged); off = left to right"})
+        "help": "round the input columns in order of decreasing Hessian diagonal (the inputs with the most energy "
+                "first, while the most columns are left to absorb their error); off = left to right"})
     damp: float = field(default=0.01, metadata={
         "help": "damping added to the Hessian's diagonal, as a fraction of its mean"})
     sequential: bool = field(default=True, metadata={
         "help": "measure each layer's Hessian with the layers before it already quantized (one calibration pass "
                 "per group of layers that read one input); off = one pass on the full-precision model"})
-    scale_bits: int = scale_bits_field()
-    zero_point: str = zero_point_field()
-    clip: bool = clip_field()
     calibration: object = field(default=None, repr=False, compare=False, metadata={
         "help": "calibration input the layers' Hessians are measured on: texts, (text_a, text_b) pairs, a Task "
                 "(its train split) or token batches (on the command line: --text, --dataset or --task)",
@@ -70,13 +69,9 @@ class GPTQ(AffineQuantConfig):
     batch_size: int = field(default=16, metadata={
         "help": "calibration windows per forward pass (on the command line: --batch-size)", "cli": False})
 
-    method: ClassVar[str] = "gptq"
-    SUPPORTED_BITS: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8)
     CALIBRATED: ClassVar[bool] = True
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_grid_fields(self)
+    def check_calibration_fields(self) -> None:
         if not 0 <= self.damp < 1:
             raise LeanformerError(f"damp must be in [0, 1), got {self.damp!r}")
         for name in ("tokens", "max_seq_length", "batch_size"):
@@ -92,7 +87,7 @@ class GPTQ(AffineQuantConfig):
         missing = {n: m for n, m in modules.items() if n not in grams}
         if not missing:
             return iter([(list(modules), grams)])
-        batches = calibration_batches(self.calibration, self.tokenizer, self, "GPTQ")
+        batches = calibration_batches(self.calibration, self.tokenizer, self, type(self).__name__)
         if not self.sequential:
             return iter([(list(modules), {**grams, **self._measure(model, missing, batches, progress)})])
         return self._sequential_stages(model, modules, grams, batches, progress)
@@ -102,20 +97,26 @@ class GPTQ(AffineQuantConfig):
         if given:
             yield given, grams
         rest = {n: m for n, m in modules.items() if n not in grams}
-        for stage in measure_inputs(model, rest, batches[:1], False, False, "GPTQ")[3]:  # the forward's order
+        for stage in measure_inputs(model, rest, batches[:1], False, False, type(self).__name__)[3]:  # forward order
             yield stage, self._measure(model, {n: modules[n] for n in stage}, batches, progress)
 
     def _measure(self, model, modules, batches, progress) -> dict[str, torch.Tensor]:
-        grams, _, n_tokens, _ = measure_inputs(model, modules, batches, False, progress, "GPTQ")
+        purpose = type(self).__name__
+        grams, _, n_tokens, _ = measure_inputs(model, modules, batches, False, progress, purpose)
         if n_tokens < self.tokens / 4:
-            warnings.warn(f"GPTQ: the calibration gave {n_tokens} tokens, under a quarter of the {self.tokens} it "
+            warnings.warn(f"{purpose}: the calibration gave {n_tokens} tokens, under a quarter of the {self.tokens} it "
                           "reads (tokens=); a Hessian from so few tokens fits the rounding to them. Give more "
                           "calibration text", stacklevel=4)
         return grams
 
-    def quantize_weight(self, weight: torch.Tensor, name: str, gram: torch.Tensor):
+    def compensated_rounding(self, weight: torch.Tensor, gram: torch.Tensor, name: str,
+                             round_column: Callable[[int, int, torch.Tensor], torch.Tensor], block: int = BLOCK) -> None:
+        """Algorithm 1: round the (out, in) weight's columns one at a time (in act order or left to right), each
+        column's error folded into the columns not yet rounded through the upper Cholesky factor of H⁻¹, with lazy
+        updates `block` columns at a time. round_column(j, col, work) returns the rounded values of input column
+        `col`, the j-th rounded; work is the weight in rounding order as updated so far (its column j is the one
+        to round; the callback reads it and stores its own codes)."""
         out_f, in_f = weight.shape
-        g = check_group_size(self.group_size, in_f, name)
         if tuple(gram.shape) != (in_f, in_f):
             raise LeanformerError(f"layer {name}: the Gram matrix is {tuple(gram.shape)}, its inputs are {in_f} wide")
         h = gram.detach().to("cpu", torch.float64).clone()
@@ -124,6 +125,34 @@ class GPTQ(AffineQuantConfig):
                  else torch.arange(in_f))
         hinv = _inverse_cholesky(h[order][:, order], self.damp, name)
         work = weight.float()[:, order]  # a copy, its columns in the order they are rounded
+        for i1 in range(0, in_f, block):
+            i2 = min(i1 + block, in_f)
+            errors = torch.empty(out_f, i2 - i1)
+            for j in range(i1, i2):
+                err = (work[:, j] - round_column(j, int(order[j]), work)) / hinv[j, j]
+                work[:, j:i2] -= err[:, None] * hinv[j, j:i2]
+                errors[:, j - i1] = err
+            work[:, i2:] -= errors @ hinv[i1:i2, i2:]
+
+
+@dataclass
+class GPTQ(HessianCalibration, AffineQuantConfig):
+    group_size: int | None = group_size_field(128)  # the paper's and transformers' GPTQConfig's usual choice
+    scale_bits: int = scale_bits_field()
+    zero_point: str = zero_point_field()
+    clip: bool = clip_field()
+
+    method: ClassVar[str] = "gptq"
+    SUPPORTED_BITS: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_grid_fields(self)
+        self.check_calibration_fields()
+
+    def quantize_weight(self, weight: torch.Tensor, name: str, gram: torch.Tensor):
+        out_f, in_f = weight.shape
+        g = check_group_size(self.group_size, in_f, name)
         groups = weight.float().reshape(out_f, -1, g)
         # 8-bit scales: their log range is fixed from the original weight's groups (a grid set later, from
         # updated columns, takes the nearest code in it)
@@ -134,24 +163,18 @@ class GPTQ(AffineQuantConfig):
             s, z = minmax_grid(groups, self.bits, self.zero_point, log_range, self.clip)
             scale[:], zero[:] = s[..., 0], z[..., 0]
         codes = torch.empty(out_f, in_f)
+
+        def round_column(j: int, col: int, work: torch.Tensor) -> torch.Tensor:
+            if not self.act_order and col % g == 0:  # a group's grid from its columns as updated so far
+                s, z = minmax_grid(work[:, j:j + g], self.bits, self.zero_point, log_range, self.clip)
+                scale[:, col // g], zero[:, col // g] = s[:, 0], z[:, 0]
+            s, z = grid_scale(scale[:, col // g], log_range).float(), zero[:, col // g].float()
+            codes[:, col] = grid_codes(work[:, j], s, z, self.bits, self.zero_point)
+            return grid_values(codes[:, col], s, z, self.zero_point)
+
         # a lazy batch holds whole groups, so a grid set at a group's first column sees all earlier updates
-        block = BLOCK if self.act_order else max(1, BLOCK // g) * g
-        for i1 in range(0, in_f, block):
-            i2 = min(i1 + block, in_f)
-            errors = torch.empty(out_f, i2 - i1)
-            for j in range(i1, i2):
-                col = int(order[j])
-                if not self.act_order and col % g == 0:
-                    s, z = minmax_grid(work[:, j:j + g], self.bits, self.zero_point, log_range, self.clip)
-                    scale[:, col // g], zero[:, col // g] = s[:, 0], z[:, 0]
-                s, z = grid_scale(scale[:, col // g], log_range).float(), zero[:, col // g].float()
-                w = work[:, j]
-                q = grid_codes(w, s, z, self.bits, self.zero_point)
-                codes[:, col] = q
-                err = (w - grid_values(q, s, z, self.zero_point)) / hinv[j, j]
-                work[:, j:i2] -= err[:, None] * hinv[j, j:i2]
-                errors[:, j - i1] = err
-            work[:, i2:] -= errors @ hinv[i1:i2, i2:]
+        self.compensated_rounding(weight, gram, name, round_column,
+                                  BLOCK if self.act_order else max(1, BLOCK // g) * g)
         return ({"packed": pack_bits(codes, self.bits),
                  **grid_tensors(scale, zero, self.bits, self.zero_point, log_range)},
                 {"group_size": g, "col_scale": False, **grid_header(self)})

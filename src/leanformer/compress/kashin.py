@@ -292,7 +292,7 @@ def kashin_matrix(x: torch.Tensor, q1: torch.Tensor, q2: torch.Tensor, tol: floa
 
 
 # --------------------------------------------------------------------------------------------
-# The config
+# The closed codebook: greedy sign steps with least-squares step sizes
 
 
 CODEBOOKS = ("closed", "kmeans")
@@ -406,11 +406,326 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# The stored form: decoding and the forward (shared by every config that stores Kashin layers)
+
+
+class KashinForm(QuantConfig):
+    """What a Kashin layer computes from its stored form: decode, the torch forward and the native kernels.
+    Kashin and KashinGPTQ (kashin_gptq.py) differ in how they choose the codes, not in what they store.
+
+    A layer's vectors are pieces of Ŵ's rows (the default) or, with header vectors="columns" (KashinGPTQ), Ŵ's
+    whole columns: then what is stored is Ŵᵀ's row vectors, and decode and the forward read it as that
+    (in, out) matrix (`_transposed`)."""
+
+    @staticmethod
+    def _transposed(header: dict) -> dict | None:
+        """For a layer whose vectors are Ŵ's columns, the header of Ŵᵀ as a layer of row vectors; else None."""
+        if header.get("vectors", "rows") != "columns":
+            return None
+        out_f, in_f = header["shape"]
+        return {**header, "shape": [in_f, out_f], "vectors": "rows"}
+
+    @staticmethod
+    def decode(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
+        out_f, in_f = header["shape"]
+        transposed = KashinForm._transposed(header)
+        if transposed is not None:
+            return KashinForm.decode(codes, tensors, transposed).T
+        if header["form"] == "matrix":
+            seed = int(tensors["seed"][0])
+            lab = codes.long()  # a uint8 index would be read as a mask
+            c = tensors["codebook"].float()
+            q1, q2 = (_matrix(header["transform"], n, s).to(c.device) for n, s in ((out_f, seed), (in_f, seed + 1)))
+            xh = c[lab, 0].view(out_f, in_f) + q1 @ c[lab, 1].view(out_f, in_f) @ q2.T
+            return xh * tensors["scale"].float()
+        w, _ = KashinForm._rebuild(codes, tensors, header, reordered=False)
+        col = tensors["col_scale"].float() if "col_scale" in tensors else 1.0
+        return w.view(out_f, in_f) * col
+
+    @classmethod
+    def linear(cls, x: torch.Tensor, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """y = x Ŵᵀ + b without forming what costs most. Per vector Ŵ = (A + P B)·diag(col), so
+        x Ŵᵀ = x_c Aᵀ + (Pᵀ x_c) Bᵀ with x_c = x·diag(col): with few tokens P goes on the activations
+        (one matmul against A and B side by side; no transform of the weight), with many on the weight,
+        read in the FFT's order so that only the activations are reordered (`ACTIVATION_ROUTE_TOKENS`).
+        The matrix form rebuilds its weight (the default)."""
+        out_f, in_f = header["shape"]
+        if header["form"] == "matrix":
+            return super().linear(x, codes, tensors, header, bias)
+        if x.shape[-1] != in_f:
+            raise LeanformerError(f"Kashin layer of shape {out_f}x{in_f}: the input's last dimension is {x.shape[-1]}, "
+                                  f"it must be the layer's input width {in_f}")
+        transposed = cls._transposed(header)
+        if transposed is not None:
+            return cls._linear_columns(x, codes, tensors, transposed, bias)
+        g = header["group_size"]
+        rows = g // in_f if g > in_f else 1  # whole rows per vector (rows_per_vector), else 1
+        tokens = x.numel() // in_f
+        xc = x.reshape(tokens, in_f).float()
+        col = tensors["col_scale"].float() if "col_scale" in tensors else None
+        # the activation route multiplies against twice the weights (A and B), rows times over for whole-row
+        # vectors; the weight route transforms the weight once, whatever the tokens
+        if tokens * rows <= ACTIVATION_ROUTE_TOKENS:
+            y = cls._linear_on_activations(xc if col is None else xc * col, codes, tensors, header)
+            if y is not None:
+                y = y.to(x.dtype) if bias is None else (y.to(x.dtype) + bias)
+                return y.view(*x.shape[:-1], out_f)
+        # reorder, and scale by the column scales, whichever is smaller: the activations (tokens × in) or the
+        # weight (out × in)
+        on_x = tokens < out_f
+        w, order = cls._rebuild(codes, tensors, header, reordered=rows == 1 and on_x)
+        if col is not None:
+            xc, w = (xc * col, w) if on_x else (xc, w.view(out_f, in_f).mul_(col))
+        if order is not None:  # w is each vector in Makhoul's order; read x the same way instead of w back
+            xc = xc.view(tokens, in_f // g, g).index_select(-1, order).view(tokens, in_f)
+        y = F.linear(xc.to(x.dtype), w.view(out_f, in_f).to(x.dtype), bias)
+        return y.view(*x.shape[:-1], out_f)
+
+    @classmethod
+    def _linear_columns(cls, x: torch.Tensor, codes: torch.Tensor, tensors: dict[str, torch.Tensor], transposed: dict,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+        """y = x Ŵᵀ + b for vectors along Ŵ's columns, `transposed` the header of Ŵᵀ = A + P B (rows): with fewer
+        tokens than inputs, y = x A + P (x B), P on each token's output; else the weight rebuilt (one transform
+        per input) and one matmul."""
+        in_f, out_f = transposed["shape"]
+        tokens = x.numel() // in_f
+        if tokens >= in_f:
+            return F.linear(x, cls.decode(codes, tensors, transposed).T.to(x.dtype), bias)
+        table_a, table_b = cls._tables(tensors, transposed, in_f)
+        idx = cls._indices(codes, in_f, transposed["bits"]).view(-1)
+        x2 = x.reshape(tokens, in_f).float()
+        y = x2 @ table_a.reshape(-1).index_select(0, idx).view(in_f, out_f)
+        if table_b is not None:
+            P = Transform(transposed["transform"], out_f, int(tensors["seed"][0]))
+            y = y + P.apply(x2 @ table_b.reshape(-1).index_select(0, idx).view(in_f, out_f))
+        y = y.to(x.dtype) if bias is None else (y.to(x.dtype) + bias)
+        return y.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def _tables(tensors: dict[str, torch.Tensor], header: dict, n_vec: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-vector lookup tables (vectors, 2^bits) of A and B, Ŵ = A + P B per vector before the column
+        scales: each vector's A and B take one of 2^bits values per weight, read with its code. B is None
+        when no vector has a step in the P domain."""
+        bits = header["bits"]
+        if header["codebook"] == "kmeans":
+            c, scale = tensors["codebook"].float(), tensors["scale"].float()[:, None]
+            return scale * c[:, 0], scale * c[:, 1]
+        steps, scale = tensors["steps"], tensors.get("scale")
+        if "log_range" in tensors:  # 8-bit log-coded step sizes (or per-vector scales)
+            if scale is None:
+                steps = log8_decode(steps, tensors["log_range"])
+            else:
+                scale = log8_decode(scale, tensors["log_range"])
+        steps = steps.float().expand(n_vec, -1)                                  # (vectors, k)
+        if scale is not None:  # shared step sizes, one scale per vector
+            steps = steps * scale.float()[:, None]
+        doms = unpack_bits(tensors["domains"], 1, n_vec * bits).view(n_vec, bits).float().to(steps.device)
+        # Σ_j c_j s_j split by domain: A = Σ_plain c_j s_j, B = Σ_P c_j s_j, so P is applied once
+        arange = torch.arange(bits, device=steps.device)
+        patterns = ((torch.arange(2 ** bits, device=steps.device)[:, None] >> arange) & 1).float() * 2 - 1  # (2^k, k)
+        table_a = (steps * (1 - doms)) @ patterns.T
+        return table_a, (steps * doms) @ patterns.T if doms.any() else None
+
+    @staticmethod
+    def _indices(codes: torch.Tensor, n_vec: int, bits: int, first: int = 0) -> torch.Tensor:
+        """(vectors, length): each weight's row in the flattened (vectors · 2^bits) tables, its code +
+        2^bits · its vector, for the codes of vectors first, first + 1, …"""
+        dtype = torch.int32 if (first + n_vec) * 2 ** bits < 2 ** 31 else torch.int64  # int32: half the traffic
+        offsets = torch.arange(first, first + n_vec, device=codes.device, dtype=dtype)[:, None] * 2 ** bits
+        return codes.view(n_vec, -1) + offsets  # uint8 + int: one pass, promoted
+
+    @staticmethod
+    def _rebuild(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict, reordered: bool):
+        """The (vectors, length) weight A + P B before the column scales, and None; with reordered=True and
+        the FFT form of P, each vector in Makhoul's order instead (no pass to put it back) and that order.
+        Built REBUILD_CHUNK weights at a time into one output: the temporaries (indices, B, its spectrum)
+        stay small, in cache, and are reused by the allocator instead of being mapped afresh each forward."""
+        out_f, in_f = header["shape"]
+        g, bits = header["group_size"], header["bits"]
+        n_vec = out_f * in_f // g  # a vector is part of a row, a row, or several whole rows
+        P = Transform(header["transform"], g, int(tensors["seed"][0]))
+        table_a, table_b = KashinForm._tables(tensors, header, n_vec)
+        table_a, codes = table_a.reshape(-1), codes.view(n_vec, g)
+        fft = table_b is not None and not P.dense
+        order, inverse = P.order(codes.device) if fft else (None, None)
+        w = torch.empty(n_vec, g, device=codes.device)
+        step = max(1, REBUILD_CHUNK // g)
+        for first in range(0, n_vec, step):
+            last = min(n_vec, first + step)
+            part = w[first:last]
+            idx = KashinForm._indices(codes[first:last], last - first, bits, first)
+            if fft:  # read the codes in the FFT's order: B comes out ready for apply_reordered, A matches its output
+                idx = idx.index_select(1, order)
+            idx = idx.view(-1)
+            if table_b is None:
+                torch.index_select(table_a, 0, idx, out=part.view(-1))
+                continue
+            a = table_a.index_select(0, idx).view(-1, g)
+            b = table_b.reshape(-1).index_select(0, idx).view(-1, g)
+            if fft:
+                P.apply_reordered(b, out=part).add_(a)
+            else:
+                torch.addmm(a, b, P.matrix(b.device).T, out=part)
+        if fft and not reordered:
+            return w.index_select(1, inverse), None
+        return w, order
+
+    @staticmethod
+    def _rebuild_native(header: dict, P: "Transform", has_b: bool, lookup, combine, spectral_map) -> torch.Tensor:
+        """The column-scaled (vectors, length) weight from the fused kernels (lowbit.cpp), REBUILD_CHUNK weights
+        at a time so that B and P B stay in cache: lookup(first, fft, b) writes B of a block of vectors (in the
+        FFT's order when fft), P goes on it (by FFT, its middle step `spectral_map`, or P's dense matrix for
+        short vectors), and combine(first, pb, fft, out) writes (A + P B)·diag(col) in the natural order."""
+        out_f, in_f = header["shape"]
+        g = header["group_size"]
+        n_vec = out_f * in_f // g
+        fft = has_b and not P.dense
+        w = torch.empty(n_vec, g, dtype=torch.float32)  # the kernels' dtype, whatever torch's default
+        step = max(1, REBUILD_CHUNK // g)
+        b_block = torch.empty(min(step, n_vec), g, dtype=torch.float32) if has_b else None
+        for first in range(0, n_vec, step):
+            last = min(n_vec, first + step)
+            pb = None
+            if has_b:
+                b = b_block[: last - first]
+                lookup(first, fft, b)
+                pb = P.apply_reordered(b, spectral_map=spectral_map) if fft else b @ P.matrix(b.device).T
+            combine(first, pb, fft, w[first:last])
+        return w
+
+    @staticmethod
+    def _linear_on_activations(xc: torch.Tensor, codes: torch.Tensor, tensors: dict[str, torch.Tensor],
+                               header: dict) -> torch.Tensor | None:
+        """x_c Aᵀ + (Pᵀ x_c) Bᵀ for column-scaled inputs xc (tokens, in) as one matmul, float32; None when B
+        is 0 (then the weight route is A alone). A vector of `rows` whole rows gives output row j of its
+        block from the input placed at slot j of a zero vector of its length."""
+        out_f, in_f = header["shape"]
+        g, bits = header["group_size"], header["bits"]
+        n_vec = out_f * in_f // g
+        table_a, table_b = KashinForm._tables(tensors, header, n_vec)
+        if table_b is None:
+            return None
+        # A and B of each weight side by side, (vectors · length, 2), from one lookup
+        ab = torch.stack([table_a, table_b], -1).view(-1, 2).index_select(0, KashinForm._indices(codes, n_vec, bits).view(-1))
+        tokens = xc.shape[0]
+        inputs = torch.stack(KashinForm._vector_inputs(xc, tensors, header), -1)
+        if g <= in_f:
+            return inputs.view(tokens, 2 * in_f) @ ab.view(out_f, 2 * in_f).T
+        rows = g // in_f
+        y = inputs.view(tokens * rows, 2 * g) @ ab.view(n_vec, 2 * g).T             # (tokens · rows, vectors)
+        return y.view(tokens, rows, n_vec).transpose(1, 2).reshape(tokens, out_f)
+
+    @staticmethod
+    def _vector_inputs(xc: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each vector multiplies on the activation route, for column-scaled inputs xc (tokens, in): e, the
+        input cut into vectors (tokens, in / g, g), or for vectors of r whole rows placed at slot j of a zero
+        vector for output row j (tokens, r, g); and u = Pᵀ e."""
+        in_f, g = header["shape"][1], header["group_size"]
+        P = Transform(header["transform"], g, int(tensors["seed"][0]))
+        tokens = xc.shape[0]
+        if g <= in_f:
+            e = xc.view(tokens, in_f // g, g)
+        else:
+            rows = g // in_f
+            e = xc.new_zeros(tokens, rows, rows, in_f)
+            e.diagonal(dim1=1, dim2=2).copy_(xc[:, :, None])  # e[t, j, j] = x_t: row j of the block reads slot j
+            e = e.view(tokens, rows, g)
+        return e, P.rows(e, transpose=True)
+
+    @classmethod
+    def native_linear(cls, ops, codes, tensors, header, bias):
+        """The closed codebook's kernels (lowbit.cpp KashinLayer), by the number of tokens: up to TABLE_KERNEL_TOKENS
+        the table route (kashin_linear: the codes read through per-vector tables, against x_c and u = Pᵀ x_c), up to
+        ACTIVATION_ROUTE_TOKENS the middle route (KashinLayer.middle: A and B decoded a block of rows at a time, one
+        matmul; vectors within a row of up to 4 bits, others keep the table route up to TABLE_ONLY_TOKENS), above
+        that the weight rebuilt by the weight-route kernels (`_rebuild_native`) and multiplied once. Vectors up to
+        ACTIVATION_DENSE_MAX long hand P's dense matrix to the kernels, longer ones apply P by FFT here first. Other
+        forms and codebooks have no kernel."""
+        out_f, in_f = header["shape"]
+        g, bits = header["group_size"], header["bits"]
+        if header["form"] != "vector" or header["codebook"] != "closed":
+            return None
+        transposed = cls._transposed(header)
+        if transposed is not None:
+            return cls._native_columns(ops, codes, tensors, transposed, bias)
+        P = Transform(header["transform"], g, int(tensors["seed"][0]))
+        col = tensors["col_scale"].float() if "col_scale" in tensors else None
+        # log-coded step sizes: the 256 values the codes stand for, once here instead of exp2 per vector per call
+        log_values = (log8_decode(torch.arange(256, dtype=torch.uint8), tensors["log_range"]).contiguous()
+                      if "log_range" in tensors else None)
+        steps = (tensors["steps"], tensors.get("scale"), log_values, tensors["domains"])
+        n_vec, rows = out_f * in_f // g, (g // in_f if g > in_f else 1)
+        # the middle route (vectors within a row, up to 4 bits): A and B decoded a block of rows at a time, one matmul
+        middle = g <= in_f and g % 2 == 0 and bits <= 4
+        # the thresholds as when bound
+        table_tokens = TABLE_KERNEL_TOKENS if middle else min(TABLE_ONLY_TOKENS, ACTIVATION_ROUTE_TOKENS)
+        activation_tokens = ACTIVATION_ROUTE_TOKENS
+        lookup = functools.partial(ops.kashin_lookup, codes, *steps, n_vec, g, bits)
+        combine = functools.partial(ops.kashin_combine, codes, *steps, n_vec, g, bits, col, in_f)
+        has_b = bool(tensors["domains"].any())
+
+        def weight_route(x: torch.Tensor) -> torch.Tensor:  # many tokens: the weight rebuilt once, then one matmul
+            w = cls._rebuild_native(header, P, has_b, lookup, combine, ops.spectral_map)
+            return F.linear(x, w.view(out_f, in_f), bias)
+
+        # the kernel applies P's matrix itself when it is dense (the random P's QR factor is column-major)
+        dense = P.dense or g <= ACTIVATION_DENSE_MAX
+        fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device).contiguous() if dense else None, bias,
+                                out_f, in_f, g, bits)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[-1] != in_f:
+                return weight_route(x)  # (F.linear names the wrong width)
+            tokens = x.numel() // in_f * rows
+            if dense and tokens <= table_tokens:  # one token of a decode step: as little Python as possible
+                return fused(x)
+            if tokens > activation_tokens or (tokens > table_tokens and not middle):
+                return weight_route(x)
+            x2 = x.reshape(-1, in_f)
+            u = None if dense else cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1]
+            return fused(x, u) if tokens <= table_tokens else fused.middle(x, u)
+        return run
+
+    @classmethod
+    def _native_columns(cls, ops, codes, tensors, transposed, bias):
+        """Vectors along Ŵ's columns (`transposed`: the header of Ŵᵀ): up to TABLE_ONLY_TOKENS tokens the table
+        route (KashinLayer.columns: per input its tables scaled by x_i and read with its codes, summed over the
+        outputs; P's dense matrix on each token's P-domain sum, or by FFT here for longer columns), above that Ŵᵀ
+        rebuilt by the weight-route kernels and multiplied once."""
+        in_f, out_f = transposed["shape"]
+        bits = transposed["bits"]
+        P = Transform(transposed["transform"], out_f, int(tensors["seed"][0]))
+        log_values = log8_decode(torch.arange(256, dtype=torch.uint8), tensors["log_range"]).contiguous()
+        steps = (tensors["steps"], None, log_values, tensors["domains"])
+        lookup = functools.partial(ops.kashin_lookup, codes, *steps, in_f, out_f, bits)
+        combine = functools.partial(ops.kashin_combine, codes, *steps, in_f, out_f, bits, None, out_f)
+        has_b = bool(tensors["domains"].any())
+        dense = P.dense or out_f <= ACTIVATION_DENSE_MAX
+        # the kernel computes P z as Σ_n z_n M[n, m]: P's matrix transposed
+        fused = ops.KashinLayer(codes, *steps, None, P.matrix(codes.device).T.contiguous() if dense else None, bias,
+                                in_f, out_f, out_f, bits)
+        table = bits <= 4 and out_f % 2 == 0
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[-1] != in_f:
+                return None  # (linear names the wrong width)
+            if table and x.numel() // in_f <= TABLE_ONLY_TOKENS:
+                if dense:
+                    return fused.columns(x)
+                y_a, y_b = fused.columns_parts(x)
+                return (y_a + P.apply(y_b)).view(*x.shape[:-1], out_f)
+            w = cls._rebuild_native(transposed, P, has_b, lookup, combine, ops.spectral_map)
+            return F.linear(x, w.view(in_f, out_f).T, bias)
+        return run
+
+
+# --------------------------------------------------------------------------------------------
 # The config
 
 
 @dataclass
-class Kashin(QuantConfig):
+class Kashin(KashinForm):
     transform: str = field(default="dct", metadata={
         "help": "orthogonal transform P: dct (sign-randomised DCT, O(N log N)) or random (dense orthogonal)",
         "choices": TRANSFORMS})
@@ -636,236 +951,3 @@ class Kashin(QuantConfig):
         header = {"form": "matrix", "codebook": "kmeans", "transform": self.transform, "group_size": None,
                   "iterations": it, "kashin_level": max(U.abs().max().item(), V.abs().max().item())}
         return tensors, header
-
-    @staticmethod
-    def decode(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> torch.Tensor:
-        out_f, in_f = header["shape"]
-        if header["form"] == "matrix":
-            seed = int(tensors["seed"][0])
-            lab = codes.long()  # a uint8 index would be read as a mask
-            c = tensors["codebook"].float()
-            q1, q2 = (_matrix(header["transform"], n, s).to(c.device) for n, s in ((out_f, seed), (in_f, seed + 1)))
-            xh = c[lab, 0].view(out_f, in_f) + q1 @ c[lab, 1].view(out_f, in_f) @ q2.T
-            return xh * tensors["scale"].float()
-        w, _ = Kashin._rebuild(codes, tensors, header, reordered=False)
-        col = tensors["col_scale"].float() if "col_scale" in tensors else 1.0
-        return w.view(out_f, in_f) * col
-
-    @classmethod
-    def linear(cls, x: torch.Tensor, codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict,
-               bias: torch.Tensor | None) -> torch.Tensor:
-        """y = x Ŵᵀ + b without forming what costs most. Per vector Ŵ = (A + P B)·diag(col), so
-        x Ŵᵀ = x_c Aᵀ + (Pᵀ x_c) Bᵀ with x_c = x·diag(col): with few tokens P goes on the activations
-        (one matmul against A and B side by side; no transform of the weight), with many on the weight,
-        read in the FFT's order so that only the activations are reordered (`ACTIVATION_ROUTE_TOKENS`).
-        The matrix form rebuilds its weight (the default)."""
-        out_f, in_f = header["shape"]
-        if header["form"] == "matrix":
-            return super().linear(x, codes, tensors, header, bias)
-        if x.shape[-1] != in_f:
-            raise LeanformerError(f"Kashin layer of shape {out_f}x{in_f}: the input's last dimension is {x.shape[-1]}, "
-                                  f"it must be the layer's input width {in_f}")
-        g = header["group_size"]
-        rows = g // in_f if g > in_f else 1  # whole rows per vector (rows_per_vector), else 1
-        tokens = x.numel() // in_f
-        xc = x.reshape(tokens, in_f).float()
-        col = tensors["col_scale"].float() if "col_scale" in tensors else None
-        # the activation route multiplies against twice the weights (A and B), rows times over for whole-row
-        # vectors; the weight route transforms the weight once, whatever the tokens
-        if tokens * rows <= ACTIVATION_ROUTE_TOKENS:
-            y = cls._linear_on_activations(xc if col is None else xc * col, codes, tensors, header)
-            if y is not None:
-                y = y.to(x.dtype) if bias is None else (y.to(x.dtype) + bias)
-                return y.view(*x.shape[:-1], out_f)
-        # reorder, and scale by the column scales, whichever is smaller: the activations (tokens × in) or the
-        # weight (out × in)
-        on_x = tokens < out_f
-        w, order = cls._rebuild(codes, tensors, header, reordered=rows == 1 and on_x)
-        if col is not None:
-            xc, w = (xc * col, w) if on_x else (xc, w.view(out_f, in_f).mul_(col))
-        if order is not None:  # w is each vector in Makhoul's order; read x the same way instead of w back
-            xc = xc.view(tokens, in_f // g, g).index_select(-1, order).view(tokens, in_f)
-        y = F.linear(xc.to(x.dtype), w.view(out_f, in_f).to(x.dtype), bias)
-        return y.view(*x.shape[:-1], out_f)
-
-    @staticmethod
-    def _tables(tensors: dict[str, torch.Tensor], header: dict, n_vec: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-vector lookup tables (vectors, 2^bits) of A and B, Ŵ = A + P B per vector before the column
-        scales: each vector's A and B take one of 2^bits values per weight, read with its code. B is None
-        when no vector has a step in the P domain."""
-        bits = header["bits"]
-        if header["codebook"] == "kmeans":
-            c, scale = tensors["codebook"].float(), tensors["scale"].float()[:, None]
-            return scale * c[:, 0], scale * c[:, 1]
-        steps, scale = tensors["steps"], tensors.get("scale")
-        if "log_range" in tensors:  # 8-bit log-coded step sizes (or per-vector scales)
-            if scale is None:
-                steps = log8_decode(steps, tensors["log_range"])
-            else:
-                scale = log8_decode(scale, tensors["log_range"])
-        steps = steps.float().expand(n_vec, -1)                                  # (vectors, k)
-        if scale is not None:  # shared step sizes, one scale per vector
-            steps = steps * scale.float()[:, None]
-        doms = unpack_bits(tensors["domains"], 1, n_vec * bits).view(n_vec, bits).float().to(steps.device)
-        # Σ_j c_j s_j split by domain: A = Σ_plain c_j s_j, B = Σ_P c_j s_j, so P is applied once
-        arange = torch.arange(bits, device=steps.device)
-        patterns = ((torch.arange(2 ** bits, device=steps.device)[:, None] >> arange) & 1).float() * 2 - 1  # (2^k, k)
-        table_a = (steps * (1 - doms)) @ patterns.T
-        return table_a, (steps * doms) @ patterns.T if doms.any() else None
-
-    @staticmethod
-    def _indices(codes: torch.Tensor, n_vec: int, bits: int, first: int = 0) -> torch.Tensor:
-        """(vectors, length): each weight's row in the flattened (vectors · 2^bits) tables, its code +
-        2^bits · its vector, for the codes of vectors first, first + 1, …"""
-        dtype = torch.int32 if (first + n_vec) * 2 ** bits < 2 ** 31 else torch.int64  # int32: half the traffic
-        offsets = torch.arange(first, first + n_vec, device=codes.device, dtype=dtype)[:, None] * 2 ** bits
-        return codes.view(n_vec, -1) + offsets  # uint8 + int: one pass, promoted
-
-    @staticmethod
-    def _rebuild(codes: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict, reordered: bool):
-        """The (vectors, length) weight A + P B before the column scales, and None; with reordered=True and
-        the FFT form of P, each vector in Makhoul's order instead (no pass to put it back) and that order.
-        Built REBUILD_CHUNK weights at a time into one output: the temporaries (indices, B, its spectrum)
-        stay small, in cache, and are reused by the allocator instead of being mapped afresh each forward."""
-        out_f, in_f = header["shape"]
-        g, bits = header["group_size"], header["bits"]
-        n_vec = out_f * in_f // g  # a vector is part of a row, a row, or several whole rows
-        P = Transform(header["transform"], g, int(tensors["seed"][0]))
-        table_a, table_b = Kashin._tables(tensors, header, n_vec)
-        table_a, codes = table_a.reshape(-1), codes.view(n_vec, g)
-        fft = table_b is not None and not P.dense
-        order, inverse = P.order(codes.device) if fft else (None, None)
-        w = torch.empty(n_vec, g, device=codes.device)
-        step = max(1, REBUILD_CHUNK // g)
-        for first in range(0, n_vec, step):
-            last = min(n_vec, first + step)
-            part = w[first:last]
-            idx = Kashin._indices(codes[first:last], last - first, bits, first)
-            if fft:  # read the codes in the FFT's order: B comes out ready for apply_reordered, A matches its output
-                idx = idx.index_select(1, order)
-            idx = idx.view(-1)
-            if table_b is None:
-                torch.index_select(table_a, 0, idx, out=part.view(-1))
-                continue
-            a = table_a.index_select(0, idx).view(-1, g)
-            b = table_b.reshape(-1).index_select(0, idx).view(-1, g)
-            if fft:
-                P.apply_reordered(b, out=part).add_(a)
-            else:
-                torch.addmm(a, b, P.matrix(b.device).T, out=part)
-        if fft and not reordered:
-            return w.index_select(1, inverse), None
-        return w, order
-
-    @staticmethod
-    def _rebuild_native(header: dict, P: "Transform", has_b: bool, lookup, combine, spectral_map) -> torch.Tensor:
-        """The column-scaled (vectors, length) weight from the fused kernels (lowbit.cpp), REBUILD_CHUNK weights
-        at a time so that B and P B stay in cache: lookup(first, fft, b) writes B of a block of vectors (in the
-        FFT's order when fft), P goes on it (by FFT, its middle step `spectral_map`, or P's dense matrix for
-        short vectors), and combine(first, pb, fft, out) writes (A + P B)·diag(col) in the natural order."""
-        out_f, in_f = header["shape"]
-        g = header["group_size"]
-        n_vec = out_f * in_f // g
-        fft = has_b and not P.dense
-        w = torch.empty(n_vec, g, dtype=torch.float32)  # the kernels' dtype, whatever torch's default
-        step = max(1, REBUILD_CHUNK // g)
-        b_block = torch.empty(min(step, n_vec), g, dtype=torch.float32) if has_b else None
-        for first in range(0, n_vec, step):
-            last = min(n_vec, first + step)
-            pb = None
-            if has_b:
-                b = b_block[: last - first]
-                lookup(first, fft, b)
-                pb = P.apply_reordered(b, spectral_map=spectral_map) if fft else b @ P.matrix(b.device).T
-            combine(first, pb, fft, w[first:last])
-        return w
-
-    @staticmethod
-    def _linear_on_activations(xc: torch.Tensor, codes: torch.Tensor, tensors: dict[str, torch.Tensor],
-                               header: dict) -> torch.Tensor | None:
-        """x_c Aᵀ + (Pᵀ x_c) Bᵀ for column-scaled inputs xc (tokens, in) as one matmul, float32; None when B
-        is 0 (then the weight route is A alone). A vector of `rows` whole rows gives output row j of its
-        block from the input placed at slot j of a zero vector of its length."""
-        out_f, in_f = header["shape"]
-        g, bits = header["group_size"], header["bits"]
-        n_vec = out_f * in_f // g
-        table_a, table_b = Kashin._tables(tensors, header, n_vec)
-        if table_b is None:
-            return None
-        # A and B of each weight side by side, (vectors · length, 2), from one lookup
-        ab = torch.stack([table_a, table_b], -1).view(-1, 2).index_select(0, Kashin._indices(codes, n_vec, bits).view(-1))
-        tokens = xc.shape[0]
-        inputs = torch.stack(Kashin._vector_inputs(xc, tensors, header), -1)
-        if g <= in_f:
-            return inputs.view(tokens, 2 * in_f) @ ab.view(out_f, 2 * in_f).T
-        rows = g // in_f
-        y = inputs.view(tokens * rows, 2 * g) @ ab.view(n_vec, 2 * g).T             # (tokens · rows, vectors)
-        return y.view(tokens, rows, n_vec).transpose(1, 2).reshape(tokens, out_f)
-
-    @staticmethod
-    def _vector_inputs(xc: torch.Tensor, tensors: dict[str, torch.Tensor], header: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """What each vector multiplies on the activation route, for column-scaled inputs xc (tokens, in): e, the
-        input cut into vectors (tokens, in / g, g), or for vectors of r whole rows placed at slot j of a zero
-        vector for output row j (tokens, r, g); and u = Pᵀ e."""
-        in_f, g = header["shape"][1], header["group_size"]
-        P = Transform(header["transform"], g, int(tensors["seed"][0]))
-        tokens = xc.shape[0]
-        if g <= in_f:
-            e = xc.view(tokens, in_f // g, g)
-        else:
-            rows = g // in_f
-            e = xc.new_zeros(tokens, rows, rows, in_f)
-            e.diagonal(dim1=1, dim2=2).copy_(xc[:, :, None])  # e[t, j, j] = x_t: row j of the block reads slot j
-            e = e.view(tokens, rows, g)
-        return e, P.rows(e, transpose=True)
-
-    @classmethod
-    def native_linear(cls, ops, codes, tensors, header, bias):
-        """The closed codebook's kernels (lowbit.cpp KashinLayer), by the number of tokens: up to TABLE_KERNEL_TOKENS
-        the table route (kashin_linear: the codes read through per-vector tables, against x_c and u = Pᵀ x_c), up to
-        ACTIVATION_ROUTE_TOKENS the middle route (KashinLayer.middle: A and B decoded a block of rows at a time, one
-        matmul; vectors within a row of up to 4 bits, others keep the table route up to TABLE_ONLY_TOKENS), above
-        that the weight rebuilt by the weight-route kernels (`_rebuild_native`) and multiplied once. Vectors up to
-        ACTIVATION_DENSE_MAX long hand P's dense matrix to the kernels, longer ones apply P by FFT here first. Other
-        forms and codebooks have no kernel."""
-        out_f, in_f = header["shape"]
-        g, bits = header["group_size"], header["bits"]
-        if header["form"] != "vector" or header["codebook"] != "closed":
-            return None
-        P = Transform(header["transform"], g, int(tensors["seed"][0]))
-        col = tensors["col_scale"].float() if "col_scale" in tensors else None
-        # log-coded step sizes: the 256 values the codes stand for, once here instead of exp2 per vector per call
-        log_values = (log8_decode(torch.arange(256, dtype=torch.uint8), tensors["log_range"]).contiguous()
-                      if "log_range" in tensors else None)
-        steps = (tensors["steps"], tensors.get("scale"), log_values, tensors["domains"])
-        n_vec, rows = out_f * in_f // g, (g // in_f if g > in_f else 1)
-        # the middle route (vectors within a row, up to 4 bits): A and B decoded a block of rows at a time, one matmul
-        middle = g <= in_f and g % 2 == 0 and bits <= 4
-        # the thresholds as when bound
-        table_tokens = TABLE_KERNEL_TOKENS if middle else min(TABLE_ONLY_TOKENS, ACTIVATION_ROUTE_TOKENS)
-        activation_tokens = ACTIVATION_ROUTE_TOKENS
-        lookup = functools.partial(ops.kashin_lookup, codes, *steps, n_vec, g, bits)
-        combine = functools.partial(ops.kashin_combine, codes, *steps, n_vec, g, bits, col, in_f)
-        has_b = bool(tensors["domains"].any())
-
-        def weight_route(x: torch.Tensor) -> torch.Tensor:  # many tokens: the weight rebuilt once, then one matmul
-            w = cls._rebuild_native(header, P, has_b, lookup, combine, ops.spectral_map)
-            return F.linear(x, w.view(out_f, in_f), bias)
-
-        # the kernel applies P's matrix itself when it is dense (the random P's QR factor is column-major)
-        dense = P.dense or g <= ACTIVATION_DENSE_MAX
-        fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device).contiguous() if dense else None, bias,
-                                out_f, in_f, g, bits)
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            if x.shape[-1] != in_f:
-                return weight_route(x)  # (F.linear names the wrong width)
-            tokens = x.numel() // in_f * rows
-            if dense and tokens <= table_tokens:  # one token of a decode step: as little Python as possible
-                return fused(x)
-            if tokens > activation_tokens or (tokens > table_tokens and not middle):
-                return weight_route(x)
-            x2 = x.reshape(-1, in_f)
-            u = None if dense else cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1]
-            return fused(x, u) if tokens <= table_tokens else fused.middle(x, u)
-        return run

@@ -719,6 +719,32 @@ inline void lookup_codes(const uint8_t* c, int64_t half, const float* table, boo
   for (; m < half; ++m) out[2 * m] = table[c[m] & 15], out[2 * m + 1] = table[c[m] >> 4];
 }
 
+// even[m] += s · T[q_2m], odd[m] += s · T[q_2m+1] over the 2·half nibble codes at c, for each of the one or two
+// tables T (A and B of one vector, read with the same codes: one load and split of each 8 bytes serves both).
+// The outputs stay split into even and odd entries until the caller's last input (no interleave per input).
+inline void add_codes(const uint8_t* c, int64_t half, float s, bool wide, const float* table_a, float* a_even,
+                      float* a_odd, const float* table_b, float* b_even, float* b_odd) {
+  int64_t m = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 sv = _mm256_set1_ps(s);
+  const __m256i mask = _mm256_set1_epi32(15);
+  auto scaled = [&](const float* t, int at) { return t ? _mm256_mul_ps(sv, _mm256_loadu_ps(t + at)) : sv; };
+  const __m256 a_lo = scaled(table_a, 0), a_hi = wide ? scaled(table_a, 8) : a_lo;
+  const __m256 b_lo = scaled(table_b, 0), b_hi = wide ? scaled(table_b, 8) : b_lo;
+  auto add = [](float* out, __m256 v) { _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), v)); };
+  for (; m + 8 <= half; m += 8) {
+    const __m256i b = eight_bytes(c + m);
+    const __m256i even = _mm256_and_si256(b, mask), odd = _mm256_srli_epi32(b, 4);
+    if (table_a) add(a_even + m, lookup(even, a_lo, a_hi, wide)), add(a_odd + m, lookup(odd, a_lo, a_hi, wide));
+    if (table_b) add(b_even + m, lookup(even, b_lo, b_hi, wide)), add(b_odd + m, lookup(odd, b_lo, b_hi, wide));
+  }
+#endif
+  for (; m < half; ++m) {
+    if (table_a) a_even[m] += s * table_a[c[m] & 15], a_odd[m] += s * table_a[c[m] >> 4];
+    if (table_b) b_even[m] += s * table_b[c[m] & 15], b_odd[m] += s * table_b[c[m] >> 4];
+  }
+}
+
 // out = table[q] over vector v's codes, in the natural order or Makhoul's
 void kashin_values(const KashinVectors& vec, int64_t v, const float* table, bool makhoul, float* out) {
   const int64_t g = vec.group;
@@ -959,6 +985,48 @@ struct KashinLayer {
     add_bias(y.data_ptr<float>(), tokens, out_f, bias);
     return y;
   }
+  // Vectors along Ŵ's columns (kashin_gptq.py): this layer is bound to Ŵᵀ (out_f = Ŵ's inputs, in_f = group = its
+  // outputs), whose row v is A_v + P B_v, so y = Σ_v x_v A_v + P Σ_v x_v B_v: per input its two tables scaled by
+  // x_v and read with the codes of its row, summed over the outputs, then P once per token. With P's dense matrix
+  // bound (given transposed: P z = Σ_n z_n M[n, ·]) y is returned; without (long columns: P by FFT in the caller)
+  // the two sums (A part + b, B part), as (2, …, outputs).
+  torch::Tensor columns(const torch::Tensor& x_in, bool parts) const {
+    const float* colp;
+    const torch::Tensor x = checked_input(x_in, out_f, c10::nullopt, &colp);
+    TORCH_CHECK(group == in_f && in_f % 2 == 0 && bits <= 4 && !col.has_value(), "lowbit: columns needs one vector "
+                "per row of an even length, at most 4 bits and no column scales");
+    TORCH_CHECK(parts || transform.has_value(), "lowbit: columns needs P's dense matrix (else columns_parts)");
+    const KashinDecoded& d = decoded();
+    const int64_t tokens = x.numel() / out_f, half = in_f / 2;
+    const bool wide = d.entries == 16;
+    torch::Tensor y = parts ? torch::empty({2, tokens, in_f}, x.options()) : output(x_in, in_f, bias);
+    float* yp = y.data_ptr<float>();
+    const uint8_t* c = codes.data_ptr<uint8_t>();
+    const float* xp = x.data_ptr<float>();
+    TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == torch::kFloat32 && bias->numel() == in_f),
+                "lowbit: bias must be one float32 value per output");
+    std::vector<float> sums(4 * half), b(in_f), pb(in_f);
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::fill(sums.begin(), sums.end(), 0.f);
+      float *a_even = sums.data(), *a_odd = a_even + half, *b_even = a_odd + half, *b_odd = b_even + half;
+      for (int64_t v = 0; v < out_f; ++v) {
+        const float s = xp[t * out_f + v];
+        if (s == 0.f) continue;
+        const float* table = d.tables.data() + 2 * v * d.entries;
+        add_codes(c + v * half, half, s, wide, d.has[v] & 1 ? table : nullptr, a_even, a_odd,
+                  d.has[v] & 2 ? table + d.entries : nullptr, b_even, b_odd);
+      }
+      float* yt = yp + t * in_f;
+      float* bt = parts ? yp + (tokens + t) * in_f : b.data();
+      for (int64_t m = 0; m < half; ++m)
+        yt[2 * m] = a_even[m], yt[2 * m + 1] = a_odd[m], bt[2 * m] = b_even[m], bt[2 * m + 1] = b_odd[m];
+      if (parts || !d.any_b) continue;
+      weighted_rows(b.data(), transform->data_ptr<float>(), in_f, in_f, pb.data());
+      for (int64_t m = 0; m < in_f; ++m) yt[m] += pb[m];
+    }
+    add_bias(yp, tokens, in_f, bias);
+    return y;
+  }
   torch::Tensor operator()(const torch::Tensor& x, const c10::optional<torch::Tensor>& u) const {
     return kashin_linear(u, codes, decoded(), domains, col, u.has_value() ? c10::nullopt : transform, bias, out_f,
                          in_f, group, bits, x);
@@ -988,7 +1056,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }))
       .def("__call__", &KashinLayer::operator(), pybind11::arg("x"), pybind11::arg("u") = pybind11::none())
       .def("ab_rows", &KashinLayer::ab_rows, pybind11::arg("first"), pybind11::arg("out"))
-      .def("middle", &KashinLayer::middle, pybind11::arg("x"), pybind11::arg("u") = pybind11::none());
+      .def("middle", &KashinLayer::middle, pybind11::arg("x"), pybind11::arg("u") = pybind11::none())
+      .def("columns", [](const KashinLayer& layer, const torch::Tensor& x) { return layer.columns(x, false); })
+      .def("columns_parts", [](const KashinLayer& layer, const torch::Tensor& x) { return layer.columns(x, true); });
   pybind11::class_<AffineLayer>(m, "AffineLayer", pybind11::module_local(), "affine_linear bound to one layer: layer(x)")
       .def(pybind11::init([](torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
                              c10::optional<torch::Tensor> col, c10::optional<torch::Tensor> bias, int64_t out_f,
