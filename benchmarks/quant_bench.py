@@ -18,7 +18,8 @@ Configurations: RTN, HQQ and GPTQ at 2/3/4 bits × group 32/64/128/192/per row (
 of a model is skipped there; layers it does not divide are quantized per row, listed in the row); RTN and
 GPTQ at group 64 and per row with compact, searched grids (-compact: lf.plan's GPTQ candidates);
 column scaling (col_scale=True) on RTN/HQQ at groups 64 and per row; Kashin at 2/3/4 bits with and
-without column scaling, vectors spanning two rows, the per-layer layout choice; lf.plan at 2.5/3.0/3.5
+without column scaling, vectors spanning two rows, the per-layer layout choice; KashinGPTQ (Kashin's
+closed codebook on W's columns inside GPTQ's compensation, calibrated as GPTQ is) at 2/3/4 bits; lf.plan at 2.5/3.0/3.5
 bits (its defaults) and with the block-influence profile (use_profile=True, the ablation), and lf.plan at
 uniform Kashin-3's honest bits/weight. Families missing from this version of the library
 are listed as skipped, with the reason, never measured.
@@ -91,15 +92,17 @@ GROUPS = (32, 64, 128, 192, None)  # None = one group per row
 PROMPT = "Once upon a time, there was a little girl named Lily."
 LATENCY_MODES = ("default", "decode", "cache")  # latency_child: the quantized forwards timed
 CACHE = Path(tempfile.gettempdir()) / "leanformer-quant-bench"  # --cache's default
-LATENCY_SUBSET = ("kashin-3", "rtn-3-g64", "hqq-3-g64", "gptq-3-g64", "gptq-3-row-compact", "plan-3.0", "kashin-4",
-                  "rtn-4-g64", "hqq-4-g64")
-SMOKE_SUBSET = ("rtn-3-g64", "hqq-3-g192", "gptq-3-g64", "rtn-3-row-col", "kashin-3", "kashin-3-span2", "plan-3.0")
+LOW_BITS = ("kashin-3", "kashin-gptq-3", "rtn-3-g64", "hqq-3-g64", "gptq-3-g64", "gptq-3-row-compact", "plan-3.0")
+LATENCY_SUBSET = (*LOW_BITS, "kashin-4", "rtn-4-g64", "hqq-4-g64")  # LOW_BITS: the ≤3-bit models the targets read
+SMOKE_SUBSET = ("rtn-3-g64", "hqq-3-g192", "gptq-3-g64", "rtn-3-row-col", "kashin-3", "kashin-3-span2", "kashin-gptq-3",
+                "plan-3.0")
 SMOKE_LATENCY = ("kashin-3",)
 FAMILY_STYLE = {  # plot colour and marker per family
     "rtn": ("tab:blue", "o"), "rtn+col": ("tab:cyan", "o"), "hqq": ("tab:green", "s"),
     "hqq+col": ("tab:olive", "s"), "gptq": ("darkgoldenrod", "P"), "gptq-compact": ("saddlebrown", "X"),
     "rtn-compact": ("navy", "o"), "kashin": ("tab:red", "D"), "kashin-nocol": ("tab:pink", "D"),
-    "kashin-span": ("tab:purple", "^"), "kashin-auto": ("tab:brown", "v"), "plan": ("black", "*"),
+    "kashin-span": ("tab:purple", "^"), "kashin-auto": ("tab:brown", "v"), "kashin-gptq": ("crimson", "h"),
+    "plan": ("black", "*"),
     "plan-profile": ("tab:gray", "*"), "plan-matched": ("tab:orange", "*"),
 }
 
@@ -158,6 +161,14 @@ def _kashin(bits: int, **fields):
     return make
 
 
+def _kashin_gptq(bits: int):
+    def make(ctx):
+        if not hasattr(lf, "KashinGPTQ"):
+            raise Unavailable("KashinGPTQ is not in this version of leanformer")
+        return lf.KashinGPTQ(bits=bits, cache=True, calibration=ctx["calibration"], tokenizer=ctx["tokenizer"])
+    return make
+
+
 _MEASURED_PLANS: dict[int, object] = {}  # id(calibration texts) → the plan measured on them (one per model)
 
 
@@ -212,6 +223,8 @@ def specs() -> list[Spec]:
         out.append(Spec(f"kashin-{bits}-span2", "kashin-span", bits, _kashin(bits, rows_per_vector=2), 20.0))
     # the per-layer layout search encodes up to 12 candidate layouts per layer: 3 bits only
     out.append(Spec("kashin-3-auto", "kashin-auto", 3, _kashin(3, layout="auto"), 150.0))
+    for bits in (2, 3, 4):
+        out.append(Spec(f"kashin-gptq-{bits}", "kashin-gptq", bits, _kashin_gptq(bits), 60.0))
     for t in (2.5, 3.0, 3.5):
         out.append(Spec(f"plan-{t}", "plan", t, _plan(t, False), 90.0))  # lf.plan's defaults
         out.append(Spec(f"plan-{t}-profile", "plan-profile", t, _plan(t, True), 90.0))
@@ -1008,7 +1021,6 @@ def _lat(rows: Rows, model: str, label: str) -> dict | None:
 def targets(summary: dict, rows: Rows) -> list[dict]:
     """Each target with the numbers that decide it: met, missed, or not measured."""
     out = []
-    low = ("kashin-3", "rtn-3-g64", "hqq-3-g64", "gptq-3-g64", "gptq-3-row-compact", "plan-3.0")
     # each reads the same-process alternating timing against fp32 (latency_child's paired keys), which cancels the
     # machine's drift; a row without it counts as not measured
     for name, model, paired, ok in (
@@ -1018,13 +1030,13 @@ def targets(summary: dict, rows: Rows) -> list[dict]:
              "minilm", "paired", lambda ratio: ratio <= 1.2),
             ("≤3-bit models at batch 1 on minilm at least as fast as fp32 (one sentence per forward, ms per sentence, "
              "default forward; a reading beyond the issue's list)", "minilm", "paired_single", lambda ratio: ratio <= 1.0)):
-        found = {lab: r[paired] for lab in low if (r := _lat(rows, model, lab)) is not None and paired in r}
+        found = {lab: r[paired] for lab in LOW_BITS if (r := _lat(rows, model, lab)) is not None and paired in r}
         if not found:
             out.append({"target": name, "status": "not measured", "detail": "no latency rows yet"})
             continue
         detail = {k: {"value": p["value"], "fp32": p["fp32"], "ratio": p["ratio"], "met": ok(p["ratio"]),
                       "quartiles": p.get("ratio_quartiles")} for k, p in found.items()}
-        missing = [lab for lab in low if lab not in found]
+        missing = [lab for lab in LOW_BITS if lab not in found]
         status = "missed" if not all(d["met"] for d in detail.values()) else "incomplete" if missing else "met"
         control = (_lat(rows, model, "fp32") or {}).get(paired)  # fp32 against a second copy: the noise floor
         out.append({"target": name, "status": status, "detail": detail, "missing": missing,
@@ -1088,13 +1100,15 @@ def markdown(res: dict) -> str:
         lines += ["**Smoke run: tiny random models and toy data; the numbers mean nothing.**", ""]
     lines += ["Bits/w: every stored byte of the quantized Linear layers (codes, scales, zeros, step sizes, column "
               "scales, codebooks, seeds) per weight (lf.size_report). Embeddings, norms, biases and heads stay fp32.", "",
-              f"Calibration (GPTQ and lf.plan; no other method reads data): {st['calibration']} SST-2 training "
-              f"sentences after the embedding sentences; the last {st['story_calibration']} TinyStories validation "
+              f"Calibration (GPTQ, KashinGPTQ and lf.plan; no other method reads data): {st['calibration']} SST-2 "
+              f"training sentences after the embedding sentences; the last {st['story_calibration']} TinyStories validation "
               "stories (the perplexity windows come from the file's start). GPTQ runs with its defaults: act order "
               "with static groups, sequential, 1 % damping, up to 4,096 calibration tokens, float16 scales and minima. "
               "The -compact rows (RTN and GPTQ) store each group's grid as lf.plan's GPTQ candidates do: an 8-bit "
               "log-coded scale, an integer zero point in b bits, the range searched (scale_bits=8, "
-              "zero_point='integer', clip=True).", ""]
+              "zero_point='integer', clip=True). KashinGPTQ (kashin-gptq rows) runs with its defaults, GPTQ's "
+              "calibration and compensation (act order, sequential, 1 % damping) and Kashin's closed codebook on each "
+              "column of W (DCT, 4 sweeps, 8-bit step sizes).", ""]
     lines += ["## Targets", "", "| target | status | numbers |", "|---|---|---|"]
     for t in res["targets"]:
         lines.append(f"| {t['target']} | **{t['status']}** | {_target_numbers(t)} |")
