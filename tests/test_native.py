@@ -120,13 +120,24 @@ def test_kashin_takes_each_route_by_its_token_count(ops, monkeypatch, make, in_f
         def __init__(self, *args):
             self.inner = ops.KashinLayer(*args)
 
-        def __call__(self, x, u=None):
+        def table(self, x, u=None):
             taken.append("table")
-            return self.inner(x, u)
+            return self.inner.table(x, u)
 
         def middle(self, x, u=None):
             taken.append("middle")
             return self.inner.middle(x, u)
+
+        def bind_route(self, direct_tokens, columns, fallback):  # the kernel's own router, spied on
+            self.inner.bind_route(direct_tokens, columns, lambda x: "fallback")
+            self.fallback = fallback
+
+        def __call__(self, x):
+            y = self.inner(x)
+            if isinstance(y, str):
+                return self.fallback(x)
+            taken.append("table")
+            return y
 
     spy_ops = type("SpyOps", (), {"__getattr__": lambda self, name: getattr(ops, name), "KashinLayer": Spy})()
     monkeypatch.setattr(native, "ops", lambda: spy_ops)
@@ -210,6 +221,20 @@ def test_cache_and_kernel_switches_rebind(ops):
         assert layer._bind_native()
     with pytest.raises(LeanformerError, match="unknown kernel 'fast'"):
         layer.kernel = "fast"
+
+
+def test_a_kernel_that_routes_itself_is_freed_with_its_binding(ops):
+    """The kernel holds its Python router and the router must not hold the kernel: a dropped binding is freed by
+    reference counting (no cycle through the C++ object, which the garbage collector cannot see)."""
+    import weakref
+
+    layer = quantized(lf.Kashin(bits=3), 16, 32)
+    with torch.no_grad():
+        layer(torch.randn(1, 32))
+        bound = weakref.ref(layer._native_fn)
+        layer(torch.randn(40, 32))  # past the kernel's own route: its router runs, and still holds nothing back
+        layer.kernel = "native"  # rebinds on the next call
+    assert bound() is None
 
 
 def test_real_model_generates_the_same_tokens(ops, make_tiny_llama):

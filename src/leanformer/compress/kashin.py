@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import ClassVar
@@ -640,8 +641,9 @@ class KashinForm(QuantConfig):
         ACTIVATION_ROUTE_TOKENS the middle route (KashinLayer.middle: A and B decoded a block of rows at a time, one
         matmul; vectors within a row of up to 4 bits, others keep the table route up to TABLE_ONLY_TOKENS), above
         that the weight rebuilt by the weight-route kernels (`_rebuild_native`) and multiplied once. Vectors up to
-        ACTIVATION_DENSE_MAX long hand P's dense matrix to the kernels, longer ones apply P by FFT here first. Other
-        forms and codebooks have no kernel."""
+        ACTIVATION_DENSE_MAX long hand P's dense matrix to the kernels, longer ones apply P by FFT here first; with
+        P dense the layer calls the kernel object itself, which takes the table route and hands other inputs to the
+        router here (KashinLayer.bind_route). Other forms and codebooks have no kernel."""
         out_f, in_f = header["shape"]
         g, bits = header["group_size"], header["bits"]
         if header["form"] != "vector" or header["codebook"] != "closed":
@@ -673,19 +675,23 @@ class KashinForm(QuantConfig):
         dense = P.dense or g <= ACTIVATION_DENSE_MAX
         fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device).contiguous() if dense else None, bias,
                                 out_f, in_f, g, bits)
+        # with P dense the kernel routes a few tokens itself and hands the rest to `run`, which then must not hold it
+        # (a reference cycle through the C++ object that the garbage collector cannot see)
+        kernel = weakref.ref(fused) if dense else (lambda: fused)
 
         def run(x: torch.Tensor) -> torch.Tensor:
             if x.shape[-1] != in_f:
                 return weight_route(x)  # (F.linear names the wrong width)
             tokens = x.numel() // in_f * rows
-            if dense and tokens <= table_tokens:  # one token of a decode step: as little Python as possible
-                return fused(x)
             if tokens > activation_tokens or (tokens > table_tokens and not middle):
                 return weight_route(x)
             x2 = x.reshape(-1, in_f)
             u = None if dense else cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1]
-            return fused(x, u) if tokens <= table_tokens else fused.middle(x, u)
-        return run
+            return kernel().table(x, u) if tokens <= table_tokens else kernel().middle(x, u)
+        if not dense:
+            return run
+        fused.bind_route(table_tokens, False, run)  # one token of a decode step: no Python past the module
+        return fused
 
     @classmethod
     def _native_columns(cls, ops, codes, tensors, transposed, bias):
@@ -706,18 +712,21 @@ class KashinForm(QuantConfig):
         fused = ops.KashinLayer(codes, *steps, None, P.matrix(codes.device).T.contiguous() if dense else None, bias,
                                 in_f, out_f, out_f, bits)
         table = bits <= 4 and out_f % 2 == 0
+        # with P dense the kernel routes a few tokens itself and hands the rest to `run`, which then must not hold it
+        parts = None if dense else fused  # long columns: the kernel's two sums, then P by FFT here
 
         def run(x: torch.Tensor) -> torch.Tensor:
             if x.shape[-1] != in_f:
                 return None  # (linear names the wrong width)
-            if table and x.numel() // in_f <= TABLE_ONLY_TOKENS:
-                if dense:
-                    return fused.columns(x)
-                y_a, y_b = fused.columns_parts(x)
+            if table and parts is not None and x.numel() // in_f <= TABLE_ONLY_TOKENS:
+                y_a, y_b = parts.columns_parts(x)
                 return (y_a + P.apply(y_b)).view(*x.shape[:-1], out_f)
             w = cls._rebuild_native(transposed, P, has_b, lookup, combine, ops.spectral_map)
             return F.linear(x, w.view(in_f, out_f).T, bias)
-        return run
+        if not (table and dense):
+            return run
+        fused.bind_route(TABLE_ONLY_TOKENS, True, run)
+        return fused
 
 
 # --------------------------------------------------------------------------------------------
