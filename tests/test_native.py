@@ -237,6 +237,21 @@ def test_a_kernel_that_routes_itself_is_freed_with_its_binding(ops):
     assert bound() is None
 
 
+@pytest.mark.parametrize("make", [lambda: lf.Kashin(bits=3), lambda: lf.RTN(bits=3, group_size=16)])
+def test_a_model_with_bound_kernels_deep_copies(ops, make):
+    """copy.deepcopy (and pickle) of a model that has run: the copy binds its own kernel on first use."""
+    import copy
+
+    net = nn.Sequential(nn.Linear(32, 16))
+    lf.quantize(net, make(), progress=False)
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        y = net(x)
+        assert net[0]._native_fn
+        twin = copy.deepcopy(net)
+        assert torch.equal(twin(x), y) and twin[0]._native_fn is not net[0]._native_fn
+
+
 def test_real_model_generates_the_same_tokens(ops, make_tiny_llama):
     model = make_tiny_llama(layers=2, vocab_size=64)
     lf.quantize(model, lf.Kashin(bits=3), progress=False)

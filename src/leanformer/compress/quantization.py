@@ -405,6 +405,9 @@ class QuantizedLinear(nn.Module):
         every forward); not a parameter, and rebuilt on each read unless cache=True."""
         return self.dequantize()
 
+    def __getstate__(self):  # a copy or pickle rebinds its kernel on first use: a bound kernel (C++) is not copyable
+        return {**super().__getstate__(), "_native_fn": None}
+
     def _apply(self, fn, *args, **kwargs):  # .to(device) must not leave a stale weight, kernel binding or grid behind
         self._cached = self._native_fn = self._runtime = None
         return super()._apply(fn, *args, **kwargs)
