@@ -75,6 +75,10 @@ FORMS = ("vector", "matrix")
 # and 8 tokens and the weight route takes over between 24 and 64 on MiniLM's 384-1536 wide layers and stories260K's
 # 64-172 wide ones (between 16 and 24 on the 384 x 1536 one).
 ACTIVATION_ROUTE_TOKENS = 24
+# Layers of column vectors (KashinGPTQ): the middle route up to here, then the weight route. One thread, 3 bits: the two
+# tie at 64 tokens on MiniLM's 384-1536 wide layers and stories260K's 64-172 wide ones, the middle route 0.6-0.8x the
+# weight route's time at 32 and 1.3-1.9x at 128 (same process).
+COLUMN_MIDDLE_TOKENS = 48
 TABLE_KERNEL_TOKENS = 4
 # layouts without the middle route (vectors spanning rows, more than 4 bits, odd lengths) keep the table route up to
 # where the weight route caught up with it before there was a middle one (12-24 tokens, route_crossover at 4f54491)
@@ -697,8 +701,9 @@ class KashinForm(QuantConfig):
     def _native_columns(cls, ops, codes, tensors, transposed, bias):
         """Vectors along Ŵ's columns (`transposed`: the header of Ŵᵀ): up to TABLE_ONLY_TOKENS tokens the table
         route (KashinLayer.columns: per input its tables scaled by x_i and read with its codes, summed over the
-        outputs; P's dense matrix on each token's P-domain sum, or by FFT here for longer columns), above that Ŵᵀ
-        rebuilt by the weight-route kernels and multiplied once."""
+        outputs; P's dense matrix on each token's P-domain sum, or by FFT here for longer columns), up to
+        COLUMN_MIDDLE_TOKENS the middle route (KashinLayer.columns_middle: x A and x B by blocks of decoded rows, P
+        once per token), above that Ŵᵀ rebuilt by the weight-route kernels and multiplied once."""
         in_f, out_f = transposed["shape"]
         bits = transposed["bits"]
         P = Transform(transposed["transform"], out_f, int(tensors["seed"][0]))
@@ -713,13 +718,18 @@ class KashinForm(QuantConfig):
                                 in_f, out_f, out_f, bits)
         table = bits <= 4 and out_f % 2 == 0
         # with P dense the kernel routes a few tokens itself and hands the rest to `run`, which then must not hold it
-        parts = None if dense else fused  # long columns: the kernel's two sums, then P by FFT here
+        kernel = weakref.ref(fused) if dense else (lambda: fused)
 
         def run(x: torch.Tensor) -> torch.Tensor:
             if x.shape[-1] != in_f:
                 return None  # (linear names the wrong width)
-            if table and parts is not None and x.numel() // in_f <= TABLE_ONLY_TOKENS:
-                y_a, y_b = parts.columns_parts(x)
+            tokens = x.numel() // in_f
+            if table and tokens <= COLUMN_MIDDLE_TOKENS:
+                if dense:  # (up to TABLE_ONLY_TOKENS the kernel took its table route)
+                    return kernel().columns_middle(x)
+                # long columns: the kernel's two sums, then P by FFT here
+                y_a, y_b = (kernel().columns_parts(x) if tokens <= TABLE_ONLY_TOKENS else
+                            kernel().columns_middle_parts(x))
                 return (y_a + P.apply(y_b)).view(*x.shape[:-1], out_f)
             w = cls._rebuild_native(transposed, P, has_b, lookup, combine, ops.spectral_map)
             return F.linear(x, w.view(in_f, out_f).T, bias)

@@ -1037,6 +1037,36 @@ struct KashinLayer {
     return kashin_linear(u, codes, decoded(), domains, col, u.has_value() ? c10::nullopt : transform, bias, out_f,
                          in_f, group, bits, x);
   }
+  // The middle route of a layer of column vectors (bound to Ŵᵀ as for `columns`): [x A | x B] summed over blocks of
+  // inputs, A and B decoded a block at a time by ab_rows (they stay in cache; no weight-sized buffer), one matmul
+  // per block; then y = x A + P (x B) (+ b) with P's dense matrix, or without it the two sums as for columns_parts.
+  torch::Tensor columns_middle(const torch::Tensor& x_in, bool parts) const {
+    const float* colp;
+    const torch::Tensor x = checked_input(x_in, out_f, c10::nullopt, &colp);
+    TORCH_CHECK(parts || transform.has_value(), "lowbit: columns_middle needs P's dense matrix (or parts)");
+    const int64_t tokens = x.numel() / out_f;
+    const torch::Tensor x2 = x.reshape({tokens, out_f});
+    torch::Tensor sums = torch::zeros({tokens, 2 * in_f}, x.options());
+    const int64_t block_rows = std::max<int64_t>(1, std::min<int64_t>(out_f, (int64_t(1) << 17) / (2 * in_f)));
+    torch::Tensor block = torch::empty({block_rows, 2 * in_f}, x.options());
+    for (int64_t first = 0; first < out_f; first += block_rows) {
+      const int64_t n = std::min(block_rows, out_f - first);
+      torch::Tensor part = block.narrow(0, 0, n);
+      ab_rows(first, part);
+      sums.addmm_(x2.narrow(1, first, n), part);
+    }
+    torch::Tensor y_a = sums.narrow(1, 0, in_f), y_b = sums.narrow(1, in_f, in_f);
+    if (parts) {
+      torch::Tensor out = at::stack({y_a, y_b});
+      if (bias.has_value()) out[0].add_(*bias);
+      return out;
+    }
+    torch::Tensor y = at::addmm(y_a, y_b, *transform);  // P z = Σ_n z_n M[n, ·] (M: P's matrix transposed)
+    if (bias.has_value()) y.add_(*bias);
+    std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+    shape.back() = in_f;
+    return y.view(shape);
+  }
   pybind11::object routed(const torch::Tensor& x) const {
     const int64_t width = direct_columns ? out_f : in_f, rows = group > in_f ? group / in_f : 1;
     if (transform.has_value() && x.dim() >= 1 && x.size(-1) == width && x.numel() / width * rows <= direct_tokens)
@@ -1076,7 +1106,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("ab_rows", &KashinLayer::ab_rows, pybind11::arg("first"), pybind11::arg("out"))
       .def("middle", &KashinLayer::middle, pybind11::arg("x"), pybind11::arg("u") = pybind11::none())
       .def("columns", [](const KashinLayer& layer, const torch::Tensor& x) { return layer.columns(x, false); })
-      .def("columns_parts", [](const KashinLayer& layer, const torch::Tensor& x) { return layer.columns(x, true); });
+      .def("columns_parts", [](const KashinLayer& layer, const torch::Tensor& x) { return layer.columns(x, true); })
+      .def("columns_middle", [](const KashinLayer& layer, const torch::Tensor& x) {
+        return layer.columns_middle(x, false); })
+      .def("columns_middle_parts", [](const KashinLayer& layer, const torch::Tensor& x) {
+        return layer.columns_middle(x, true); });
   pybind11::class_<AffineLayer>(m, "AffineLayer", pybind11::module_local(), "affine_linear bound to one layer: layer(x)")
       .def(pybind11::init([](torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
                              c10::optional<torch::Tensor> col, c10::optional<torch::Tensor> bias, int64_t out_f,
