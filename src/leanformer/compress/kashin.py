@@ -177,8 +177,9 @@ def _dct_matrix(n: int, seed: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
-def _dense_on(kind: str, n: int, seed: int, device: torch.device) -> torch.Tensor:
-    return _matrix(kind, n, seed).to(device)
+def _dense_on(kind: str, n: int, seed: int, device: torch.device, transpose: bool = False) -> torch.Tensor:
+    m = _matrix(kind, n, seed).to(device)
+    return (m.T if transpose else m).contiguous()  # (the random P's QR factor is column-major)
 
 
 class Transform:
@@ -220,9 +221,10 @@ class Transform:
             spectrum.mul_(coef)
         return torch.fft.irfft(spectrum, n=self.n, out=out)
 
-    def matrix(self, device: torch.device) -> torch.Tensor:
-        """P as a dense (n, n) matrix M (P z = M z; rows z: z @ Mᵀ), cached per (kind, n, seed, device)."""
-        return _dense_on(self.kind, self.n, self.seed, device)
+    def matrix(self, device: torch.device, transpose: bool = False) -> torch.Tensor:
+        """P as a dense (n, n) matrix M (P z = M z; rows z: z @ Mᵀ), or Mᵀ contiguous, cached per (kind, n, seed,
+        device): every layer of one vector length reads the same matrix, which then stays in cache."""
+        return _dense_on(self.kind, self.n, self.seed, device, transpose)
 
     @property
     def dense(self) -> bool:
@@ -675,10 +677,9 @@ class KashinForm(QuantConfig):
             w = cls._rebuild_native(header, P, has_b, lookup, combine, ops.spectral_map)
             return F.linear(x, w.view(out_f, in_f), bias)
 
-        # the kernel applies P's matrix itself when it is dense (the random P's QR factor is column-major)
+        # the kernel applies P's matrix itself when it is dense (one matrix per length, shared by every layer)
         dense = P.dense or g <= ACTIVATION_DENSE_MAX
-        fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device).contiguous() if dense else None, bias,
-                                out_f, in_f, g, bits)
+        fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device) if dense else None, bias, out_f, in_f, g, bits)
         # with P dense the kernel routes a few tokens itself and hands the rest to `run`, which then must not hold it
         # (a reference cycle through the C++ object that the garbage collector cannot see)
         kernel = weakref.ref(fused) if dense else (lambda: fused)
@@ -714,7 +715,7 @@ class KashinForm(QuantConfig):
         has_b = bool(tensors["domains"].any())
         dense = P.dense or out_f <= ACTIVATION_DENSE_MAX
         # the kernel computes P z as Σ_n z_n M[n, m]: P's matrix transposed
-        fused = ops.KashinLayer(codes, *steps, None, P.matrix(codes.device).T.contiguous() if dense else None, bias,
+        fused = ops.KashinLayer(codes, *steps, None, P.matrix(codes.device, transpose=True) if dense else None, bias,
                                 in_f, out_f, out_f, bits)
         table = bits <= 4 and out_f % 2 == 0
         # with P dense the kernel routes a few tokens itself and hands the rest to `run`, which then must not hold it

@@ -3,7 +3,7 @@ the quantizer inside GPTQ's Algorithm 1 (Frantar et al., ICLR 2023).
 
 GPTQ rounds one input column of W at a time and folds the column's error into the columns not yet rounded,
 through the inverse Hessian of the layer's output error. That update holds whatever rounds the column, as long
-as the column is rounded as a whole (the OBS step for one column, Frantar et al. eq. 3, reads only its error).
+as the column is rounded as a whole (Algorithm 1's update after a column reads only that column's error).
 So here each column of W, all `out` weights one input reaches, is one Kashin vector, rounded by the closed
 codebook (`kashin.closed_form`: `bits` greedy sign steps, each in the plain or the transformed domain, with
 least-squares step sizes and sweeps re-picking the signs), and GPTQ compensates it.
@@ -11,10 +11,12 @@ least-squares step sizes and sweeps re-picking the signs), and GPTQ compensates 
 Stored: a Kashin layer whose vectors are W's columns (header vectors="columns": the stored vectors are the
 rows of Wᵀ); per column `bits` step sizes as 8-bit log codes in one range per layer, and `bits` domain bits;
 the sign bits of each weight as its `bits`-bit code. Honest size: bits + (8 + 1) · bits / out per weight, plus
-12 bytes per layer (the log range and the transform's seed): at 2 bits 2.047 on MiniLM's 384-row layers.
+16 bytes per layer (the log range, two float32, and the transform's seed): at 2 bits 2.047 on MiniLM's 384-row
+layers.
 
 The forward (kashin.KashinForm) computes y = x Ŵᵀ = Σ_i x_i (a_i + P b_i) = x A + P (x B): P goes on the
-output, once per token, and the codes are read through per-column tables (lowbit.cpp KashinLayer.columns).
+output, once per token; the codes are read through per-column tables for a few tokens (lowbit.cpp
+KashinLayer.columns), A and B decoded by blocks for more (columns_middle), and for many the weight is rebuilt.
 
 Columns are rounded in act order (decreasing H_jj) by default; a column's vector does not depend on the order,
 so nothing about the order is stored.
