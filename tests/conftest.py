@@ -97,3 +97,14 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """The fused low-bit kernels (built on first use), or a skip where they cannot be built here."""
+    from leanformer.compress import native
+
+    module = native.ops()
+    if module is None:
+        pytest.skip("the fused kernels cannot be built on this machine (native.ops warned why)")
+    return module

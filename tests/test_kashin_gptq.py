@@ -57,14 +57,6 @@ def test_the_stored_bytes_are_the_honest_count():
     assert nbytes == pytest.approx(out_f * in_f * bits / 8 + in_f * per_column + 8 + 8, abs=1)
 
 
-@pytest.fixture(scope="module")
-def ops():
-    module = native.ops()
-    if module is None:
-        pytest.skip("the fused kernels cannot be built on this machine (native.ops warned why)")
-    return module
-
-
 @pytest.mark.parametrize("bits,out_f,in_f,transform", [
     (2, 64, 48, "dct"), (3, 96, 32, "random"), (4, 40, 24, "dct"), (3, 31, 20, "dct"),  # odd: no table route
     (2, ACTIVATION_DENSE_MAX + 88, 16, "dct")])  # long columns: P by FFT after the kernel's two sums

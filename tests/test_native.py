@@ -19,14 +19,6 @@ from leanformer.errors import LeanformerError
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-@pytest.fixture(scope="module")
-def ops():
-    module = native.ops()
-    if module is None:
-        pytest.skip("the fused kernels cannot be built on this machine (native.ops warned why)")
-    return module
-
-
 def quantized(config, out_f: int, in_f: int, bias: bool = True, seed: int = 0) -> QuantizedLinear:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(in_f, out_f, bias=bias))
