@@ -1095,8 +1095,9 @@ struct AffineLayer {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // module_local: the AVX2 and portable builds may both be loaded in one process (the tests compare them)
-  pybind11::class_<KashinLayer>(m, "KashinLayer", pybind11::module_local(), "kashin_linear bound to one layer: layer.table(x, u=None), layer.middle(x, u=None), "
-                                    "layer.columns(x); layer(x) routes (bind_route)")
+  pybind11::class_<KashinLayer>(m, "KashinLayer", pybind11::module_local(),
+                                "kashin_linear bound to one layer: layer.table(x, u=None), layer.middle(x, u=None), "
+                                "layer.columns(x); layer(x) routes (bind_route)")
       .def(pybind11::init([](torch::Tensor codes, torch::Tensor steps, c10::optional<torch::Tensor> scale,
                              c10::optional<torch::Tensor> log_values, torch::Tensor domains,
                              c10::optional<torch::Tensor> col, c10::optional<torch::Tensor> transform,
