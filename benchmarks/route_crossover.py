@@ -1,8 +1,11 @@
 """Where each of the fused kernels' routes stops paying: per layer shape, the time of one QuantizedLinear call by
 each route, and fp32's F.linear, for 1 to 64 tokens. One thread; the best of 5 × 3 calls each. Routes:
   table   (Kashin) the codes read per token through per-vector tables, P on the input (kashin.TABLE_KERNEL_TOKENS)
+          (KashinGPTQ, vectors along columns) per input its tables scaled by x_i, P on the output
+          (kashin.TABLE_ONLY_TOKENS)
   middle  (Kashin) A and B decoded a block of rows at a time, one matmul against x_c and u = Pᵀ x_c
           (up to kashin.ACTIVATION_ROUTE_TOKENS)
+          (KashinGPTQ) x A and x B by blocks of decoded rows, P on the output (kashin.COLUMN_MIDDLE_TOKENS)
   codes   (RTN/HQQ) the codes multiplied per token (quantization.NATIVE_MAX_TOKENS)
   weight  the weight rebuilt once, then one matmul
 
@@ -34,11 +37,16 @@ from leanformer.files import atomic_write_bytes, save_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = (1, 2, 4, 8, 12, 16, 24, 32, 64)
-CONFIGS = {"kashin-3": lambda: lf.Kashin(bits=3), "hqq-3-g64": lambda: lf.HQQ(bits=3, group_size=64)}
+# KashinGPTQ's routes do not depend on what it was calibrated on: random token ids give its Gram matrices
+CALIBRATION = [{"input_ids": torch.randint(0, 500, (8, 64), generator=torch.Generator().manual_seed(0))}]
+CONFIGS = {"kashin-3": lambda: lf.Kashin(bits=3),
+           "kashin-gptq-3": lambda: lf.KashinGPTQ(bits=3, calibration=CALIBRATION),
+           "hqq-3-g64": lambda: lf.HQQ(bits=3, group_size=64)}
 MODULES = {"kashin": kashin, "quantization": quantization}
 THRESHOLDS = {f"{m}.{name}": getattr(MODULES[m], name)  # the library's, restored after
               for m, name in (("kashin", "TABLE_KERNEL_TOKENS"), ("kashin", "TABLE_ONLY_TOKENS"),
-                              ("kashin", "ACTIVATION_ROUTE_TOKENS"), ("quantization", "NATIVE_MAX_TOKENS"))}
+                              ("kashin", "ACTIVATION_ROUTE_TOKENS"), ("kashin", "COLUMN_MIDDLE_TOKENS"),
+                              ("quantization", "NATIVE_MAX_TOKENS"))}
 ROUTES = {"kashin": ("table", "middle", "weight"), "affine": ("codes", "weight")}
 
 
@@ -57,7 +65,7 @@ def set_route(route: str) -> None:
     """Every call by this route (a layer reads the thresholds when it binds its kernels)."""
     always, never = 10 ** 9, 0
     kashin.TABLE_KERNEL_TOKENS = kashin.TABLE_ONLY_TOKENS = always if route == "table" else never
-    kashin.ACTIVATION_ROUTE_TOKENS = always if route in ("table", "middle") else never
+    kashin.ACTIVATION_ROUTE_TOKENS = kashin.COLUMN_MIDDLE_TOKENS = always if route in ("table", "middle") else never
     quantization.NATIVE_MAX_TOKENS = always if route == "codes" else never
 
 
@@ -80,7 +88,7 @@ def measure(model_name: str, label: str) -> list[dict]:
         for tokens in TOKENS:
             x = torch.randn(tokens, layer.in_features, generator=torch.Generator().manual_seed(tokens))
             times = {}
-            for route in ROUTES["kashin" if layer.method == "kashin" else "affine"]:
+            for route in ROUTES["kashin" if layer.method.startswith("kashin") else "affine"]:
                 set_route(route)
                 layer.kernel = "native"  # rebinds the kernels: the bound ones read the thresholds when bound
                 times[route] = best_us(layer, x)
