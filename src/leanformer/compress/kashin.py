@@ -78,7 +78,7 @@ ACTIVATION_ROUTE_TOKENS = 24
 # Layers of column vectors (KashinGPTQ): the table route up to TABLE_ONLY_TOKENS, the middle route up to here, then the
 # weight route. One thread, 3 bits (benchmarks/route_crossover.py): the middle route overtakes the table route between
 # 8 and 12 tokens on MiniLM's layers (between 4 and 8 on stories260K's 172-row ones), and the weight route ties with
-# it between 32 and 64 (at 64: 0.8-1.1x the middle route's time on MiniLM, 0.9-1.0x on stories260K).
+# it between 32 and 64 (at 64: 0.8-1.0x the middle route's time on MiniLM, 0.9-1.3x on stories260K).
 COLUMN_MIDDLE_TOKENS = 48
 TABLE_KERNEL_TOKENS = 4
 # layouts without the middle route (vectors spanning rows, more than 4 bits, odd lengths) keep the table route up to
