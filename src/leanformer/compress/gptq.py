@@ -71,7 +71,8 @@ class HessianCalibration:
 
     CALIBRATED: ClassVar[bool] = True
 
-    def check_calibration_fields(self) -> None:
+    def __post_init__(self):  # after QuantConfig's checks (the next class in the method's order)
+        super().__post_init__()
         if not 0 <= self.damp < 1:
             raise LeanformerError(f"damp must be in [0, 1), got {self.damp!r}")
         for name in ("tokens", "max_seq_length", "batch_size"):
@@ -148,7 +149,6 @@ class GPTQ(HessianCalibration, AffineQuantConfig):
     def __post_init__(self):
         super().__post_init__()
         check_grid_fields(self)
-        self.check_calibration_fields()
 
     def quantize_weight(self, weight: torch.Tensor, name: str, gram: torch.Tensor):
         out_f, in_f = weight.shape

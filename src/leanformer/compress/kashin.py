@@ -354,6 +354,24 @@ def closed_form(x: torch.Tensor, P: Transform, k: int, sweeps: int, shared: bool
     return torch.stack(signs), torch.stack(doms).squeeze(-1), coef
 
 
+def sign_vectors(signs: torch.Tensor, doms: torch.Tensor, P: Transform) -> torch.Tensor:
+    """The closed codebook's (k, vectors, N) sign vectors as the weight sees them: P s for the P-domain steps."""
+    return torch.where(doms[..., None], P.apply(signs), signs)
+
+
+def sign_codes(signs: torch.Tensor) -> torch.Tensor:
+    """Each weight's `k`-bit index from its (k, vectors, N) signs: bit j is the sign of step j."""
+    return ((signs > 0).long() << torch.arange(len(signs))[:, None, None]).sum(0)
+
+
+def log_coded(signs: torch.Tensor, values: torch.Tensor, log_range: torch.Tensor | None = None):
+    """(signs, uint8 log codes of |values|, their log range) for per-vector step sizes (vectors, k) or scales
+    (vectors,): log codes hold magnitudes and c s = |c| (sign(c) s), so a negative value flips its signs."""
+    flip = _sign(values).T[..., None] if values.dim() == 2 else _sign(values)[None, :, None]
+    codes, log_range = log8_encode(values.abs(), log_range)
+    return signs * flip, codes, log_range
+
+
 # --------------------------------------------------------------------------------------------
 # Layouts: how the weight is cut into vectors and which metadata each vector stores
 
@@ -905,7 +923,7 @@ class Kashin(KashinForm):
         if not shared:
             return signs, doms, coef, None
         steps = fp16(coef[:1])
-        xh = torch.einsum("kvn,k->vn", torch.where(doms[..., None], P.apply(signs), signs), steps.float()[0])
+        xh = torch.einsum("kvn,k->vn", sign_vectors(signs, doms, P), steps.float()[0])
         energy = (xh * xh).sum(1)
         scale = torch.where(energy > 0, (x * xh).sum(1) / energy.clamp_min(1e-30), rms[:, 0])
         return signs, doms, steps, scale
@@ -922,22 +940,17 @@ class Kashin(KashinForm):
             return {**tensors, **self._kmeans_tensors(vectors, *fit)}, header
         signs, doms, steps, scale = fit
         if layout.scale_bits == 8:
-            # log codes hold magnitudes: c s = |c| (sign(c) s), so a negative step size (or scale) flips its signs
             if scale is None:
-                signs = signs * _sign(steps).T[..., None]
-                steps, log_range = log8_encode(steps.abs())
+                signs, steps, log_range = log_coded(signs, steps)
             else:
-                signs = signs * _sign(scale)[None, :, None]
-                scale, log_range = log8_encode(scale.abs())
+                signs, scale, log_range = log_coded(signs, scale)
             tensors["log_range"] = log_range
         else:
             steps, scale = fp16(steps), None if scale is None else fp16(scale)
         tensors["steps"] = steps
         if scale is not None:
             tensors["scale"] = scale
-        bitsw = (signs > 0).long()  # (k, vectors, N): bit j of each weight's index = sign of step j
-        idx = (bitsw << torch.arange(self.bits)[:, None, None]).sum(0)
-        tensors.update(packed=pack_bits(idx, self.bits), domains=pack_bits(doms.T.long(), 1))
+        tensors.update(packed=pack_bits(sign_codes(signs), self.bits), domains=pack_bits(doms.T.long(), 1))
         header.update(step_sizes=layout.step_sizes, scale_bits=layout.scale_bits)
         return tensors, header
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .gptq import HessianCalibration
-from .kashin import TRANSFORMS, KashinForm, Transform, closed_form, _sign
+from .kashin import TRANSFORMS, KashinForm, Transform, closed_form, log_coded, sign_codes, sign_vectors
 from .packing import log8_decode, log8_encode, pack_bits
 from ..errors import LeanformerError
 
@@ -51,35 +51,31 @@ class KashinGPTQ(HessianCalibration, KashinForm):
 
     def __post_init__(self):
         super().__post_init__()
-        self.check_calibration_fields()
         if self.transform not in TRANSFORMS:
             raise LeanformerError(f"KashinGPTQ: unknown transform {self.transform!r}; choose from "
                                   f"{', '.join(TRANSFORMS)}")
         if not isinstance(self.sweeps, int) or self.sweeps < 0:
             raise LeanformerError(f"KashinGPTQ: sweeps must be a non-negative integer, got {self.sweeps!r}")
 
-    def _round(self, columns: torch.Tensor, P: Transform, log_range: torch.Tensor | None):
-        """Closed-codebook rounding of (n, out) columns: (their rounded values, codes, domains, step codes); the
-        step sizes as log codes in log_range (negative ones flip their signs)."""
+    def _round(self, columns: torch.Tensor, P: Transform, log_range: torch.Tensor):
+        """Closed-codebook rounding of (n, out) columns: (their rounded values, codes, domains, step codes), the
+        step sizes as log codes in log_range."""
         signs, doms, coef = closed_form(columns, P, self.bits, self.sweeps)
-        signs = signs * _sign(coef).T[..., None]
-        steps, log_range = log8_encode(coef.abs(), log_range)
-        values = torch.where(doms[..., None], P.apply(signs), signs)
-        rounded = torch.einsum("kvn,vk->vn", values, log8_decode(steps, log_range))
-        codes = ((signs > 0).long() << torch.arange(self.bits)[:, None, None]).sum(0)
-        return rounded, codes, doms.T, steps, log_range
+        signs, steps, _ = log_coded(signs, coef, log_range)
+        rounded = torch.einsum("kvn,vk->vn", sign_vectors(signs, doms, P), log8_decode(steps, log_range))
+        return rounded, sign_codes(signs), doms.T, steps
 
     def quantize_weight(self, weight: torch.Tensor, name: str, gram: torch.Tensor):
         out_f, in_f = weight.shape
         P = Transform(self.transform, out_f, self.seed)
-        *_, first_range = self._round(weight.float().T.contiguous(), P, None)
-        log_range = first_range + torch.tensor([-RANGE_MARGIN_OCTAVES, RANGE_MARGIN_OCTAVES])
+        first_steps = closed_form(weight.float().T.contiguous(), P, self.bits, self.sweeps)[2]
+        log_range = log8_encode(first_steps.abs())[1] + torch.tensor([-RANGE_MARGIN_OCTAVES, RANGE_MARGIN_OCTAVES])
         codes = torch.empty(in_f, out_f, dtype=torch.long)
         domains = torch.empty(in_f, self.bits, dtype=torch.long)
         steps = torch.empty(in_f, self.bits, dtype=torch.uint8)
 
         def round_column(j: int, col: int, work: torch.Tensor) -> torch.Tensor:
-            rounded, codes[col], domains[col], steps[col], _ = self._round(work[:, j][None], P, log_range)
+            rounded, codes[col], domains[col], steps[col] = self._round(work[:, j][None], P, log_range)
             return rounded[0]
 
         self.compensated_rounding(weight, gram, name, round_column)

@@ -127,7 +127,9 @@ def minmax_grid(w: torch.Tensor, bits: int, zero_point: str = "float16", log_ran
     lo, hi = _range(w, zero_point)
     best = None
     for i in range(CLIP_STEPS if clip else 1):
-        low, step = lo * (1 - i / 100), _step(lo * (1 - i / 100), hi * (1 - i / 100), bits)
+        shrink = 1 - i / 100
+        low = lo * shrink
+        step = _step(low, hi * shrink, bits)
         scale = fp16(step) if log_range is None else log8_encode(step, log_range)[0]
         s = grid_scale(scale, log_range)
         zero = fp16(low) if zero_point == "float16" else fp16((-low / s.float()).round().clamp(0, 2 ** bits - 1))
