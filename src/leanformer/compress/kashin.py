@@ -661,101 +661,83 @@ class KashinForm(QuantConfig):
 
     @classmethod
     def native_linear(cls, ops, codes, tensors, header, bias):
-        """The closed codebook's kernels (lowbit.cpp KashinLayer), by the number of tokens: up to TABLE_KERNEL_TOKENS
-        the table route (kashin_linear: the codes read through per-vector tables, against x_c and u = Pᵀ x_c), up to
-        ACTIVATION_ROUTE_TOKENS the middle route (KashinLayer.middle: A and B decoded a block of rows at a time, one
-        matmul; vectors within a row of up to 4 bits, others keep the table route up to TABLE_ONLY_TOKENS), above
-        that the weight rebuilt by the weight-route kernels (`_rebuild_native`) and multiplied once. Vectors up to
-        ACTIVATION_DENSE_MAX long hand P's dense matrix to the kernels, longer ones apply P by FFT here first; with
-        P dense the layer calls the kernel object itself, which takes the table route and hands other inputs to the
-        router here (KashinLayer.bind_route). Other forms and codebooks have no kernel."""
-        out_f, in_f = header["shape"]
-        g, bits = header["group_size"], header["bits"]
+        """The closed codebook's kernels (lowbit.cpp KashinLayer), by the number of tokens. Vectors along rows: up to
+        TABLE_KERNEL_TOKENS the table route (kashin_linear: the codes read through per-vector tables, against x_c and
+        u = Pᵀ x_c), up to ACTIVATION_ROUTE_TOKENS the middle route (KashinLayer.middle: A and B decoded a block of
+        rows at a time, one matmul; vectors within a row of up to 4 bits, others keep the table route up to
+        TABLE_ONLY_TOKENS). Vectors along columns (KashinGPTQ): up to TABLE_ONLY_TOKENS the table route
+        (KashinLayer.columns: per input its tables scaled by x_i and read with its codes, summed over the outputs,
+        then P on the output), up to COLUMN_MIDDLE_TOKENS the middle route (columns_middle: x A and x B by blocks of
+        decoded rows). Above, the stored weight rebuilt by the weight-route kernels (`_rebuild_native`) and
+        multiplied once. Vectors up to ACTIVATION_DENSE_MAX long hand P's dense matrix to the kernels, longer ones
+        apply P by FFT here; with P dense the layer calls the kernel object itself, which takes the table route and
+        hands other inputs to the router here (KashinLayer.bind_route). Other forms and codebooks have no kernel."""
         if header["form"] != "vector" or header["codebook"] != "closed":
             return None
         transposed = cls._transposed(header)
-        if transposed is not None:
-            return cls._native_columns(ops, codes, tensors, transposed, bias)
+        columns = transposed is not None
+        stored = transposed or header  # the stored rows: Ŵ's, or Ŵᵀ's for vectors along columns
+        out_s, in_s = stored["shape"]
+        out_f, in_f = header["shape"]
+        g, bits = header["group_size"], header["bits"]
         P = Transform(header["transform"], g, int(tensors["seed"][0]))
         col = tensors["col_scale"].float() if "col_scale" in tensors else None
         # log-coded step sizes: the 256 values the codes stand for, once here instead of exp2 per vector per call
         log_values = (log8_decode(torch.arange(256, dtype=torch.uint8), tensors["log_range"]).contiguous()
                       if "log_range" in tensors else None)
         steps = (tensors["steps"], tensors.get("scale"), log_values, tensors["domains"])
-        n_vec, rows = out_f * in_f // g, (g // in_f if g > in_f else 1)
-        # the middle route (vectors within a row, up to 4 bits): A and B decoded a block of rows at a time, one matmul
-        middle = g <= in_f and g % 2 == 0 and bits <= 4
-        # the thresholds as when bound
-        table_tokens = TABLE_KERNEL_TOKENS if middle else min(TABLE_ONLY_TOKENS, ACTIVATION_ROUTE_TOKENS)
-        activation_tokens = ACTIVATION_ROUTE_TOKENS
+        n_vec, rows = out_s * in_s // g, (g // in_s if g > in_s else 1)
         lookup = functools.partial(ops.kashin_lookup, codes, *steps, n_vec, g, bits)
-        combine = functools.partial(ops.kashin_combine, codes, *steps, n_vec, g, bits, col, in_f)
+        combine = functools.partial(ops.kashin_combine, codes, *steps, n_vec, g, bits, col, in_s)
         has_b = bool(tensors["domains"].any())
 
         def weight_route(x: torch.Tensor) -> torch.Tensor:  # many tokens: the weight rebuilt once, then one matmul
-            w = cls._rebuild_native(header, P, has_b, lookup, combine, ops.spectral_map)
-            return F.linear(x, w.view(out_f, in_f), bias)
+            w = cls._rebuild_native(stored, P, has_b, lookup, combine, ops.spectral_map).view(out_s, in_s)
+            return F.linear(x, w.T if columns else w, bias)
 
-        # the kernel applies P's matrix itself when it is dense (one matrix per length, shared by every layer)
+        # the kernel applies P's matrix itself when it is dense (one matrix per length, shared by every layer; on
+        # the output for column vectors, where it computes P z as Σ_n z_n M[n, ·], so P's matrix transposed)
         dense = P.dense or g <= ACTIVATION_DENSE_MAX
-        fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device) if dense else None, bias, out_f, in_f, g, bits)
+        fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device, transpose=columns) if dense else None, bias,
+                                out_s, in_s, g, bits)
         # with P dense the kernel routes a few tokens itself and hands the rest to `run`, which then must not hold it
         # (a reference cycle through the C++ object that the garbage collector cannot see)
         kernel = weakref.ref(fused) if dense else (lambda: fused)
+        if columns:
+            table = bits <= 4 and g % 2 == 0
+            direct_tokens = TABLE_ONLY_TOKENS if table else 0
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            if x.shape[-1] != in_f:
-                return weight_route(x)  # (F.linear names the wrong width)
-            tokens = x.numel() // in_f * rows
-            if tokens > activation_tokens or (tokens > table_tokens and not middle):
-                return weight_route(x)
-            x2 = x.reshape(-1, in_f)
-            u = None if dense else cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1]
-            return kernel().table(x, u) if tokens <= table_tokens else kernel().middle(x, u)
-        if not dense:
-            return run
-        fused.bind_route(table_tokens, False, run)  # one token of a decode step: no Python past the module
-        return fused
-
-    @classmethod
-    def _native_columns(cls, ops, codes, tensors, transposed, bias):
-        """Vectors along Ŵ's columns (`transposed`: the header of Ŵᵀ): up to TABLE_ONLY_TOKENS tokens the table
-        route (KashinLayer.columns: per input its tables scaled by x_i and read with its codes, summed over the
-        outputs; P's dense matrix on each token's P-domain sum, or by FFT here for longer columns), up to
-        COLUMN_MIDDLE_TOKENS the middle route (KashinLayer.columns_middle: x A and x B by blocks of decoded rows, P
-        once per token), above that Ŵᵀ rebuilt by the weight-route kernels and multiplied once."""
-        in_f, out_f = transposed["shape"]
-        bits = transposed["bits"]
-        P = Transform(transposed["transform"], out_f, int(tensors["seed"][0]))
-        log_values = log8_decode(torch.arange(256, dtype=torch.uint8), tensors["log_range"]).contiguous()
-        steps = (tensors["steps"], None, log_values, tensors["domains"])
-        lookup = functools.partial(ops.kashin_lookup, codes, *steps, in_f, out_f, bits)
-        combine = functools.partial(ops.kashin_combine, codes, *steps, in_f, out_f, bits, None, out_f)
-        has_b = bool(tensors["domains"].any())
-        dense = P.dense or out_f <= ACTIVATION_DENSE_MAX
-        # the kernel computes P z as Σ_n z_n M[n, m]: P's matrix transposed
-        fused = ops.KashinLayer(codes, *steps, None, P.matrix(codes.device, transpose=True) if dense else None, bias,
-                                in_f, out_f, out_f, bits)
-        table = bits <= 4 and out_f % 2 == 0
-        # with P dense the kernel routes a few tokens itself and hands the rest to `run`, which then must not hold it
-        kernel = weakref.ref(fused) if dense else (lambda: fused)
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            if x.shape[-1] != in_f:
-                return None  # (linear names the wrong width)
-            tokens = x.numel() // in_f
-            if table and tokens <= COLUMN_MIDDLE_TOKENS:
+            def run(x: torch.Tensor) -> torch.Tensor:
+                if x.shape[-1] != in_f:
+                    return None  # (linear names the wrong width)
+                tokens = x.numel() // in_f
+                if not table or tokens > COLUMN_MIDDLE_TOKENS:
+                    return weight_route(x)
                 if dense:  # (up to TABLE_ONLY_TOKENS the kernel took its table route)
                     return kernel().columns_middle(x)
                 # long columns: the kernel's two sums, then P by FFT here
-                y_a, y_b = (kernel().columns_parts(x) if tokens <= TABLE_ONLY_TOKENS else
-                            kernel().columns_middle_parts(x))
+                parts = kernel().columns_parts if tokens <= TABLE_ONLY_TOKENS else kernel().columns_middle_parts
+                y_a, y_b = parts(x)
                 return (y_a + P.apply(y_b)).view(*x.shape[:-1], out_f)
-            w = cls._rebuild_native(transposed, P, has_b, lookup, combine, ops.spectral_map)
-            return F.linear(x, w.view(in_f, out_f).T, bias)
-        if not (table and dense):
+        else:
+            # the middle route (vectors within a row, up to 4 bits): A and B decoded a block of rows at a time
+            middle = g <= in_f and g % 2 == 0 and bits <= 4
+            # the thresholds as when bound
+            direct_tokens = TABLE_KERNEL_TOKENS if middle else min(TABLE_ONLY_TOKENS, ACTIVATION_ROUTE_TOKENS)
+            activation_tokens = ACTIVATION_ROUTE_TOKENS
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                if x.shape[-1] != in_f:
+                    return weight_route(x)  # (F.linear names the wrong width)
+                tokens = x.numel() // in_f * rows
+                if tokens > activation_tokens or (tokens > direct_tokens and not middle):
+                    return weight_route(x)
+                x2 = x.reshape(-1, in_f)
+                u = None if dense else cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1]
+                return kernel().table(x, u) if tokens <= direct_tokens else kernel().middle(x, u)
+        if not dense or not direct_tokens:
             return run
-        fused.bind_route(TABLE_ONLY_TOKENS, True, run)
+        fused.bind_route(direct_tokens, columns, run)  # one token of a decode step: no Python past the module
         return fused
 
 
