@@ -91,6 +91,9 @@ DENSE_TRANSFORM_MAX = 256  # vectors up to this length apply P as one dense (cac
 # overhead than in arithmetic; one matrix per length serves every layer (quantize_weight), so it stays in cache.
 # One token, one thread, an n x n layer: dense / FFT 34 / 68 us at 384, 58 / 91 at 512, 164 / 150 at 768.
 ACTIVATION_DENSE_MAX = 512
+# The table routes apply the "dct" P to one token at a time by its even/odd split (`_butterfly`) while its length is
+# even and at least this: each level costs (n/2)² multiply-adds where the dense matrix costs n².
+BUTTERFLY_MIN = 32
 
 
 @lru_cache(maxsize=64)
@@ -183,6 +186,24 @@ def _dense_on(kind: str, n: int, seed: int, device: torch.device, transpose: boo
     return (m.T if transpose else m).contiguous()  # (the random P's QR factor is column-major)
 
 
+@lru_cache(maxsize=64)
+def _butterfly(n: int, seed: int, device: torch.device) -> torch.Tensor | None:
+    """The "dct" P = IDCT·diag(ε)·DCT by its even/odd split, for lowbit.cpp's PMap: the DCT's rows of even index
+    are the half-length DCT of z_top + reversed z_bottom and its odd ones read z_top − reversed z_bottom only, so
+    with J the reversal, P = [[E, O], [J E, −J O]] acting on (s, d) = (z_top + J z_bottom, z_top − J z_bottom),
+    where E = (P₁₁ + P₁₂ J)/2 is the same kind of map on n/2 (signs ε of even index) and O = (P₁₁ − P₁₂ J)/2.
+    Returns O of each level, then the last level's dense map, flattened (float32); None if n does not split."""
+    if n % 2 or n < BUTTERFLY_MIN:
+        return None
+    blocks, m = [], _matrix("dct", n, seed).double()
+    while m.shape[0] % 2 == 0 and m.shape[0] >= BUTTERFLY_MIN:
+        h = m.shape[0] // 2
+        top_right = m[:h, h:].flip(1)  # P₁₂ J
+        blocks.append((m[:h, :h] - top_right) / 2)
+        m = (m[:h, :h] + top_right) / 2
+    return torch.cat([b.reshape(-1) for b in (*blocks, m)]).float().to(device)
+
+
 class Transform:
     """The orthogonal P along the last dimension: apply(z) = P z, applyT(z) = Pᵀ z.
 
@@ -226,6 +247,10 @@ class Transform:
         """P as a dense (n, n) matrix M (P z = M z; rows z: z @ Mᵀ), or Mᵀ contiguous, cached per (kind, n, seed,
         device): every layer of one vector length reads the same matrix, which then stays in cache."""
         return _dense_on(self.kind, self.n, self.seed, device, transpose)
+
+    def butterfly(self, device: torch.device) -> torch.Tensor | None:
+        """("dct") P by its even/odd split for the kernels' table routes (`_butterfly`), cached; None otherwise."""
+        return _butterfly(self.n, self.seed, device) if self.kind == "dct" else None
 
     @property
     def dense(self) -> bool:
@@ -698,8 +723,8 @@ class KashinForm(QuantConfig):
         # the kernel applies P's matrix itself when it is dense (one matrix per length, shared by every layer; on
         # the output for column vectors, where it computes P z as Σ_n z_n M[n, ·], so P's matrix transposed)
         dense = P.dense or g <= ACTIVATION_DENSE_MAX
-        fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device, transpose=columns) if dense else None, bias,
-                                out_s, in_s, g, bits)
+        fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device, transpose=columns) if dense else None,
+                                P.butterfly(codes.device) if dense else None, bias, out_s, in_s, g, bits)
         # with P dense the kernel routes a few tokens itself and hands the rest to `run`, which then must not hold it
         # (a reference cycle through the C++ object that the garbage collector cannot see)
         kernel = weakref.ref(fused) if dense else (lambda: fused)

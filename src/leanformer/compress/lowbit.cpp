@@ -529,6 +529,60 @@ inline void weighted_rows(const float* e, const float* m, int64_t count, int64_t
   }
 }
 
+// P applied to one vector of length n, for the table routes (one token at a time). Either P's dense matrix M, read
+// as out[k] = Σ_j z_j M[j, k] (weighted_rows: Mᵀ z), or, for kashin.py's symmetric "dct" P = IDCT·diag(ε)·DCT, its
+// even/odd split (kashin.py `_butterfly`): with s = z_top + reversed z_bottom and d = z_top − reversed z_bottom,
+// P z = [E s + O d ; reversed (E s − O d)], E and O symmetric (n/2)², E the same kind of map again (the DCT's even
+// rows are the half-length DCT), split while its length is even and at least BUTTERFLY_MIN. `blocks` holds O of
+// each level, then the last level's dense map: 86² + 43² multiply-adds for n = 172 instead of 172², and that much
+// less of P to read from cache per token.
+struct PMap {
+  const float* dense = nullptr;   // (n, n), or
+  const float* blocks = nullptr;  // O per level, then (last, last)
+  int64_t n = 0, last = 0;
+
+  PMap() = default;
+  PMap(const torch::Tensor& m, const c10::optional<torch::Tensor>& butterfly, int64_t n_) : n(n_) {
+    TORCH_CHECK(m.scalar_type() == torch::kFloat32 && m.is_contiguous() && m.numel() == n * n,
+                "lowbit: transform must be a contiguous g x g float32 matrix");
+    dense = m.data_ptr<float>();
+    if (!butterfly.has_value()) return;
+    TORCH_CHECK(butterfly->scalar_type() == torch::kFloat32 && butterfly->is_contiguous(),
+                "lowbit: butterfly must be contiguous float32");
+    int64_t size = n, left = butterfly->numel();
+    while (left != size * size) {  // the levels the blocks hold: O of (size / 2)², until the last dense map
+      TORCH_CHECK(size % 2 == 0 && left > (size / 2) * (size / 2), "lowbit: butterfly does not fit the length ", n);
+      left -= (size / 2) * (size / 2), size /= 2;
+    }
+    blocks = butterfly->data_ptr<float>(), last = size;
+  }
+  explicit operator bool() const { return dense != nullptr; }
+  int64_t scratch() const { return 4 * n; }  // floats `apply` may use at `work`
+  // out = P z, z the `count` entries e placed at `offset` (zeros elsewhere)
+  void apply(const float* e, int64_t count, int64_t offset, float* out, float* work) const {
+    if (!blocks) return weighted_rows(e, dense + offset * n, count, n, out);
+    const float* z = e;
+    if (count != n) {
+      std::fill(work, work + n, 0.f);
+      std::copy(e, e + count, work + offset);
+      z = work, work += n;
+    }
+    split(blocks, n, z, out, work);
+  }
+  void split(const float* b, int64_t size, const float* z, float* out, float* work) const {
+    if (size == last) return weighted_rows(z, b, size, size, out);
+    const int64_t h = size / 2;
+    float *s = work, *d = s + h, *od = d + h;
+    for (int64_t i = 0; i < h; ++i) s[i] = z[i] + z[size - 1 - i], d[i] = z[i] - z[size - 1 - i];
+    weighted_rows(d, b, h, h, od);
+    split(b + h * h, h, s, out, od + h);  // E s into out's first half
+    for (int64_t i = 0; i < h; ++i) {
+      const float es = out[i];
+      out[i] = es + od[i], out[size - 1 - i] = es - od[i];
+    }
+  }
+};
+
 // Kashin, closed codebook (kashin.py): a vector of g weights is Ŵ_v = Σ_i c_i s_i (times P when step i is in
 // the P domain), s_i = ±1 the bit i of each code, c_i its step size; the input columns are scaled by col.
 // With P on the activations, u = Pᵀ x_c per vector, each step is one masked sum over the vector's codes.
@@ -539,7 +593,7 @@ inline void weighted_rows(const float* e, const float* m, int64_t count, int64_t
 //   r, g), u[t, j] = Pᵀ of the input placed at slot j, and output row j of the block reads its own slot).
 torch::Tensor kashin_linear(const c10::optional<torch::Tensor>& u_given, const torch::Tensor& codes,
                             const KashinDecoded& decoded, const torch::Tensor& domains,
-                            const c10::optional<torch::Tensor>& col, const c10::optional<torch::Tensor>& transform,
+                            const c10::optional<torch::Tensor>& col, const PMap& transform,
                             const c10::optional<torch::Tensor>& bias, int64_t out_f, int64_t in_f, int64_t group,
                             int64_t bits, const torch::Tensor& x_in) {
   const float* colp;
@@ -552,7 +606,7 @@ torch::Tensor kashin_linear(const c10::optional<torch::Tensor>& u_given, const t
   const float* xp = x.data_ptr<float>();
   const int64_t n_vec = out_f * in_f / group, u_width = rows > 1 ? rows * group : in_f;
   TORCH_CHECK(domains.scalar_type() == torch::kUInt8 && domains.numel() * 8 >= n_vec * bits, "lowbit: domains");
-  TORCH_CHECK(u_given.has_value() != transform.has_value(), "lowbit: give u or the dense transform, not both");
+  TORCH_CHECK(u_given.has_value() != bool(transform), "lowbit: give u or the transform, not both");
   const bool nibbles = bits <= 4;
   const Input plain(xp, colp, tokens, in_f, seg, nibbles);
   std::vector<float> u(tokens * u_width, 0.f);
@@ -560,16 +614,15 @@ torch::Tensor kashin_linear(const c10::optional<torch::Tensor>& u_given, const t
     TORCH_CHECK(u_given->scalar_type() == torch::kFloat32 && u_given->is_contiguous() &&
                 u_given->numel() == tokens * u_width, "lowbit: u has the wrong shape");
     std::copy(u_given->data_ptr<float>(), u_given->data_ptr<float>() + tokens * u_width, u.begin());
-  } else {  // u_m = Σ_n M[n, m] e_n (Pᵀ e), over the n where e holds x_c
-    TORCH_CHECK(transform->scalar_type() == torch::kFloat32 && transform->is_contiguous() &&
-                transform->numel() == group * group, "lowbit: transform must be a contiguous g x g float32 matrix");
-    const float* mp = transform->data_ptr<float>();
+  } else {  // u = Pᵀ e (P symmetric where it is split), e holding x_c where the vector covers it
+    TORCH_CHECK(transform.n == group, "lowbit: the transform's length is not the vector length");
     const int64_t pieces = rows > 1 ? rows : in_f / group;
+    std::vector<float> work(transform.scratch());
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t p = 0; p < pieces; ++p) {
         const float* e = plain.x + t * in_f + (rows > 1 ? 0 : p * group);
-        const float* m = mp + (rows > 1 ? p * in_f : 0) * group;  // rows > 1: x sits at slot p
-        weighted_rows(e, m, seg, group, u.data() + t * u_width + p * group);
+        // rows > 1: x sits at slot p of the vector
+        transform.apply(e, seg, rows > 1 ? p * in_f : 0, u.data() + t * u_width + p * group, work.data());
       }
   }
   const Input spec(u.data(), nullptr, tokens, u_width, group, nibbles);
@@ -897,6 +950,8 @@ struct KashinLayer {
   c10::optional<torch::Tensor> scale, log_values, col, transform, bias;
   torch::Tensor codes, steps, domains;
   int64_t out_f, in_f, group, bits;
+  c10::optional<torch::Tensor> butterfly;  // P's even/odd split (PMap), for the table routes
+  PMap p_map;                              // transform (and butterfly) as the table routes read them
   // bind_route: calls of up to direct_tokens tokens (× rows per vector) take the table route (or, for a layer of
   // column vectors, `columns`) here; any other call goes to `fallback`, the caller's router. A decode step then
   // costs no Python between the module and the kernel (2 % of stories260K's batch-1 generation, same process).
@@ -1015,7 +1070,8 @@ struct KashinLayer {
     const float* xp = x.data_ptr<float>();
     TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == torch::kFloat32 && bias->numel() == in_f),
                 "lowbit: bias must be one float32 value per output");
-    std::vector<float> buffer(8 * half);  // the four split sums, then B and P B of one token: one allocation
+    // the four split sums, then B and P B of one token (one allocation); P's scratch
+    std::vector<float> buffer(8 * half), work(parts ? 0 : p_map.scratch());
     float* b = buffer.data() + 4 * half;
     float* pb = b + in_f;
     for (int64_t t = 0; t < tokens; ++t) {
@@ -1033,14 +1089,14 @@ struct KashinLayer {
       for (int64_t m = 0; m < half; ++m)
         yt[2 * m] = a_even[m], yt[2 * m + 1] = a_odd[m], bt[2 * m] = b_even[m], bt[2 * m + 1] = b_odd[m];
       if (parts || !d.any_b) continue;
-      weighted_rows(b, transform->data_ptr<float>(), in_f, in_f, pb);
+      p_map.apply(b, in_f, 0, pb, work.data());
       for (int64_t m = 0; m < in_f; ++m) yt[m] += pb[m];
     }
     add_bias(yp, tokens, in_f, bias);
     return y;
   }
   torch::Tensor operator()(const torch::Tensor& x, const c10::optional<torch::Tensor>& u) const {
-    return kashin_linear(u, codes, decoded(), domains, col, u.has_value() ? c10::nullopt : transform, bias, out_f,
+    return kashin_linear(u, codes, decoded(), domains, col, u.has_value() ? PMap() : p_map, bias, out_f,
                          in_f, group, bits, x);
   }
   // The middle route of a layer of column vectors (bound to Ŵᵀ as for `columns`): [x A | x B] summed over blocks of
@@ -1101,9 +1157,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init([](torch::Tensor codes, torch::Tensor steps, c10::optional<torch::Tensor> scale,
                              c10::optional<torch::Tensor> log_values, torch::Tensor domains,
                              c10::optional<torch::Tensor> col, c10::optional<torch::Tensor> transform,
-                             c10::optional<torch::Tensor> bias, int64_t out_f, int64_t in_f, int64_t group,
-                             int64_t bits) {
-        return KashinLayer{scale, log_values, col, transform, bias, codes, steps, domains, out_f, in_f, group, bits};
+                             c10::optional<torch::Tensor> butterfly, c10::optional<torch::Tensor> bias, int64_t out_f,
+                             int64_t in_f, int64_t group, int64_t bits) {
+        TORCH_CHECK(transform.has_value() || !butterfly.has_value(), "lowbit: a butterfly needs P's dense matrix");
+        KashinLayer layer{scale, log_values, col, transform, bias, codes, steps, domains, out_f, in_f, group, bits,
+                          butterfly};
+        if (transform.has_value()) layer.p_map = PMap(*transform, butterfly, group);
+        return layer;
       }))
       .def("table", &KashinLayer::operator(), pybind11::arg("x"), pybind11::arg("u") = pybind11::none())
       .def("__call__", &KashinLayer::routed, pybind11::arg("x"))
