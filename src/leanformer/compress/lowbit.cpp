@@ -211,19 +211,37 @@ inline Lanes byte_lanes(const uint8_t* c, const float* x, int64_t n, int bit) {
 }
 #endif
 
+// A kernel call's temporaries: one buffer per thread, reused from call to call (a decode step's layer call then
+// allocates nothing but its output), or past kReusedFloats a buffer of the call's own (no large one kept alive).
+// One at a time on a thread: nothing that runs while a call holds it takes another.
+constexpr int64_t kReusedFloats = int64_t(1) << 16;
+struct Scratch {
+  std::vector<float> own;
+  float* data;
+  explicit Scratch(int64_t floats) {
+    thread_local std::vector<float> reused;
+    std::vector<float>& buffer = floats > kReusedFloats ? own : reused;
+    if (int64_t(buffer.size()) < floats) buffer.resize(floats);
+    data = buffer.data();
+  }
+};
+
 // Tokens × width float32 inputs (multiplied by per-column scales when given), their sums over consecutive
 // pieces of `piece` entries, and, for nibble codes whose pieces all start on a byte, the even and odd
-// entries split out.
+// entries split out; in `storage`, Input::floats(…) of them.
 struct Input {
   int64_t tokens, width, piece, pieces;
   bool nibbles, split;
-  std::vector<float> buffer;  // x, then (split) its even and odd entries, then the piece sums: one allocation
-  float *x, *even, *odd, *sums;
-  Input(const float* x_, const float* col, int64_t tokens_, int64_t width_, int64_t piece_, bool nibbles_)
+  float *x, *even, *odd, *sums;  // x, then (split) its even and odd entries, then the piece sums
+  static bool splits(int64_t width, int64_t piece, bool nibbles) { return nibbles && width % 2 == 0 && piece % 2 == 0; }
+  static int64_t floats(int64_t tokens, int64_t width, int64_t piece, bool nibbles) {
+    return tokens * width * (splits(width, piece, nibbles) ? 2 : 1) + tokens * (width / piece);
+  }
+  Input(const float* x_, const float* col, int64_t tokens_, int64_t width_, int64_t piece_, bool nibbles_,
+        float* storage)
       : tokens(tokens_), width(width_), piece(piece_), pieces(width_ / piece_), nibbles(nibbles_),
-        split(nibbles_ && width_ % 2 == 0 && piece_ % 2 == 0),
-        buffer(tokens_ * width_ * (split ? 2 : 1) + tokens_ * pieces) {
-    x = buffer.data(), even = x + tokens * width, odd = even + tokens * (width / 2);
+        split(splits(width_, piece_, nibbles_)) {
+    x = storage, even = x + tokens * width, odd = even + tokens * (width / 2);
     sums = x + tokens * width * (split ? 2 : 1);
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t k = 0; k < width; ++k) x[t * width + k] = col ? x_[t * width + k] * col[k] : x_[t * width + k];
@@ -435,7 +453,8 @@ torch::Tensor affine_linear(const torch::Tensor& codes, const torch::Tensor& sca
     return at::linear(x_in, w, bias);
   }
   const Affine meta = affine(codes, scale, zero, out_f, in_f, group, zero_in_codes);
-  const Input input(x.data_ptr<float>(), colp, tokens, in_f, group, bits <= 4);
+  Scratch scratch(Input::floats(tokens, in_f, group, bits <= 4));
+  const Input input(x.data_ptr<float>(), colp, tokens, in_f, group, bits <= 4, scratch.data);
   const uint8_t* c = codes.data_ptr<uint8_t>();
   auto y = output(x_in, out_f, bias);
   float* yp = y.data_ptr<float>();
@@ -608,24 +627,28 @@ torch::Tensor kashin_linear(const c10::optional<torch::Tensor>& u_given, const t
   TORCH_CHECK(domains.scalar_type() == torch::kUInt8 && domains.numel() * 8 >= n_vec * bits, "lowbit: domains");
   TORCH_CHECK(u_given.has_value() != bool(transform), "lowbit: give u or the transform, not both");
   const bool nibbles = bits <= 4;
-  const Input plain(xp, colp, tokens, in_f, seg, nibbles);
-  std::vector<float> u(tokens * u_width, 0.f);
+  const int64_t plain_floats = Input::floats(tokens, in_f, seg, nibbles), u_floats = tokens * u_width;
+  Scratch scratch(plain_floats + u_floats + Input::floats(tokens, u_width, group, nibbles) +
+                  (u_given.has_value() ? 0 : transform.scratch()));
+  const Input plain(xp, colp, tokens, in_f, seg, nibbles, scratch.data);
+  float* u = scratch.data + plain_floats;  // then spec's storage, then P's scratch
+  float* spec_storage = u + u_floats;
   if (u_given.has_value()) {
     TORCH_CHECK(u_given->scalar_type() == torch::kFloat32 && u_given->is_contiguous() &&
-                u_given->numel() == tokens * u_width, "lowbit: u has the wrong shape");
-    std::copy(u_given->data_ptr<float>(), u_given->data_ptr<float>() + tokens * u_width, u.begin());
+                u_given->numel() == u_floats, "lowbit: u has the wrong shape");
+    std::copy(u_given->data_ptr<float>(), u_given->data_ptr<float>() + u_floats, u);
   } else {  // u = Pᵀ e (P symmetric where it is split), e holding x_c where the vector covers it
     TORCH_CHECK(transform.n == group, "lowbit: the transform's length is not the vector length");
     const int64_t pieces = rows > 1 ? rows : in_f / group;
-    std::vector<float> work(transform.scratch());
+    float* work = spec_storage + Input::floats(tokens, u_width, group, nibbles);
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t p = 0; p < pieces; ++p) {
         const float* e = plain.x + t * in_f + (rows > 1 ? 0 : p * group);
         // rows > 1: x sits at slot p of the vector
-        transform.apply(e, seg, rows > 1 ? p * in_f : 0, u.data() + t * u_width + p * group, work.data());
+        transform.apply(e, seg, rows > 1 ? p * in_f : 0, u + t * u_width + p * group, work);
       }
   }
-  const Input spec(u.data(), nullptr, tokens, u_width, group, nibbles);
+  const Input spec(u, nullptr, tokens, u_width, group, nibbles, spec_storage);
   const float* step = decoded.step.data();
   const int64_t entries = decoded.entries;
   const uint8_t* dom = domains.data_ptr<uint8_t>();
@@ -637,12 +660,14 @@ torch::Tensor kashin_linear(const c10::optional<torch::Tensor>& u_given, const t
   const bool tables = kTableLookup && entries > 0 && plain.split && spec.split;
   const float* table_of = decoded.tables.data();  // vector v: A at table_of + 2 v entries, then B
   at::parallel_for(0, out_f, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> y_row(tokens);
+    float y_few[48];  // y_row then y_pair: on the stack for a few tokens (Scratch is the caller's)
+    std::vector<float> y_many(3 * tokens > 48 ? 3 * tokens : 0);
+    float* y_row = 3 * tokens > 48 ? y_many.data() : y_few;
     if (tables && rows == 1) {  // rows in pairs (table_lanes_ab_pair); an odd last row is paired with itself
-      std::vector<float> y_pair(2 * tokens);
+      float* y_pair = y_row + tokens;
       for (int64_t o = begin; o < end; o += 2) {
         const int64_t o1 = std::min(o + 1, end - 1);
-        std::fill(y_pair.begin(), y_pair.end(), 0.f);
+        std::fill(y_pair, y_pair + 2 * tokens, 0.f);
         for (int64_t s = 0; s < in_f / seg; ++s) {
           const int64_t v = o * (in_f / group) + s, v1 = o1 * (in_f / group) + s;
           const int64_t own = o * in_f + s * seg, own1 = o1 * in_f + s * seg;
@@ -661,7 +686,7 @@ torch::Tensor kashin_linear(const c10::optional<torch::Tensor>& u_given, const t
       return;
     }
     for (int64_t o = begin; o < end; ++o) {
-      std::fill(y_row.begin(), y_row.end(), 0.f);
+      std::fill(y_row, y_row + tokens, 0.f);
       for (int64_t s = 0; s < in_f / seg; ++s) {
         const int64_t v = rows > 1 ? o / rows : o * (in_f / group) + s;
         const int64_t own = o * in_f + s * seg;                 // this row's codes (plain steps)
@@ -1070,13 +1095,13 @@ struct KashinLayer {
     const float* xp = x.data_ptr<float>();
     TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == torch::kFloat32 && bias->numel() == in_f),
                 "lowbit: bias must be one float32 value per output");
-    // the four split sums, then B and P B of one token (one allocation); P's scratch
-    std::vector<float> buffer(8 * half), work(parts ? 0 : p_map.scratch());
-    float* b = buffer.data() + 4 * half;
+    Scratch scratch(8 * half + (parts ? 0 : p_map.scratch()));  // the four split sums, B and P B of one token; P's
+    float* b = scratch.data + 4 * half;
     float* pb = b + in_f;
+    float* work = pb + in_f;
     for (int64_t t = 0; t < tokens; ++t) {
-      std::fill(buffer.begin(), buffer.begin() + 4 * half, 0.f);
-      float *a_even = buffer.data(), *a_odd = a_even + half, *b_even = a_odd + half, *b_odd = b_even + half;
+      std::fill(scratch.data, scratch.data + 4 * half, 0.f);
+      float *a_even = scratch.data, *a_odd = a_even + half, *b_even = a_odd + half, *b_odd = b_even + half;
       for (int64_t v = 0; v < out_f; ++v) {
         const float s = xp[t * out_f + v];
         if (s == 0.f) continue;
@@ -1089,7 +1114,7 @@ struct KashinLayer {
       for (int64_t m = 0; m < half; ++m)
         yt[2 * m] = a_even[m], yt[2 * m + 1] = a_odd[m], bt[2 * m] = b_even[m], bt[2 * m + 1] = b_odd[m];
       if (parts || !d.any_b) continue;
-      p_map.apply(b, in_f, 0, pb, work.data());
+      p_map.apply(b, in_f, 0, pb, work);
       for (int64_t m = 0; m < in_f; ++m) yt[m] += pb[m];
     }
     add_bias(yp, tokens, in_f, bias);
