@@ -244,6 +244,79 @@ def test_a_model_with_bound_kernels_deep_copies(ops, make):
         assert torch.equal(twin(x), y) and twin[0]._native_fn is not net[0]._native_fn
 
 
+BOUND = [pytest.param(lambda: lf.Kashin(bits=3), id="kashin"), pytest.param(lambda: lf.RTN(bits=3, group_size=16), id="rtn")]
+
+
+@pytest.mark.parametrize("make", BOUND)
+def test_the_bound_kernel_becomes_the_forward_and_sends_other_inputs_on(ops, make):
+    """After the first call the kernel object is the module's forward (no Python per call); inputs it does not take
+    (gradients wanted, other dtypes) still reach the differentiable decode path."""
+    layer = quantized(make(), 16, 32)
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.__dict__.get("forward") is layer._native_fn
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)
+        y64 = layer(x.double())
+    assert y64.dtype == torch.float64 and torch.allclose(y64.float(), y, atol=1e-5)
+    x_grad = x.clone().requires_grad_()
+    out = layer(x_grad)
+    assert out.requires_grad
+    out.sum().backward()
+    layer.kernel = "decode"
+    assert "forward" not in layer.__dict__  # a switch drops the binding: the class's forward again
+    x_ref = x.clone().requires_grad_()
+    layer(x_ref).sum().backward()
+    assert torch.allclose(x_grad.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("make", BOUND)
+def test_a_kept_kernel_forward_follows_the_module(ops, make):
+    """A wrapper that captured the bound forward (as accelerate's hooks do) computes with the module's codes after a
+    load replaced them: the dropped binding hands every call to the module's forward, which binds afresh."""
+    source, target = quantized(make(), 16, 32, seed=1), quantized(make(), 16, 32, seed=2)
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        target(x)
+        kept = target.forward
+        target.load_state_dict(source.state_dict())
+        assert torch.equal(kept(x), source(x)) and torch.equal(target(x), source(x))
+
+
+def test_a_forward_set_by_someone_else_is_kept(ops):
+    layer = quantized(lf.RTN(bits=3, group_size=16), 16, 32)
+    calls = []
+
+    def wrapper(x):
+        calls.append(1)
+        return QuantizedLinear.forward(layer, x)
+
+    layer.forward = wrapper
+    with torch.no_grad():
+        layer(torch.randn(1, 32))
+        layer(torch.randn(1, 32))
+    assert layer.__dict__["forward"] is wrapper and len(calls) == 2
+
+
+@pytest.mark.parametrize("make", BOUND)
+def test_a_model_with_a_bound_forward_is_freed(ops, make):
+    """The kernel object holds its module only weakly: no cycle through the C++ object (which the garbage collector
+    cannot see), so a model that has run is freed."""
+    import gc
+    import weakref
+
+    net = nn.Sequential(nn.Linear(32, 16))
+    lf.quantize(net, make(), progress=False)
+    with torch.no_grad():
+        net(torch.randn(1, 32))
+        net(torch.randn(40, 32))  # Kashin: past the kernel's own route, through its router
+    layer, kernel = weakref.ref(net[0]), weakref.ref(net[0]._native_fn)
+    del net
+    gc.collect()
+    assert layer() is None and kernel() is None
+
+
 def test_real_model_generates_the_same_tokens(ops, make_tiny_llama):
     model = make_tiny_llama(layers=2, vocab_size=64)
     lf.quantize(model, lf.Kashin(bits=3), progress=False)

@@ -971,6 +971,40 @@ void spectral_map(torch::Tensor spectrum, const torch::Tensor& map) {
 // weight (long inputs) never holds them; the once-flag makes concurrent first calls safe. Which route a call
 // takes is the caller's choice (kashin.py native_linear): layer(x, u) is the table route, layer.middle(x, u)
 // the middle one.
+// What a kernel object needs to stand in for its QuantizedLinear's forward (quantization.py `_bind_native` makes it
+// the module's forward: a decode step then runs no Python between Module.__call__ and the kernel). The inputs the
+// kernels take (float32 on the CPU, no gradient wanted) run in the kernel; any other goes to the module's path
+// without kernels (`rest`). Once the module has dropped this binding (its codes, cache or placement changed) every
+// call goes to the module's own forward, which binds afresh: a stale object someone kept (a wrapper that captured
+// the forward) never computes with what the module no longer holds. Both are weak references to bound methods
+// (weakref.WeakMethod): the module holds this object, and a strong reference back would make a cycle through a C++
+// object, which the garbage collector cannot see. Unbound (None), an input elsewhere returns None to the caller.
+struct ModuleHandle {
+  pybind11::object forward = pybind11::none(), rest = pybind11::none();
+  bool detached = false;
+  bool takes(const torch::Tensor& x) const {
+    return !detached && x.is_cpu() && x.scalar_type() == torch::kFloat32 &&
+           !(x.requires_grad() && at::GradMode::is_enabled());
+  }
+  pybind11::object elsewhere(const torch::Tensor& x) const {
+    const pybind11::object& weak = detached ? forward : rest;
+    if (weak.is_none()) return pybind11::none();
+    pybind11::object method = weak();
+    TORCH_CHECK(!method.is_none(), "lowbit: the layer this kernel was bound to is gone");
+    return method(x);
+  }
+};
+
+template <class Layer>
+void def_module_handle(pybind11::class_<Layer>& cls) {
+  cls.def("bind_module", [](Layer& layer, pybind11::object forward, pybind11::object rest) {
+        layer.module.forward = std::move(forward), layer.module.rest = std::move(rest);
+      }, pybind11::arg("forward"), pybind11::arg("rest"), "the module's forward and its path without kernels, as "
+      "weakref.WeakMethod")
+      .def("detach", [](Layer& layer) { layer.module.detached = true; },
+           "from now on every call goes to the module's forward");
+}
+
 struct KashinLayer {
   c10::optional<torch::Tensor> scale, log_values, col, transform, bias;
   torch::Tensor codes, steps, domains;
@@ -983,6 +1017,7 @@ struct KashinLayer {
   int64_t direct_tokens = 0;
   bool direct_columns = false;
   pybind11::object fallback;
+  ModuleHandle module;
   struct Lazy {
     std::once_flag once;
     KashinDecoded decoded;
@@ -1155,11 +1190,13 @@ struct KashinLayer {
     return y.view(shape);
   }
   pybind11::object routed(const torch::Tensor& x) const {
+    if (!module.takes(x)) return module.elsewhere(x);
     const int64_t width = direct_columns ? out_f : in_f, rows = group > in_f ? group / in_f : 1;
     if (transform.has_value() && x.dim() >= 1 && x.size(-1) == width && x.numel() / width * rows <= direct_tokens)
       return pybind11::cast(direct_columns ? columns(x, false) : operator()(x, c10::nullopt));
     TORCH_CHECK(fallback && !fallback.is_none(), "lowbit: this layer has no route for the input (bind_route)");
-    return fallback(x);
+    pybind11::object y = fallback(x);
+    return y.is_none() ? module.elsewhere(x) : y;
   }
 };
 
@@ -1169,17 +1206,20 @@ struct AffineLayer {
   int64_t out_f, in_f, group, bits;
   bool zero_in_codes;
   int64_t max_tokens;
-  torch::Tensor operator()(const torch::Tensor& x) const {
-    return affine_linear(codes, scale, zero, col, bias, out_f, in_f, group, bits, zero_in_codes, max_tokens, x);
+  ModuleHandle module;
+  pybind11::object operator()(const torch::Tensor& x) const {
+    if (!module.takes(x)) return module.elsewhere(x);
+    return pybind11::cast(
+        affine_linear(codes, scale, zero, col, bias, out_f, in_f, group, bits, zero_in_codes, max_tokens, x));
   }
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // module_local: the AVX2 and portable builds may both be loaded in one process (the tests compare them)
-  pybind11::class_<KashinLayer>(m, "KashinLayer", pybind11::module_local(),
-                                "kashin_linear bound to one layer: layer.table(x, u=None), layer.middle(x, u=None), "
-                                "layer.columns(x); layer(x) routes (bind_route)")
-      .def(pybind11::init([](torch::Tensor codes, torch::Tensor steps, c10::optional<torch::Tensor> scale,
+  pybind11::class_<KashinLayer> kashin(m, "KashinLayer", pybind11::module_local(),
+                                       "kashin_linear bound to one layer: layer.table(x, u=None), layer.middle(x, "
+                                       "u=None), layer.columns(x); layer(x) routes (bind_route, bind_module)");
+  kashin.def(pybind11::init([](torch::Tensor codes, torch::Tensor steps, c10::optional<torch::Tensor> scale,
                              c10::optional<torch::Tensor> log_values, torch::Tensor domains,
                              c10::optional<torch::Tensor> col, c10::optional<torch::Tensor> transform,
                              c10::optional<torch::Tensor> butterfly, c10::optional<torch::Tensor> bias, int64_t out_f,
@@ -1203,13 +1243,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return layer.columns_middle(x, false); })
       .def("columns_middle_parts", [](const KashinLayer& layer, const torch::Tensor& x) {
         return layer.columns_middle(x, true); });
-  pybind11::class_<AffineLayer>(m, "AffineLayer", pybind11::module_local(), "affine_linear bound to one layer: layer(x)")
-      .def(pybind11::init([](torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
+  def_module_handle(kashin);
+  pybind11::class_<AffineLayer> affine(m, "AffineLayer", pybind11::module_local(),
+                                       "affine_linear bound to one layer: layer(x) (bind_module)");
+  affine.def(pybind11::init([](torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
                              c10::optional<torch::Tensor> col, c10::optional<torch::Tensor> bias, int64_t out_f,
                              int64_t in_f, int64_t group, int64_t bits, bool zero_in_codes, int64_t max_tokens) {
         return AffineLayer{codes, scale, zero, col, bias, out_f, in_f, group, bits, zero_in_codes, max_tokens};
       }))
-      .def("__call__", &AffineLayer::operator());
+      .def("__call__", &AffineLayer::operator(), pybind11::arg("x"));
+  def_module_handle(affine);
   m.def("kashin_combine", &kashin_combine, "Kashin (closed codebook): the weight (A + P B) diag(col) of a block of vectors");
   m.def("kashin_lookup", &kashin_lookup, "Kashin (closed codebook): B of a block of vectors from the codes");
   m.def("affine_decode", &affine_decode, "RTN / HQQ: the float32 weight from the codes in one pass");

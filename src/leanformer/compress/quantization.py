@@ -16,7 +16,9 @@ import contextlib
 import copy
 import dataclasses
 import time
+import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -345,7 +347,8 @@ class QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        self._runtime = self._native_fn = None  # both read the stored tensors this load overwrites
+        self._runtime = None  # it and the kernel binding read the stored tensors this load overwrites
+        self._unbind()
         key = prefix + "packed"
         if key in state_dict:
             packed = state_dict.pop(key)
@@ -379,7 +382,8 @@ class QuantizedLinear(nn.Module):
     @cache.setter
     def cache(self, on: bool) -> None:
         """Switching the cache (either way) drops any kept weight: the next forward rebuilds it."""
-        self._cache, self._cached, self._native_fn = bool(on), None, None
+        self._cache, self._cached = bool(on), None
+        self._unbind()
 
     @property
     def kernel(self) -> str:
@@ -389,7 +393,8 @@ class QuantizedLinear(nn.Module):
     def kernel(self, name: str) -> None:
         if name not in KERNELS:
             raise LeanformerError(f"unknown kernel {name!r}; choose from {', '.join(KERNELS)}")
-        self._kernel, self._native_fn = name, None
+        self._kernel = name
+        self._unbind()
 
     def _weight(self) -> torch.Tensor:
         args = (self.index_codes(), self.runtime_tensors(), self.header)
@@ -406,10 +411,14 @@ class QuantizedLinear(nn.Module):
         return self.dequantize()
 
     def __getstate__(self):  # a copy or pickle rebinds its kernel on first use: a bound kernel (C++) is not copyable
-        return {**super().__getstate__(), "_native_fn": None}
+        state = super().__getstate__()
+        if state.get("forward") is self._native_fn:
+            del state["forward"]
+        return {**state, "_native_fn": None}
 
     def _apply(self, fn, *args, **kwargs):  # .to(device) must not leave a stale weight, kernel binding or grid behind
-        self._cached = self._native_fn = self._runtime = None
+        self._cached = self._runtime = None
+        self._unbind()
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -418,7 +427,10 @@ class QuantizedLinear(nn.Module):
             y = run(x)
             if y is not None:
                 return y
-        elif self._kernel == "native" and not x.is_cpu:
+        return self._forward_without_kernel(x)
+
+    def _forward_without_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel == "native" and not x.is_cpu:
             _warn_once(f"kernel='native' runs on the CPU; {x.device.type} inputs use kernel='decode'")
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.cache or self._cached is not None or self.kernel == "compiled":
@@ -433,7 +445,24 @@ class QuantizedLinear(nn.Module):
         run = ops is not None and self._method.native_linear(ops, self.codes, self.runtime_tensors(), self.header,
                                                              self.bias)
         self._native_fn = run or False
+        if run and hasattr(run, "bind_module"):
+            # the kernel object (lowbit.cpp ModuleHandle) takes the inputs forward would give it and sends the others
+            # to the path without kernels; as the module's own forward it saves a Python call per layer call (a
+            # decode step makes one per layer). Not where something else (accelerate's hooks) already set forward.
+            run.bind_module(weakref.WeakMethod(types.MethodType(QuantizedLinear.forward, self)),
+                            weakref.WeakMethod(self._forward_without_kernel))
+            if "forward" not in self.__dict__:
+                self.forward = run
         return self._native_fn
+
+    def _unbind(self) -> None:
+        """Drop the kernel binding (the next forward binds afresh); a binding someone kept hands every call to forward."""
+        run = self.__dict__.get("_native_fn")
+        if run and hasattr(run, "detach"):
+            run.detach()
+        if run and self.__dict__.get("forward") is run:
+            del self.forward
+        self._native_fn = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, bits={self.bits}"
