@@ -552,9 +552,9 @@ inline void weighted_rows(const float* e, const float* m, int64_t count, int64_t
 // as out[k] = Σ_j z_j M[j, k] (weighted_rows: Mᵀ z), or, for kashin.py's symmetric "dct" P = IDCT·diag(ε)·DCT, its
 // even/odd split (kashin.py `_butterfly`): with s = z_top + reversed z_bottom and d = z_top − reversed z_bottom,
 // P z = [E s + O d ; reversed (E s − O d)], E and O symmetric (n/2)², E the same kind of map again (the DCT's even
-// rows are the half-length DCT), split while its length is even and at least BUTTERFLY_MIN. `blocks` holds O of
-// each level, then the last level's dense map: 86² + 43² multiply-adds for n = 172 instead of 172², and that much
-// less of P to read from cache per token.
+// rows are the half-length DCT), split while its length is even and at least kashin.py's BUTTERFLY_MIN. `blocks`
+// holds O of each level, then the last level's dense map: 86² + 43² multiply-adds for n = 172 instead of 172², and
+// that much less of P to read from cache per token.
 struct PMap {
   const float* dense = nullptr;   // (n, n), or
   const float* blocks = nullptr;  // O per level, then (last, last)
@@ -965,12 +965,6 @@ void spectral_map(torch::Tensor spectrum, const torch::Tensor& map) {
   });
 }
 
-// One layer's kernel with everything but x bound once: a call converts one argument instead of sixteen (on
-// stories260K's 64-wide layers the conversions cost about as much as the multiply). The step sizes and tables
-// are decoded on the first call that takes the activation route, so a layer that only ever rebuilds its
-// weight (long inputs) never holds them; the once-flag makes concurrent first calls safe. Which route a call
-// takes is the caller's choice (kashin.py native_linear): layer(x, u) is the table route, layer.middle(x, u)
-// the middle one.
 // What a kernel object needs to stand in for its QuantizedLinear's forward (quantization.py `_bind_native` makes it
 // the module's forward: a decode step then runs no Python between Module.__call__ and the kernel). The inputs the
 // kernels take (float32 on the CPU, no gradient wanted) run in the kernel; any other goes to the module's path
@@ -1005,6 +999,12 @@ void def_module_handle(pybind11::class_<Layer>& cls) {
            "from now on every call goes to the module's forward");
 }
 
+// One layer's kernel with everything but x bound once: a call converts one argument instead of sixteen (on
+// stories260K's 64-wide layers the conversions cost about as much as the multiply). The step sizes and tables
+// are decoded on the first call that takes the activation route, so a layer that only ever rebuilds its
+// weight (long inputs) never holds them; the once-flag makes concurrent first calls safe. Which route a call
+// takes is the caller's choice (kashin.py native_linear): layer.table(x, u) is the table route, layer.middle(x, u)
+// the middle one; layer(x) routes by itself (bind_route) and stands in for the module's forward (bind_module).
 struct KashinLayer {
   c10::optional<torch::Tensor> scale, log_values, col, transform, bias;
   torch::Tensor codes, steps, domains;
@@ -1130,7 +1130,8 @@ struct KashinLayer {
     const float* xp = x.data_ptr<float>();
     TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == torch::kFloat32 && bias->numel() == in_f),
                 "lowbit: bias must be one float32 value per output");
-    Scratch scratch(8 * half + (parts ? 0 : p_map.scratch()));  // the four split sums, B and P B of one token; P's
+    // the four split sums, B and P B of one token, then P's scratch
+    Scratch scratch(8 * half + (parts ? 0 : p_map.scratch()));
     float* b = scratch.data + 4 * half;
     float* pb = b + in_f;
     float* work = pb + in_f;
