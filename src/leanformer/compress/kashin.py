@@ -188,13 +188,11 @@ def _dense_on(kind: str, n: int, seed: int, device: torch.device, transpose: boo
 
 @lru_cache(maxsize=64)
 def _butterfly(n: int, seed: int, device: torch.device) -> torch.Tensor | None:
-    """The "dct" P = IDCT·diag(ε)·DCT by its even/odd split, for lowbit.cpp's PMap: the DCT's rows of even index
-    are (up to 1/√2) the half-length DCT of z_top + reversed z_bottom and its odd ones read z_top − reversed z_bottom
-    only, so
-    with J the reversal, P = [[E, O], [J E, −J O]] acting on (s, d) = (z_top + J z_bottom, z_top − J z_bottom),
-    where E = (P₁₁ + P₁₂ J)/2 is half the same kind of map on n/2 (with the signs ε of even index) and
-    O = (P₁₁ − P₁₂ J)/2.
-    Returns O of each level, then the last level's dense map, flattened (float32); None if n does not split."""
+    """The "dct" P = IDCT·diag(ε)·DCT by its even/odd split, for lowbit.cpp's PMap. The DCT's rows of even index
+    are (up to 1/√2) the half-length DCT of s = z_top + J z_bottom (J: the reversal) and its odd ones read
+    d = z_top − J z_bottom only, so P z = [E s + O d ; J (E s − O d)] with E = (P₁₁ + P₁₂ J)/2, half the same kind
+    of map on n/2 (with the signs ε of even index), and O = (P₁₁ − P₁₂ J)/2. Returns O of each level, then the
+    last level's dense map, flattened (float32); None if n does not split."""
     if n % 2 or n < BUTTERFLY_MIN:
         return None
     blocks, m = [], _matrix("dct", n, seed).double()
