@@ -243,7 +243,7 @@ def summarize(runs: list[dict], args) -> tuple[dict, str]:
         head = f" ({r['head_learning_rate']:g})" if r["head_learning_rate"] else ""
         lines.append(f"| {r['method']} | {cells} | {r['mean']:.1f} ± {r['mean_half_range']:.1f} | "
                      f"{r['trainable_params']:,} | {r['file_bytes'] / 1024:,.1f} KiB | {lr}{head} |")
-    lines.append(f"| majority class (no training) | " + " | ".join(f"{majority[n]:.1f}" for n in args.tasks)
+    lines.append("| majority class (no training) | " + " | ".join(f"{majority[n]:.1f}" for n in args.tasks)
                  + f" | {sum(majority.values()) / len(majority):.1f} | 0 | — | — |")
     missing = [m for m in args.methods if m not in by]
     partial = [f"{r['method']} ({r['seeds']} of {len(args.seeds)} seeds)" for r in rows if r["seeds"] < len(args.seeds)]

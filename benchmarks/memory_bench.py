@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -201,7 +200,7 @@ def summarize(runs: list[dict], args) -> tuple[dict, str]:
                 targets[f"{task}: NAG-GS within 1 point of AdamW ({base})"] = {
                     "naggs_minus_adamw_points": g, "met": g >= -1.0, "judged": learned(task, base)}
     commit = commit_label()
-    lines = [f"# Memory-efficient fine-tuning: minilm on SST-2 (accuracy) and CoLA (MCC), ×100",
+    lines = ["# Memory-efficient fine-tuning: minilm on SST-2 (accuracy) and CoLA (MCC), ×100",
              "",
              f"{args.train_samples} training sentences (fixed sample), {args.epochs:g} epoch, batch {args.batch_size}, "
              f"max length {args.max_seq_length}, seeds {args.seeds}, full dev sets, torch threads 1, two runs at a time on "

@@ -16,7 +16,6 @@ torch runs with 1 thread (shared machine) so numbers are comparable between runs
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import time
 from pathlib import Path

@@ -11,7 +11,6 @@ Writes results/regularizer/{run_lam*.json, results.json, results.md, *.png}. tor
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import sys
 from pathlib import Path

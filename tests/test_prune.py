@@ -10,7 +10,7 @@ from torch import nn
 
 import leanformer as lf
 from leanformer.capture import capture, find_blocks
-from leanformer.compress.prune import (Calibration, LinearReplacement, calibrate, fit_linear_map, prune_layers,
+from leanformer.compress.prune import (LinearReplacement, calibrate, fit_linear_map, prune_layers,
                                        pruned_copy, score_runs)
 from leanformer.convert import build_tokenizer
 from leanformer.paths import data_root

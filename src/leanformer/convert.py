@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import LeanformerError
-from .files import load_json, output_dir, save_json
+from .files import output_dir, save_json
 
 # Bump when the conversion changes, so stale caches are rebuilt.
 CONVERTER_VERSION = 1

@@ -12,7 +12,6 @@ name, config and layers. Which adapter is active, and which is merged, lives in 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 

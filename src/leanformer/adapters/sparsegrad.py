@@ -36,7 +36,6 @@ input saved for backward, and the optimizer state of the touched entries.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
