@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import leanformer as lf
-from leanformer.compress import native
+from leanformer.compress import kashin, native
 from leanformer.compress.kashin import (ACTIVATION_DENSE_MAX, ACTIVATION_ROUTE_TOKENS, DENSE_TRANSFORM_MAX,
                                        TABLE_KERNEL_TOKENS, TABLE_ONLY_TOKENS)
 from leanformer.compress.quantization import NATIVE_MAX_TOKENS, QuantizedLinear, quantized_layers
@@ -227,6 +227,30 @@ def test_a_kernel_that_routes_itself_is_freed_with_its_binding(ops):
         layer(torch.randn(40, 32))  # past the kernel's own route: its router runs, and still holds nothing back
         layer.kernel = "native"  # rebinds on the next call
     assert bound() is None
+
+
+def kashin_gptq_layer(out_f: int, in_f: int) -> QuantizedLinear:
+    """A KashinGPTQ layer (vectors along columns) from a random weight and Gram matrix."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(out_f, in_f, generator=g), torch.randn(4 * in_f, in_f, generator=g)
+    tensors, header = lf.KashinGPTQ(bits=3).stored_form(w, "l", x.T @ x)
+    return QuantizedLinear(in_f, out_f, header, tensors, torch.randn(out_f, generator=g))
+
+
+@pytest.mark.parametrize("make", [lambda: quantized(lf.Kashin(bits=3), 16, 32), lambda: kashin_gptq_layer(16, 32)],
+                         ids=["rows", "columns"])
+def test_without_a_table_route_the_router_keeps_its_kernel(ops, monkeypatch, make):
+    """Thresholds that leave the kernel no route of its own (benchmarks/route_crossover.py forces each route so): the
+    layer then holds the router, which must hold the kernel."""
+    import gc
+
+    monkeypatch.setattr(kashin, "TABLE_KERNEL_TOKENS", 0)
+    monkeypatch.setattr(kashin, "TABLE_ONLY_TOKENS", 0)
+    layer = make()
+    with torch.no_grad():
+        layer(torch.randn(1, 32))  # binds
+    gc.collect()
+    assert_close(*outputs(layer, torch.randn(2, 32)))
 
 
 @pytest.mark.parametrize("make", [lambda: lf.Kashin(bits=3), lambda: lf.RTN(bits=3, group_size=16)])

@@ -725,9 +725,6 @@ class KashinForm(QuantConfig):
         dense = P.dense or g <= ACTIVATION_DENSE_MAX
         fused = ops.KashinLayer(codes, *steps, col, P.matrix(codes.device, transpose=columns) if dense else None,
                                 P.butterfly(codes.device) if dense else None, bias, out_s, in_s, g, bits)
-        # with P dense the kernel routes a few tokens itself and hands the rest to `run`, which then must not hold it
-        # (a reference cycle through the C++ object that the garbage collector cannot see)
-        kernel = weakref.ref(fused) if dense else (lambda: fused)
         if columns:
             table = bits <= 4 and g % 2 == 0
             direct_tokens = TABLE_ONLY_TOKENS if table else 0
@@ -760,7 +757,12 @@ class KashinForm(QuantConfig):
                 x2 = x.reshape(-1, in_f)
                 u = None if dense else cls._vector_inputs(x2 if col is None else x2 * col, tensors, header)[1]
                 return kernel().table(x, u) if tokens <= direct_tokens else kernel().middle(x, u)
-        if not dense or not direct_tokens:
+        # with P dense and a route of its own the kernel routes a few tokens itself and hands the rest to `run`, which
+        # then must hold it weakly (a strong reference would be a cycle through the C++ object, which the garbage
+        # collector cannot see); otherwise the layer holds `run`, and `run` the kernel
+        routes_itself = dense and direct_tokens > 0
+        kernel = weakref.ref(fused) if routes_itself else (lambda: fused)
+        if not routes_itself:
             return run
         fused.bind_route(direct_tokens, columns, run)  # one token of a decode step: no Python past the module
         return fused
