@@ -81,7 +81,8 @@ from child_runs import ONE_THREAD  # noqa: E402
 from provenance import git_state  # noqa: E402
 
 import leanformer as lf  # noqa: E402
-from leanformer.compress.kashin import ACTIVATION_ROUTE_TOKENS, TABLE_KERNEL_TOKENS  # noqa: E402
+from leanformer.compress.kashin import (ACTIVATION_ROUTE_TOKENS, COLUMN_MIDDLE_TOKENS, COLUMN_TABLE_TOKENS,  # noqa: E402
+                                       TABLE_KERNEL_TOKENS)
 from leanformer.compress.quantization import NATIVE_MAX_TOKENS, QuantConfig, quantized_layers  # noqa: E402
 from leanformer.files import save_json  # noqa: E402
 
@@ -1191,8 +1192,9 @@ def _latency_md(lat: list[dict]) -> list[str]:
               "timed runs after a warm-up. default = the library's default forward, kernel='native': fused C++ "
               f"kernels multiply with the codes for calls of up to {NATIVE_MAX_TOKENS} tokens (Kashin: up to "
               f"{TABLE_KERNEL_TOKENS}, then up to {ACTIVATION_ROUTE_TOKENS} A and B decoded a block of rows at a time "
-              "and multiplied with x and Pᵀx in one matmul) and rebuild the weight in "
-              "one pass above (Kashin: B looked up in the FFT's order, P by torch's FFT with its middle step fused, "
+              "and multiplied with x and Pᵀx in one matmul; KashinGPTQ: up to "
+              f"{COLUMN_TABLE_TOKENS} per input its tables scaled by x_i, then up to {COLUMN_MIDDLE_TOKENS} x A and "
+              "x B by blocks of decoded rows, P on the output) and rebuild the weight in one pass above (Kashin: B looked up in the FFT's order, P by torch's FFT with its middle step fused, "
               "then A, P B and the column scales combined into the weight in one pass); decode = every weight rebuilt "
               "with plain torch ops on every forward (the default before the fused kernels); cache = rebuilt once "
               "and kept. "

@@ -2,7 +2,7 @@
 each route, and fp32's F.linear, for 1 to 64 tokens. One thread; the best of 5 × 3 calls each. Routes:
   table   (Kashin) the codes read per token through per-vector tables, P on the input (kashin.TABLE_KERNEL_TOKENS)
           (KashinGPTQ, vectors along columns) per input its tables scaled by x_i, P on the output
-          (kashin.TABLE_ONLY_TOKENS)
+          (kashin.COLUMN_TABLE_TOKENS)
   middle  (Kashin) A and B decoded a block of rows at a time, one matmul against x_c and u = Pᵀ x_c
           (up to kashin.ACTIVATION_ROUTE_TOKENS)
           (KashinGPTQ) x A and x B by blocks of decoded rows, P on the output (kashin.COLUMN_MIDDLE_TOKENS)
@@ -45,7 +45,8 @@ CONFIGS = {"kashin-3": lambda: lf.Kashin(bits=3),
 MODULES = {"kashin": kashin, "quantization": quantization}
 THRESHOLDS = {f"{m}.{name}": getattr(MODULES[m], name)  # the library's, restored after
               for m, name in (("kashin", "TABLE_KERNEL_TOKENS"), ("kashin", "TABLE_ONLY_TOKENS"),
-                              ("kashin", "ACTIVATION_ROUTE_TOKENS"), ("kashin", "COLUMN_MIDDLE_TOKENS"),
+                              ("kashin", "ACTIVATION_ROUTE_TOKENS"), ("kashin", "COLUMN_TABLE_TOKENS"),
+                              ("kashin", "COLUMN_MIDDLE_TOKENS"),
                               ("quantization", "NATIVE_MAX_TOKENS"))}
 ROUTES = {"kashin": ("table", "middle", "weight"), "affine": ("codes", "weight")}
 
@@ -64,7 +65,8 @@ def best_us(fn, x, repeats: int = 5, calls: int = 3) -> float:
 def set_route(route: str) -> None:
     """Every call by this route (a layer reads the thresholds when it binds its kernels)."""
     always, never = 10 ** 9, 0
-    kashin.TABLE_KERNEL_TOKENS = kashin.TABLE_ONLY_TOKENS = always if route == "table" else never
+    kashin.TABLE_KERNEL_TOKENS = kashin.TABLE_ONLY_TOKENS = kashin.COLUMN_TABLE_TOKENS = \
+        always if route == "table" else never
     kashin.ACTIVATION_ROUTE_TOKENS = kashin.COLUMN_MIDDLE_TOKENS = always if route in ("table", "middle") else never
     quantization.NATIVE_MAX_TOKENS = always if route == "codes" else never
 

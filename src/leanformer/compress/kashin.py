@@ -70,17 +70,20 @@ FORMS = ("vector", "matrix")
 # weight above: P on the weight costs one transform per vector per call, whatever the tokens. On the activations the
 # native kernels take one of two routes: up to TABLE_KERNEL_TOKENS the codes are read through per-vector tables once
 # per token (no weight-sized pass at all); above, A and B are decoded a block of rows at a time and multiplied with
-# x_c and u = Pᵀ x_c in one matmul (the "middle" route; torch's twin is _linear_on_activations). One thread
-# (benchmarks/route_crossover.py at the commit that set these): the middle route overtakes the table route between 4
-# and 8 tokens and the weight route takes over between 24 and 64 on MiniLM's 384-1536 wide layers and stories260K's
-# 64-172 wide ones (between 16 and 24 on the 384 x 1536 one).
+# x_c and u = Pᵀ x_c in one matmul (the "middle" route; torch's twin is _linear_on_activations). One thread, 3 bits
+# (benchmarks/route_crossover.py at db77b66), on the seven row shapes of MiniLM (384-1536 wide) and stories260K
+# (64-172): the table route is the faster, or ties, up to 12 tokens, and the middle route overtakes it between 12 and
+# 32; at 32 tokens the middle route still beats the weight route on every shape, at 64 the weight route wins on every
+# one (the threshold stays at 24, where it was measured for Kashin.linear's torch routes too, which read it).
 ACTIVATION_ROUTE_TOKENS = 24
-# Layers of column vectors (KashinGPTQ): the table route up to TABLE_ONLY_TOKENS, the middle route up to here, then the
-# weight route. One thread, 3 bits (benchmarks/route_crossover.py): the middle route overtakes the table route between
-# 8 and 12 tokens on MiniLM's layers (between 4 and 8 on stories260K's 172-row ones), and the weight route ties with
-# it between 32 and 64 (at 64: 0.8-1.0x the middle route's time on MiniLM, 0.9-1.3x on stories260K).
+TABLE_KERNEL_TOKENS = 12
+# Layers of column vectors (KashinGPTQ): the table route up to COLUMN_TABLE_TOKENS, the middle route up to
+# COLUMN_MIDDLE_TOKENS, then the weight route. One thread, 3 bits (route_crossover at db77b66): at 8 tokens the two
+# tie on MiniLM's 1536-wide shapes and stories260K's 64 x 172 (the table route ahead elsewhere); at 12 the middle
+# route is 5-19 % faster on all three of MiniLM's shapes. The weight route ties with the middle one between 32 and 64
+# tokens (at 64: 0.8-1.05x the middle route's time on MiniLM, 0.9-1.2x on stories260K).
+COLUMN_TABLE_TOKENS = 8
 COLUMN_MIDDLE_TOKENS = 48
-TABLE_KERNEL_TOKENS = 4
 # layouts without the middle route (vectors spanning rows, more than 4 bits, odd lengths) keep the table route up to
 # where the weight route caught up with it before there was a middle one (12-24 tokens, route_crossover at 4f54491)
 TABLE_ONLY_TOKENS = 12
@@ -690,7 +693,7 @@ class KashinForm(QuantConfig):
         TABLE_KERNEL_TOKENS the table route (kashin_linear: the codes read through per-vector tables, against x_c and
         u = Pᵀ x_c), up to ACTIVATION_ROUTE_TOKENS the middle route (KashinLayer.middle: A and B decoded a block of
         rows at a time, one matmul; vectors within a row of up to 4 bits, others keep the table route up to
-        TABLE_ONLY_TOKENS). Vectors along columns (KashinGPTQ): up to TABLE_ONLY_TOKENS the table route
+        TABLE_ONLY_TOKENS). Vectors along columns (KashinGPTQ): up to COLUMN_TABLE_TOKENS the table route
         (KashinLayer.columns: per input its tables scaled by x_i and read with its codes, summed over the outputs,
         then P on the output), up to COLUMN_MIDDLE_TOKENS the middle route (columns_middle: x A and x B by blocks of
         decoded rows). Above, the stored weight rebuilt by the weight-route kernels (`_rebuild_native`) and
@@ -727,7 +730,7 @@ class KashinForm(QuantConfig):
                                 P.butterfly(codes.device) if dense else None, bias, out_s, in_s, g, bits)
         if columns:
             table = bits <= 4 and g % 2 == 0
-            direct_tokens = TABLE_ONLY_TOKENS if table else 0
+            direct_tokens = COLUMN_TABLE_TOKENS if table else 0
 
             def run(x: torch.Tensor) -> torch.Tensor:
                 if x.shape[-1] != in_f:
@@ -735,10 +738,10 @@ class KashinForm(QuantConfig):
                 tokens = x.numel() // in_f
                 if not table or tokens > COLUMN_MIDDLE_TOKENS:
                     return weight_route(x)
-                if dense:  # (up to TABLE_ONLY_TOKENS the kernel took its table route)
+                if dense:  # (up to COLUMN_TABLE_TOKENS the kernel took its table route)
                     return kernel().columns_middle(x)
                 # long columns: the kernel's two sums, then P by FFT here
-                parts = kernel().columns_parts if tokens <= TABLE_ONLY_TOKENS else kernel().columns_middle_parts
+                parts = kernel().columns_parts if tokens <= direct_tokens else kernel().columns_middle_parts
                 y_a, y_b = parts(x)
                 return (y_a + P.apply(y_b)).view(*x.shape[:-1], out_f)
         else:
