@@ -74,7 +74,7 @@ FORMS = ("vector", "matrix")
 # (benchmarks/route_crossover.py at db77b66), on the seven row shapes of MiniLM (384-1536 wide) and stories260K
 # (64-172): the table route is the faster, or ties, up to 12 tokens, and the middle route overtakes it between 12 and
 # 32; at 32 tokens the middle route still beats the weight route on every shape, at 64 the weight route wins on every
-# one (the threshold stays at 24, where it was measured for Kashin.linear's torch routes too, which read it).
+# one (the threshold stays at 24: Kashin.linear's torch routes read it too, and they were not measured here).
 ACTIVATION_ROUTE_TOKENS = 24
 TABLE_KERNEL_TOKENS = 12
 # Layers of column vectors (KashinGPTQ): the table route up to COLUMN_TABLE_TOKENS, the middle route up to
