@@ -244,8 +244,8 @@ def test_without_a_table_route_the_router_keeps_its_kernel(ops, monkeypatch, mak
     layer then holds the router, which must hold the kernel."""
     import gc
 
-    monkeypatch.setattr(kashin, "TABLE_KERNEL_TOKENS", 0)
-    monkeypatch.setattr(kashin, "TABLE_ONLY_TOKENS", 0)
+    for name in ("TABLE_KERNEL_TOKENS", "TABLE_ONLY_TOKENS", "COLUMN_TABLE_TOKENS"):
+        monkeypatch.setattr(kashin, name, 0)
     layer = make()
     with torch.no_grad():
         layer(torch.randn(1, 32))  # binds
@@ -268,7 +268,8 @@ def test_a_model_with_bound_kernels_deep_copies(ops, make):
         assert torch.equal(twin(x), y) and twin[0]._native_fn is not net[0]._native_fn
 
 
-BOUND = [pytest.param(lambda: lf.Kashin(bits=3), id="kashin"), pytest.param(lambda: lf.RTN(bits=3, group_size=16), id="rtn")]
+BOUND = [pytest.param(lambda: lf.Kashin(bits=3), id="kashin"),
+         pytest.param(lambda: lf.RTN(bits=3, group_size=16), id="rtn")]
 
 
 @pytest.mark.parametrize("make", BOUND)
