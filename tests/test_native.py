@@ -260,9 +260,11 @@ def test_a_model_with_bound_kernels_deep_copies(ops, make):
 
     net = nn.Sequential(nn.Linear(32, 16))
     lf.quantize(net, make(), progress=False)
+    unbound = copy.deepcopy(net)  # before any forward: nothing bound yet
     x = torch.randn(1, 32)
     with torch.no_grad():
         y = net(x)
+        assert torch.equal(unbound(x), y)
         assert net[0]._native_fn
         twin = copy.deepcopy(net)
         assert torch.equal(twin(x), y) and twin[0]._native_fn is not net[0]._native_fn

@@ -412,7 +412,7 @@ class QuantizedLinear(nn.Module):
 
     def __getstate__(self):  # a copy or pickle rebinds its kernel on first use: a bound kernel (C++) is not copyable
         state = super().__getstate__()
-        if state.get("forward") is self._native_fn:
+        if self._native_fn and state.get("forward") is self._native_fn:  # (not a forward someone else set)
             del state["forward"]
         return {**state, "_native_fn": None}
 
