@@ -16,6 +16,8 @@ from leanformer.compress.kashin import (ACTIVATION_DENSE_MAX, ACTIVATION_ROUTE_T
 from leanformer.compress.quantization import NATIVE_MAX_TOKENS, QuantizedLinear, quantized_layers
 from leanformer.errors import LeanformerError
 
+from test_kashin_gptq import layer_of
+
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
@@ -229,16 +231,8 @@ def test_a_kernel_that_routes_itself_is_freed_with_its_binding(ops):
     assert bound() is None
 
 
-def kashin_gptq_layer(out_f: int, in_f: int) -> QuantizedLinear:
-    """A KashinGPTQ layer (vectors along columns) from a random weight and Gram matrix."""
-    g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(out_f, in_f, generator=g), torch.randn(4 * in_f, in_f, generator=g)
-    tensors, header = lf.KashinGPTQ(bits=3).stored_form(w, "l", x.T @ x)
-    return QuantizedLinear(in_f, out_f, header, tensors, torch.randn(out_f, generator=g))
-
-
-@pytest.mark.parametrize("make", [lambda: quantized(lf.Kashin(bits=3), 16, 32), lambda: kashin_gptq_layer(16, 32)],
-                         ids=["rows", "columns"])
+@pytest.mark.parametrize("make", [lambda: quantized(lf.Kashin(bits=3), 16, 32),
+                                  lambda: layer_of(lf.KashinGPTQ(bits=3), 16, 32)], ids=["rows", "columns"])
 def test_without_a_table_route_the_router_keeps_its_kernel(ops, monkeypatch, make):
     """Thresholds that leave the kernel no route of its own (benchmarks/route_crossover.py forces each route so): the
     layer then holds the router, which must hold the kernel."""
