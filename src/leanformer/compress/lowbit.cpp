@@ -628,8 +628,8 @@ torch::Tensor kashin_linear(const c10::optional<torch::Tensor>& u_given, const t
   TORCH_CHECK(u_given.has_value() != bool(transform), "lowbit: give u or the transform, not both");
   const bool nibbles = bits <= 4;
   const int64_t plain_floats = Input::floats(tokens, in_f, seg, nibbles), u_floats = tokens * u_width;
-  Scratch scratch(plain_floats + u_floats + Input::floats(tokens, u_width, group, nibbles) +
-                  (u_given.has_value() ? 0 : transform.scratch()));
+  const int64_t spec_floats = Input::floats(tokens, u_width, group, nibbles);
+  Scratch scratch(plain_floats + u_floats + spec_floats + (u_given.has_value() ? 0 : transform.scratch()));
   const Input plain(xp, colp, tokens, in_f, seg, nibbles, scratch.data);
   float* u = scratch.data + plain_floats;  // then spec's storage, then P's scratch
   float* spec_storage = u + u_floats;
@@ -640,7 +640,7 @@ torch::Tensor kashin_linear(const c10::optional<torch::Tensor>& u_given, const t
   } else {  // u = Pᵀ e (P symmetric where it is split), e holding x_c where the vector covers it
     TORCH_CHECK(transform.n == group, "lowbit: the transform's length is not the vector length");
     const int64_t pieces = rows > 1 ? rows : in_f / group;
-    float* work = spec_storage + Input::floats(tokens, u_width, group, nibbles);
+    float* work = spec_storage + spec_floats;
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t p = 0; p < pieces; ++p) {
         const float* e = plain.x + t * in_f + (rows > 1 ? 0 : p * group);
